@@ -1,0 +1,25 @@
+"""pathwsi: H&E whole-slide images -> tiles -> Xception features -> molecular predictions.
+
+Run from the repository root:  snakemake --cores N   (see README.md)
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+wildcard_constraints:
+    slide_id=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/tiling.smk"
+
+
+rule all:
+    input:
+        tiling_outputs(),
+    default_target: True

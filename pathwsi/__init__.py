@@ -1,0 +1,3 @@
+"""pathwsi: whole-slide image features and molecular predictors."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""The per-slide tiling job: tissue mask, tile grid, outputs. CPU only; never imports torch.
+
+Outputs (see DESIGN.md): `tiles/{slide_id}.parquet` (x, y level-0 px of each kept tile's
+top-left corner, tissue_fraction), `tiles/{slide_id}.json` (geometry, µm/px and its source,
+status), `qc/{slide_id}.png`. A slide that cannot be read finishes with status "failed" and
+its reason; a slide without tissue with status "no_tissue"; neither stops the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathwsi import __version__
+from pathwsi.config import Sample
+from pathwsi.outputs import write_json, write_table
+from pathwsi.qc import message_card, save_png, tiles_overview
+from pathwsi.slide import Slide, SlideError
+from pathwsi.tiling import TileSettings, tile_grid, tissue_fractions
+from pathwsi.tissue import TissueSettings, detect_tissue
+
+log = logging.getLogger(__name__)
+SCHEMA = "pathwsi.tiles/1"
+
+
+@dataclass(frozen=True)
+class TilingJobSettings:
+    """Everything that shapes a slide's tiles (the config sections tiling, tissue, qc)."""
+
+    tiling: TileSettings = field(default_factory=TileSettings)
+    tissue: TissueSettings = field(default_factory=TissueSettings)
+    qc_max_px: int = 1200
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TilingJobSettings:
+        """Build from a validated config (see pathwsi.config.validate_config)."""
+        tissue = dict(config["tissue"], pen_hue=tuple(config["tissue"]["pen_hue"]))
+        return cls(TileSettings(**config["tiling"]), TissueSettings(**tissue), config["qc"]["max_px"], config["seed"])
+
+
+@dataclass(frozen=True)
+class TilingOutputs:
+    """Where one slide's outputs go."""
+
+    tiles: Path
+    meta: Path
+    qc: Path
+
+    @classmethod
+    def under(cls, results: Path, slide_id: str) -> TilingOutputs:
+        return cls(results / "tiles" / f"{slide_id}.parquet", results / "tiles" / f"{slide_id}.json", results / "qc" / f"{slide_id}.png")
+
+
+def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutputs) -> dict[str, Any]:
+    """Tile one slide and write its outputs; return the metadata written to the JSON."""
+    for path in (outputs.tiles, outputs.meta, outputs.qc):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "schema": SCHEMA,
+        "pathwsi_version": __version__,
+        "sample": asdict(sample),
+        "settings": {"tiling": asdict(settings.tiling), "tissue": asdict(settings.tissue)},
+    }
+    started = time.perf_counter()
+    try:
+        with Slide(sample.path, sample.slide_id, sample.mpp) as slide:
+            coords, fractions = _tile(slide, settings, meta, outputs)
+    except SlideError as err:
+        log.error("%s", err)
+        meta.update(status="failed", reason=str(err))
+        coords, fractions = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+        save_png(message_card(f"FAILED: {sample.slide_id}", str(err)), outputs.qc)
+    meta["seconds"] = round(time.perf_counter() - started, 3)
+    write_table({"x": coords[:, 0], "y": coords[:, 1], "tissue_fraction": fractions.astype(np.float32)}, outputs.tiles)
+    write_json(meta, outputs.meta)
+    log.info("%s: %s, %d tiles in %.2f s", sample.slide_id, meta["status"], len(coords), meta["seconds"])
+    return meta
+
+
+def _tile(slide: Slide, settings: TilingJobSettings, meta: dict[str, Any], outputs: TilingOutputs) -> tuple[np.ndarray, np.ndarray]:
+    """Mask, grid and select; fill `meta`; write the QC picture. Returns kept coords and fractions."""
+    tiling, tissue_settings = settings.tiling, settings.tissue
+    mpp0 = slide.mpp.value
+    slide_um = (slide.width * mpp0, slide.height * mpp0)
+    mask_level = slide.level_for(tissue_settings.mask_mpp)
+    tissue = detect_tissue(slide.read_whole(tissue_settings.mask_mpp), tissue_settings.mask_mpp, tissue_settings)
+    grid = tile_grid(slide.width, slide.height, mpp0, tiling.tile_um)
+    fractions = tissue_fractions(grid, mpp0, tiling.tile_um, tissue, slide_um) if len(grid) else np.zeros(0)
+    keep = fractions >= tiling.min_tissue_fraction
+    coords, kept_fractions = grid[keep], fractions[keep]
+    read_level = slide.level_for(tiling.tile_mpp)
+    meta.update(
+        status="ok" if len(coords) else "no_tissue",
+        reason=None if len(coords) else _no_tissue_reason(tissue.area_mm2, len(grid), tiling),
+        slide=slide.describe(),
+        mpp={"value": mpp0, "source": slide.mpp.source},
+        read={"level": read_level.index, "downsample": read_level.downsample, "level_mpp": read_level.mpp, "upsampled": read_level.mpp > tiling.tile_mpp * 1.02},
+        tile={"px": tiling.tile_px, "mpp": tiling.tile_mpp, "um": tiling.tile_um, "level0_px": tiling.tile_um / mpp0},
+        mask={"mpp": tissue.mpp, "level": mask_level.index, "saturation_threshold": tissue.saturation_threshold, "tissue_area_mm2": round(tissue.area_mm2, 4)},
+        counts={"grid": int(len(grid)), "kept": int(len(coords))},
+    )
+    if read_level.mpp > tiling.tile_mpp * 1.02:
+        log.warning("%s: finest level is %.3f µm/px, coarser than the %.3f µm/px asked for; tiles are enlarged", slide.slide_id, read_level.mpp, tiling.tile_mpp)
+    qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
+    save_png(tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp), outputs.qc)
+    return coords, kept_fractions
+
+
+def _no_tissue_reason(area_mm2: float, grid_size: int, tiling: TileSettings) -> str:
+    if grid_size == 0:
+        return f"the slide is smaller than one {tiling.tile_um:g} µm tile"
+    if area_mm2 == 0:
+        return "no tissue detected (blank or background-only slide); check the QC picture"
+    return f"{area_mm2:.3f} mm² of tissue found, but no tile reaches min_tissue_fraction={tiling.min_tissue_fraction}"

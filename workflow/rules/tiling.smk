@@ -1,0 +1,21 @@
+rule tile:
+    """Tissue mask, tile grid at tiling.tile_mpp, QC picture; CPU only."""
+    input:
+        slide=slide_path,
+    output:
+        tiles="results/tiles/{slide_id}.parquet",
+        meta="results/tiles/{slide_id}.json",
+        qc=report("results/qc/{slide_id}.png", category="Tiling QC", subcategory="{slide_id}"),
+    params:
+        sample=sample_record,
+        settings=tiling_settings(),
+    log:
+        "logs/tile/{slide_id}.log",
+    conda:
+        "../../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    script:
+        "../scripts/tile.py"

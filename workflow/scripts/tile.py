@@ -1,0 +1,14 @@
+"""Snakemake entry point of rule `tile`: one slide -> tile table, metadata, QC picture."""
+
+from pathlib import Path
+
+from pathwsi.config import Sample
+from pathwsi.logs import log_to_file
+from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+
+log_to_file(snakemake.log[0])
+tile_slide(
+    Sample(**snakemake.params.sample),
+    TilingJobSettings.from_config(snakemake.params.settings),
+    TilingOutputs(Path(snakemake.output.tiles), Path(snakemake.output.meta), Path(snakemake.output.qc)),
+)
