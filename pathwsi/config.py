@@ -102,6 +102,9 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
     validator = jsonschema.Draft202012Validator(schema)
     for line, row in enumerate(body, start=2):
         record, row_problems = _parse_row(header, row, line)
+        if row_problems:
+            problems += row_problems
+            continue
         where = f"row {line} (slide_id '{record.get('slide_id', '?')}')"
         row_problems += [f"{where}: column '{_column_of(err)}' {err.message}; {_fix_for(_column_of(err))}" for err in validator.iter_errors(record)]
         if check_files and isinstance(record.get("path"), str) and record["path"] and not Path(record["path"]).is_file():

@@ -239,59 +239,71 @@ def write_slide(
 ) -> Path:
     """Write `tissue` scanned at `mpp` µm/px as a JPEG-tiled pyramid.
 
-    fmt "svs" writes an Aperio-style SVS (ImageDescription with AppMag and MPP, a stripped
-    thumbnail after level 0); "tiff" writes a generic tiled TIFF whose µm/px is only in the
-    TIFF resolution tags. level0_render_mpp renders level 0 coarser and enlarges it
-    (nearest neighbour), which makes very large benchmark slides quick to write.
-    record_mpp=False leaves µm/px out of the file (no MPP, no resolution tags).
+    Level 0 is rendered; each lower level is an area-average (box) reduction of level 0, as a
+    scanner's pyramid is. fmt "svs" writes an Aperio-style SVS (ImageDescription with AppMag
+    and MPP, a stripped thumbnail after level 0); "tiff" a generic tiled TIFF whose µm/px is
+    only in the TIFF resolution tags. record_mpp=False leaves µm/px out of the file.
+    level0_render_mpp renders level 0 coarser and enlarges it (nearest neighbour), which
+    makes very large benchmark slides quick to write.
     """
     import tifffile
 
     if fmt not in SLIDE_FORMATS:
         raise ValueError(f"unknown slide format {fmt!r}; expected one of {SLIDE_FORMATS}")
     width, height = round(tissue.width_um / mpp), round(tissue.height_um / mpp)
+    reduced = {ds: np.full((-(-height // ds), -(-width // ds), 3), 255, np.uint8) for ds in downsamples[1:]}
+    level0 = _level0_tiles(tissue, width, height, mpp, level0_render_mpp or mpp, tile, reduced)
+    levels = [level0] + [_array_tiles(reduced[ds], tile) for ds in downsamples[1:]]
+    aperio = f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif:
-        for index, ds in enumerate(downsamples):
+        for index, (ds, tiles) in enumerate(zip(downsamples, levels)):
             level_w, level_h = -(-width // ds), -(-height // ds)
-            render_mpp = level0_render_mpp if (index == 0 and level0_render_mpp) else mpp * ds
-            desc = (
-                f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
-                f"JPEG/RGB Q={quality}|AppMag = {40 * 0.25 / mpp:g}" + (f"|MPP = {mpp:g}" if record_mpp else "")
-                if fmt == "svs"
-                else None
-            )
             tif.write(
-                _tiles(tissue, level_w, level_h, mpp * ds, render_mpp, tile),
+                tiles,
                 shape=(level_h, level_w, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
                 photometric="rgb",
                 compression="jpeg",
                 compressionargs={"level": quality},
-                description=desc,
+                description=(aperio + f"|AppMag = {10 / mpp:g}" + (f"|MPP = {mpp:g}" if record_mpp else "")) if fmt == "svs" else None,
                 metadata=None,
                 resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)) if record_mpp else None,
                 resolutionunit="CENTIMETER" if record_mpp else "NONE",
                 subfiletype=0 if index == 0 else 1,
             )
             if index == 0 and fmt == "svs":
-                thumb_ds = max(1, max(width, height) // 768)
-                thumb = tissue.render(0, 0, width // thumb_ds, height // thumb_ds, mpp * thumb_ds)
+                thumb = reduced[downsamples[-1]] if len(downsamples) > 1 else tissue.render(0, 0, 256, 256, tissue.width_um / 256)
                 tif.write(thumb, photometric="rgb", description=f"Aperio Image Library v12.0.15 \n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]}", metadata=None)
     return path
 
 
-def _tiles(
-    tissue: SyntheticTissue, width: int, height: int, mpp: float, render_mpp: float, tile: int
+def _level0_tiles(
+    tissue: SyntheticTissue, width: int, height: int, mpp: float, render_mpp: float, tile: int, reduced: dict[int, np.ndarray]
 ) -> Iterator[np.ndarray]:
-    """Yield the level's tiles in row-major order, rendering one row of tiles at a time."""
+    """Yield level 0's tiles row by row, rendering a band at a time and filling the reduced levels."""
+    from PIL import Image
+
+    band_rows = tile * max([1, *reduced])
     factor = max(1, round(render_mpp / mpp))
-    for top in range(0, height, tile):
-        rows = min(tile, height - top)
-        strip = tissue.render(0.0, top * mpp, -(-width // factor), -(-rows // factor), mpp * factor)
+    for top in range(0, height, band_rows):
+        rows = min(band_rows, height - top)
+        band = tissue.render(0.0, top * mpp, -(-width // factor), -(-rows // factor), mpp * factor)
         if factor > 1:
-            strip = strip.repeat(factor, axis=0).repeat(factor, axis=1)[:rows, :width]
+            band = band.repeat(factor, axis=0).repeat(factor, axis=1)[:rows, :width]
+        for ds, level in reduced.items():
+            padded = np.full((-(-rows // ds) * ds, -(-width // ds) * ds, 3), 255, np.uint8)
+            padded[:rows, :width] = band
+            small = Image.fromarray(padded).resize((padded.shape[1] // ds, padded.shape[0] // ds), Image.Resampling.BOX)
+            level[top // ds : top // ds + small.height] = np.asarray(small)
+        yield from _array_tiles(band, tile)
+
+
+def _array_tiles(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """Yield an image's tiles in row-major order, padding the last row and column with white."""
+    height, width = image.shape[:2]
+    for top in range(0, height, tile):
         padded = np.full((tile, -(-width // tile) * tile, 3), 255, np.uint8)
-        padded[:rows, :width] = strip
+        padded[: min(tile, height - top), :width] = image[top : top + tile]
         for left in range(0, width, tile):
             yield padded[:, left : left + tile]

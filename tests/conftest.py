@@ -1,0 +1,39 @@
+"""Shared fixtures: small synthetic pyramidal slides with known geometry, made once per session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pathwsi.synthetic import SyntheticTissue, write_slide
+
+TISSUE = SyntheticTissue(900.0, 700.0, seed=11, tissue_cover=0.5, background_band=0.25)
+
+
+@dataclass(frozen=True)
+class SlideSet:
+    """Files of one synthetic section scanned several ways, plus broken and empty slides."""
+
+    tissue: SyntheticTissue
+    svs_025: Path  # Aperio SVS, 0.25 µm/px, MPP in the description
+    tiff_05: Path  # generic tiled TIFF, 0.5 µm/px, µm/px only in the resolution tags
+    no_mpp: Path  # generic tiled TIFF without any µm/px
+    blank: Path  # glass only
+    corrupt: Path  # SVS cut short
+    not_a_slide: Path  # text file with a slide's name
+
+
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> SlideSet:
+    folder = tmp_path_factory.mktemp("slides")
+    svs = write_slide(folder / "section.svs", TISSUE, 0.25, "svs")
+    tiff = write_slide(folder / "section.tiff", TISSUE, 0.5, "tiff")
+    no_mpp = write_slide(folder / "no_mpp.tiff", TISSUE, 0.5, "tiff", record_mpp=False)
+    blank = write_slide(folder / "blank.svs", SyntheticTissue(600.0, 500.0, seed=2, tissue_cover=0.0), 0.5, "svs")
+    corrupt = folder / "corrupt.svs"
+    corrupt.write_bytes(svs.read_bytes()[: svs.stat().st_size // 3])
+    not_a_slide = folder / "notes.svs"
+    not_a_slide.write_text("this is not a slide\n")
+    return SlideSet(TISSUE, svs, tiff, no_mpp, blank, corrupt, not_a_slide)

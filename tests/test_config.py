@@ -1,0 +1,120 @@
+"""Config and sample-sheet validation: every problem reported at once, naming the key or row."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pathwsi.config import ConfigError, load_config, load_samples, load_schema, validate_config
+from pathwsi.demo import sheet_text
+from pathwsi.tiling import TileSettings
+from pathwsi.tissue import TissueSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = "cohort\tslide_id\tpatient_id\tpath\tmpp\tsite\n"
+
+
+def write_sheet(folder: Path, rows: list[str], header: str = HEADER) -> Path:
+    path = folder / "samples.tsv"
+    path.write_text(header + "".join(r + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def slide_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a.svs"
+    path.write_bytes(b"")
+    return path
+
+
+def test_shipped_config_is_valid_and_equals_the_schema_defaults():
+    shipped = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert validate_config(shipped) == validate_config({})
+
+
+@pytest.mark.parametrize("section, settings", [("tiling", TileSettings()), ("tissue", TissueSettings())])
+def test_schema_defaults_match_the_code_defaults(section, settings):
+    defaults = validate_config({})[section]
+    expected = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()}
+    assert defaults == expected
+
+
+def test_every_config_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        validate_config({"tiling": {"tile_px": "big", "tile_size": 3}, "foo": 1, "tissue": {"mask_mpp": -1}})
+    problems = caught.value.problems
+    assert len(problems) == 4
+    text = str(caught.value)
+    for fragment in ["'foo': unknown", "'tiling.tile_size': unknown", "'tiling.tile_px'", "'tissue.mask_mpp'"]:
+        assert fragment in text
+
+
+def test_unreadable_yaml_is_reported(tmp_path):
+    bad = tmp_path / "config.yaml"
+    bad.write_text("tiling: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot read it as YAML"):
+        load_config(bad)
+
+
+def test_valid_sheet_loads_with_optional_columns(tmp_path, slide_file):
+    sheet = write_sheet(tmp_path, [f"c1\tS1\tP1\t{slide_file}\t0.25\tD1", f"c2\tS2\tP2\t{slide_file}\t\t"])
+    samples = load_samples(sheet)
+    assert [(s.slide_id, s.mpp, s.site) for s in samples] == [("S1", 0.25, "D1"), ("S2", None, None)]
+
+
+def test_minimal_sheet_without_optional_columns(tmp_path, slide_file):
+    sheet = write_sheet(tmp_path, [f"c1\tS1\tP1\t{slide_file}"], header="cohort\tslide_id\tpatient_id\tpath\n")
+    assert load_samples(sheet)[0].mpp is None
+
+
+@pytest.mark.parametrize("slide_id", ["a/b", "../up", ".hidden", "-flag", "with space", "ümlaut", ""])
+def test_unsafe_slide_ids_are_rejected(tmp_path, slide_file, slide_id):
+    sheet = write_sheet(tmp_path, [f"c1\t{slide_id}\tP1\t{slide_file}\t\t"])
+    with pytest.raises(ConfigError, match="row 2 .*column 'slide_id'.*letters, digits"):
+        load_samples(sheet)
+
+
+def test_all_sheet_problems_are_reported_together(tmp_path, slide_file):
+    sheet = write_sheet(
+        tmp_path,
+        [
+            f"c1\tS1\tP1\t{slide_file}\tabc\t",  # unreadable mpp
+            f"c1\tS2\tP1\t{tmp_path}/missing.svs\t\t",  # missing file
+            f"c1\tS1\tP2\t{slide_file}\t\t",  # duplicate id
+            f"c1\tS3\t\t{slide_file}\t-0.5\t",  # empty patient, negative mpp
+            "c1\tS4\tP4",  # short row
+        ],
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_samples(sheet)
+    text = str(caught.value)
+    assert len(caught.value.problems) == 6
+    assert "row 2 (slide_id 'S1'): column 'mpp'" in text and "level-0 µm/px" in text
+    assert "row 3 (slide_id 'S2'): slide file" in text and "not found" in text
+    assert "row 4: slide_id 'S1' already used on row 2" in text
+    assert "row 5 (slide_id 'S3'): column 'patient_id'" in text and "row 5 (slide_id 'S3'): column 'mpp'" in text
+    assert "row 6: has 3 cells but the header has 6" in text
+
+
+def test_header_problems_name_the_columns(tmp_path, slide_file):
+    sheet = write_sheet(tmp_path, [f"c1\tS1\t{slide_file}\tx"], header="cohort\tslide_id\tpath\tnotes\n")
+    with pytest.raises(ConfigError) as caught:
+        load_samples(sheet)
+    assert "missing column 'patient_id'" in str(caught.value) and "unknown column 'notes'" in str(caught.value)
+
+
+def test_missing_sheet_says_how_to_get_one(tmp_path):
+    with pytest.raises(ConfigError, match="pathwsi demo"):
+        load_samples(tmp_path / "none.tsv")
+
+
+def test_shipped_sample_sheet_is_the_demo_sheet():
+    assert (ROOT / "config" / "samples.tsv").read_text() == sheet_text()
+
+
+def test_sheet_schema_is_the_shipped_file():
+    assert set(load_schema("samples")["required"]) == {"cohort", "slide_id", "patient_id", "path"}

@@ -1,0 +1,86 @@
+"""The per-slide tiling job: outputs, statuses, and failures that do not crash."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pathwsi.config import Sample
+from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+
+
+def run(tmp_path, path, slide_id="s", mpp=None, settings=TilingJobSettings()):
+    sample = Sample("c", slide_id, "p", str(path), mpp)
+    outputs = TilingOutputs.under(tmp_path, slide_id)
+    meta = tile_slide(sample, settings, outputs)
+    return meta, outputs
+
+
+def test_outputs_follow_the_contract(tmp_path, slides):
+    meta, out = run(tmp_path, slides.svs_025)
+    table = pq.read_table(out.tiles).to_pandas()
+    assert list(table.columns) == ["x", "y", "tissue_fraction"]
+    assert table["x"].dtype == np.int64 and len(table) == meta["counts"]["kept"] > 0
+    assert (table["tissue_fraction"] >= 0.5).all()
+    on_disk = json.loads(out.meta.read_text())
+    assert on_disk == json.loads(json.dumps(meta))
+    assert on_disk["status"] == "ok" and on_disk["mpp"] == {"value": 0.25, "source": "openslide-property (aperio)"}
+    assert on_disk["tile"] == {"px": 224, "mpp": 0.5, "um": 112.0, "level0_px": 448.0}
+    assert on_disk["read"]["level"] == 0 and on_disk["read"]["upsampled"] is False
+    qc = Image.open(out.qc)
+    assert max(qc.size) <= 1200 and qc.mode == "RGB"
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_blank_slide_finishes_with_no_tissue(tmp_path, slides):
+    meta, out = run(tmp_path, slides.blank)
+    assert meta["status"] == "no_tissue" and "no tissue detected" in meta["reason"]
+    assert pq.read_table(out.tiles).num_rows == 0 and out.qc.is_file()
+
+
+@pytest.mark.parametrize("name, reason", [("corrupt", "corrupt"), ("not_a_slide", "OpenSlide cannot open it"), ("no_mpp", "'mpp' column")])
+def test_unusable_slides_are_recorded_as_failed(tmp_path, slides, name, reason):
+    meta, out = run(tmp_path, getattr(slides, name), slide_id=name)
+    assert meta["status"] == "failed" and reason in meta["reason"] and name in meta["reason"]
+    assert pq.read_table(out.tiles).num_rows == 0
+    assert json.loads(out.meta.read_text())["status"] == "failed" and out.qc.is_file()
+
+
+def test_sheet_mpp_rescues_a_slide_without_mpp(tmp_path, slides):
+    meta, _ = run(tmp_path, slides.no_mpp, mpp=0.5)
+    assert meta["status"] == "ok" and meta["mpp"]["source"] == "sample-sheet"
+
+
+def test_tile_size_and_resolution_follow_the_settings(tmp_path, slides):
+    from pathwsi.tiling import TileSettings
+
+    settings = TilingJobSettings(tiling=TileSettings(tile_px=256, tile_mpp=1.0, min_tissue_fraction=0.25))
+    meta, out = run(tmp_path, slides.svs_025, settings=settings)
+    assert meta["tile"]["level0_px"] == 1024 and meta["read"]["level"] == 1
+    xs = pq.read_table(out.tiles).column("x").to_numpy()
+    assert (xs % 1024 == 0).all()
+
+
+def test_cli_tiles_one_slide(tmp_path, slides):
+    done = subprocess.run(
+        [sys.executable, "-m", "pathwsi.cli", "tile", str(slides.tiff_05), "--slide-id", "one", "--results", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path.parent if False else None,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "tiles" / "one.json").read_text())["status"] == "ok"
+
+
+def test_tiling_job_does_not_import_torch(slides, tmp_path):
+    code = (
+        "import sys\nfrom pathwsi.config import Sample\nfrom pathwsi.tile_slide import *\n"
+        f"tile_slide(Sample('c','s','p',{str(slides.svs_025)!r}), TilingJobSettings(), TilingOutputs.under(__import__('pathlib').Path({str(tmp_path)!r}), 's'))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
