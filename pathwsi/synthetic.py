@@ -292,8 +292,10 @@ def _level0_tiles(
         if factor > 1:
             band = band.repeat(factor, axis=0).repeat(factor, axis=1)[:rows, :width]
         for ds, level in reduced.items():
-            padded = np.full((-(-rows // ds) * ds, -(-width // ds) * ds, 3), 255, np.uint8)
-            padded[:rows, :width] = band
+            padded = band
+            if rows % ds or width % ds:
+                padded = np.full((-(-rows // ds) * ds, -(-width // ds) * ds, 3), 255, np.uint8)
+                padded[:rows, :width] = band
             small = Image.fromarray(padded).resize((padded.shape[1] // ds, padded.shape[0] // ds), Image.Resampling.BOX)
             level[top // ds : top // ds + small.height] = np.asarray(small)
         yield from _array_tiles(band, tile)

@@ -1,6 +1,6 @@
 """Tissue mask from a low-resolution RGB thumbnail (scikit-image), in physical units.
 
-Tissue is where saturation exceeds an Otsu threshold (clamped to a range so that faint
+Tissue is where HSV saturation exceeds an Otsu threshold (clamped to a range so that faint
 tissue survives on slides with strongly stained areas), minus pen ink (blue/green, strongly
 saturated) and dark debris; then morphological closing, removal of small objects and
 filling of small holes, all sized in µm so that the result does not depend on the scan.
@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.color import rgb2hsv
-from skimage.filters import threshold_otsu
 from skimage.morphology import closing, dilation, disk, remove_small_holes, remove_small_objects
 
 
@@ -48,8 +46,7 @@ class TissueMask:
 
 def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> TissueMask:
     """Tissue mask of an RGB uint8 thumbnail taken at `mpp` µm/px."""
-    hsv = rgb2hsv(rgb)
-    hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    hue, saturation, value = hsv(rgb)
     threshold = _saturation_threshold(saturation, settings)
     candidate = saturation > threshold
     pen = (hue >= settings.pen_hue[0]) & (hue <= settings.pen_hue[1]) & (saturation >= settings.pen_min_saturation)
@@ -73,5 +70,28 @@ def _saturation_threshold(saturation: np.ndarray, settings: TissueSettings) -> f
         return settings.saturation_threshold
     if np.ptp(saturation) == 0:
         return settings.max_saturation
-    otsu = float(threshold_otsu(saturation))
-    return min(max(otsu, settings.min_saturation), settings.max_saturation)
+    return min(max(otsu_threshold(saturation), settings.min_saturation), settings.max_saturation)
+
+
+def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue, saturation and value in [0, 1] of an RGB uint8 image (float32; as skimage's rgb2hsv)."""
+    rgb = rgb.astype(np.float32) / 255.0
+    value = rgb.max(axis=-1)
+    chroma = value - rgb.min(axis=-1)
+    saturation = np.divide(chroma, value, out=np.zeros_like(value), where=value > 0)
+    safe = np.where(chroma > 0, chroma, 1.0)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hue = np.where(value == red, ((green - blue) / safe) % 6.0, np.where(value == green, (blue - red) / safe + 2.0, (red - green) / safe + 4.0))
+    return np.where(chroma > 0, hue / 6.0, 0.0).astype(np.float32), saturation, value
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of `values` from a `bins`-bin histogram (as skimage.filters.threshold_otsu)."""
+    counts, edges = np.histogram(values.ravel(), bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = np.cumsum(counts[::-1])[::-1]
+    mean_low = np.cumsum(counts * centers) / np.maximum(weight_low, 1)
+    mean_high = (np.cumsum((counts * centers)[::-1]) / np.maximum(np.cumsum(counts[::-1]), 1))[::-1]
+    between = weight_low[:-1] * weight_high[1:] * (mean_low[:-1] - mean_high[1:]) ** 2
+    return float(centers[np.argmax(between)])

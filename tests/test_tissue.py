@@ -74,3 +74,18 @@ def test_mask_is_consistent_across_mask_resolutions():
     coarse = detect_tissue(tissue.render(0, 0, 250, 188, 16.0), 16.0, TissueSettings(mask_mpp=16.0)).area_mm2
     fine = detect_tissue(tissue.render(0, 0, 500, 375, 8.0), 8.0, TissueSettings(mask_mpp=8.0)).area_mm2
     assert fine == pytest.approx(coarse, rel=0.05)
+
+
+def test_hsv_and_otsu_agree_with_scikit_image():
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    from pathwsi.tissue import hsv, otsu_threshold
+
+    image = SyntheticTissue(2000.0, 1500.0, seed=9, pen=True).render(0, 0, 200, 150, 10.0)
+    image[:5, :5] = [0, 0, 0]
+    image[5:10, :5] = [255, 255, 255]
+    ours = np.stack(hsv(image), axis=-1)
+    np.testing.assert_allclose(ours, rgb2hsv(image), atol=1e-5)
+    saturation = ours[..., 1]
+    assert otsu_threshold(saturation) == pytest.approx(threshold_otsu(saturation), abs=1e-6)

@@ -1,0 +1,93 @@
+"""End-to-end: real Snakemake runs on synthetic cohorts, lint, and the README's commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    """The two commands at the top of the README: set up + demo, then the tests."""
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    return [blocks[0].strip(), blocks[1].strip()]
+
+
+def make_project(folder: Path, slides, rows: list[tuple[str, Path, str]]) -> Path:
+    """A working directory with config/config.yaml and a sample sheet for `rows`."""
+    (folder / "config").mkdir(parents=True)
+    shutil.copy(ROOT / "config" / "config.yaml", folder / "config" / "config.yaml")
+    lines = ["cohort\tslide_id\tpatient_id\tpath\tmpp\tsite"]
+    lines += [f"c1\t{slide_id}\tP-{slide_id}\t{path}\t{mpp}\t" for slide_id, path, mpp in rows]
+    (folder / "config" / "samples.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def snakemake(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run Snakemake on `folder`; stdout and stderr together in `.stdout` (Snakemake mixes them)."""
+    return subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(folder), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_lint_is_clean(tmp_path, slides):
+    project = make_project(tmp_path, slides, [("a", slides.tiff_05, "")])
+    done = snakemake(project, "--lint")
+    assert done.returncode == 0 and "good condition" in done.stdout, done.stdout
+
+
+def test_dry_run_reports_every_sheet_problem_before_running(tmp_path, slides):
+    project = make_project(tmp_path, slides, [("a", slides.tiff_05, "x"), ("a", tmp_path / "gone.svs", "")])
+    done = snakemake(project, "-n")
+    assert done.returncode != 0
+    for fragment in ["row 2 (slide_id 'a'): column 'mpp'", "row 3 (slide_id 'a'): slide file", "row 3: slide_id 'a' already used on row 2"]:
+        assert fragment in done.stdout
+
+
+@pytest.mark.slow
+def test_workflow_tiles_a_batch_and_isolates_bad_slides(tmp_path, slides):
+    rows = [("fine", slides.svs_025, ""), ("coarse", slides.tiff_05, ""), ("blank", slides.blank, ""),
+            ("corrupt", slides.corrupt, ""), ("nompp", slides.no_mpp, ""), ("rescued", slides.no_mpp, "0.5")]
+    project = make_project(tmp_path, slides, rows)
+    done = snakemake(project, "--cores", "2")
+    assert done.returncode == 0, done.stdout[-3000:]
+    status = {sid: json.loads((project / "results" / "tiles" / f"{sid}.json").read_text())["status"] for sid, _, _ in rows}
+    assert status == {"fine": "ok", "coarse": "ok", "blank": "no_tissue", "corrupt": "failed", "nompp": "failed", "rescued": "ok"}
+    assert "nompp" in done.stdout and "'mpp' column" in done.stdout  # the failure is shown, not only logged
+    for sid, _, _ in rows:
+        assert (project / "results" / "qc" / f"{sid}.png").is_file()
+    again = snakemake(project, "--cores", "2")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout
+
+
+@pytest.mark.slow
+def test_changing_a_result_setting_reruns_tiling(tmp_path, slides):
+    project = make_project(tmp_path, slides, [("coarse", slides.tiff_05, "")])
+    assert snakemake(project, "--cores", "1").returncode == 0
+    config = project / "config" / "config.yaml"
+    config.write_text(config.read_text().replace("tile_px: 224", "tile_px: 256"))
+    dry = snakemake(project, "-n")
+    assert "tile" in dry.stdout and "params" in dry.stdout.lower()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    assert readme_commands()[1] in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.slow
+def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    done = subprocess.run(["bash", "-c", readme_commands()[0]], cwd=clone, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metas = [json.loads(p.read_text()) for p in sorted((clone / "results" / "tiles").glob("*.json"))]
+    assert len(metas) == 6 and all(m["status"] == "ok" and m["counts"]["kept"] > 10 for m in metas)
