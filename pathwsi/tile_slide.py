@@ -70,7 +70,8 @@ def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutpu
     started = time.perf_counter()
     try:
         with Slide(sample.path, sample.slide_id, sample.mpp) as slide:
-            coords, fractions = _tile(slide, settings, meta, outputs)
+            coords, fractions, found = _tile(slide, settings, outputs)
+        meta.update(found)
     except SlideError as err:
         log.error("%s", err)
         meta.update(status="failed", reason=str(err))
@@ -83,8 +84,8 @@ def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutpu
     return meta
 
 
-def _tile(slide: Slide, settings: TilingJobSettings, meta: dict[str, Any], outputs: TilingOutputs) -> tuple[np.ndarray, np.ndarray]:
-    """Mask, grid and select; fill `meta`; write the QC picture. Returns kept coords and fractions."""
+def _tile(slide: Slide, settings: TilingJobSettings, outputs: TilingOutputs) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Mask, grid and select; write the QC picture. Returns kept coords, their fractions, metadata."""
     tiling, tissue_settings = settings.tiling, settings.tissue
     mpp0 = slide.mpp.value
     slide_um = (slide.width * mpp0, slide.height * mpp0)
@@ -95,7 +96,7 @@ def _tile(slide: Slide, settings: TilingJobSettings, meta: dict[str, Any], outpu
     keep = fractions >= tiling.min_tissue_fraction
     coords, kept_fractions = grid[keep], fractions[keep]
     read_level = slide.level_for(tiling.tile_mpp)
-    meta.update(
+    found = dict(
         status="ok" if len(coords) else "no_tissue",
         reason=None if len(coords) else _no_tissue_reason(tissue.area_mm2, len(grid), tiling),
         slide=slide.describe(),
@@ -109,7 +110,7 @@ def _tile(slide: Slide, settings: TilingJobSettings, meta: dict[str, Any], outpu
         log.warning("%s: finest level is %.3f µm/px, coarser than the %.3f µm/px asked for; tiles are enlarged", slide.slide_id, read_level.mpp, tiling.tile_mpp)
     qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
     save_png(tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp), outputs.qc)
-    return coords, kept_fractions
+    return coords, kept_fractions, found
 
 
 def _no_tissue_reason(area_mm2: float, grid_size: int, tiling: TileSettings) -> str:

@@ -70,7 +70,7 @@ def test_tile_size_and_resolution_follow_the_settings(tmp_path, slides):
 def test_cli_tiles_one_slide(tmp_path, slides):
     done = subprocess.run(
         [sys.executable, "-m", "pathwsi.cli", "tile", str(slides.tiff_05), "--slide-id", "one", "--results", str(tmp_path)],
-        capture_output=True, text=True, cwd=tmp_path.parent if False else None,
+        capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "tiles" / "one.json").read_text())["status"] == "ok"
