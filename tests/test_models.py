@@ -1,0 +1,84 @@
+"""The backbone registry: weights sources, provenance, errors, and config defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pathwsi.config import load_schema, validate_config
+from pathwsi.models import ModelSpec, WeightsError, build_backbone, save_weights, specs_from_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return build_backbone(ModelSpec("imgnet", seed=3))
+
+
+def test_untrained_weights_are_seeded_and_flagged(untrained):
+    again = build_backbone(ModelSpec("imgnet", seed=3))
+    other = build_backbone(ModelSpec("imgnet", seed=4))
+    assert untrained.weights_sha256 == again.weights_sha256 != other.weights_sha256
+    provenance = untrained.provenance()
+    assert provenance["untrained"] is True and "UNTRAINED" in provenance["warning"]
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        build_backbone(ModelSpec("imgnet"))
+
+
+def test_features_are_2048_d_and_inputs_are_resized(untrained):
+    tiles = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    prepared = untrained.prepare(tiles)
+    assert prepared.shape == (2, 3, 224, 224) and prepared.is_contiguous(memory_format=torch.channels_last)
+    assert prepared.min() >= -1.0 and prepared.max() <= 1.0  # Keras-style scaling
+    with torch.inference_mode():
+        assert untrained.net(prepared).shape == (2, 2048)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_from_a_file_load_exactly_and_name_their_sha256(untrained, tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    state = {**untrained.net.state_dict(), "fc.weight": torch.zeros(9, 2048), "fc.bias": torch.zeros(9)}
+    if suffix == ".safetensors":
+        save_weights(state, path, {"bn_eps": "0.001"})
+    else:
+        torch.save(state, path)
+    loaded = build_backbone(ModelSpec("ftx", weights=str(path)))
+    for key, value in untrained.net.state_dict().items():
+        torch.testing.assert_close(loaded.net.state_dict()[key], value)
+    import hashlib
+
+    assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    expected_eps = 1e-3 if suffix == ".safetensors" else 1e-5
+    assert all(m.eps == expected_eps for m in loaded.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_missing_or_mismatched_weights_are_clear_errors(untrained, tmp_path):
+    with pytest.raises(WeightsError, match="'ftx'.*not found"):
+        build_backbone(ModelSpec("ftx", weights=str(tmp_path / "none.safetensors")))
+    partial = tmp_path / "partial.safetensors"
+    save_weights({"conv1.weight": untrained.net.conv1.weight}, partial, {})
+    with pytest.raises(WeightsError, match="does not fit architecture"):
+        build_backbone(ModelSpec("ftx", weights=str(partial)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        build_backbone(ModelSpec("ftx", weights=str(junk)))
+
+
+def test_hub_weights_need_the_config_to_allow_network():
+    with pytest.raises(WeightsError, match="allow_network"):
+        build_backbone(ModelSpec("imgnet", weights="hub"))
+
+
+def test_config_defaults_match_model_spec_defaults():
+    schema = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"]["properties"]
+    spec = ModelSpec("x")
+    for field in dataclasses.fields(ModelSpec):
+        if field.name in schema and "default" in schema[field.name]:
+            default = schema[field.name]["default"]
+            assert (list(getattr(spec, field.name)) if isinstance(default, list) else getattr(spec, field.name)) == default
+    specs = specs_from_config(validate_config({})["models"])
+    assert list(specs) == ["imgnet", "ftx"] and specs["imgnet"].untrained and specs["ftx"].weights.endswith("ftx.safetensors")
