@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     tile.add_argument("--results", type=Path, default=Path("results"))
     tile.set_defaults(run=_tile)
 
+    convert = commands.add_parser("convert-keras", help="convert a Keras Xception .h5/.keras weight file to timm legacy_xception safetensors")
+    convert.add_argument("src", type=Path, help="Keras file: official ImageNet notop .h5, a full-model .h5, or a .keras archive")
+    convert.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.<name>.weights)")
+    convert.set_defaults(run=_convert_keras)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -70,6 +75,18 @@ def _tile(args: argparse.Namespace) -> int:
     sample = Sample(cohort="-", slide_id=slide_id, patient_id=slide_id, path=str(args.slide), mpp=args.mpp)
     meta = tile_slide(sample, TilingJobSettings.from_config(config), TilingOutputs.under(args.results, slide_id))
     return 0 if meta["status"] != "failed" else 1
+
+
+def _convert_keras(args: argparse.Namespace) -> int:
+    from pathwsi.keras_convert import KerasConversionError, convert_keras
+
+    try:
+        report = convert_keras(args.src, args.dst)
+    except KerasConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
 
 
 if __name__ == "__main__":
