@@ -1,4 +1,5 @@
-"""The `pathwsi` command: demo cohort, config checks, single-slide tiling."""
+"""The `pathwsi` command: demo cohort, config checks, single-slide tiling, stain normalization of
+image folders, Keras weight conversion."""
 
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.<name>.weights)")
     convert.set_defaults(run=_convert_keras)
 
+    normalize = commands.add_parser("normalize", help="Macenko-normalize images or folders of tiles (class sub-folders are kept) like the slides")
+    normalize.add_argument("inputs", type=Path, nargs="+", help="image files or folders (.tif .png .jpg, searched recursively)")
+    normalize.add_argument("--out", type=Path, required=True, help="output folder; the input tree is mirrored under it")
+    normalize.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="its `stain` section gives the settings and target")
+    normalize.add_argument("--fit", choices=("per-image", "shared"), default="per-image", help="one fit per image, or one shared fit from a seeded sample")
+    normalize.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    normalize.add_argument("--batch-size", type=int, default=64)
+    normalize.set_defaults(run=_normalize)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -75,6 +85,18 @@ def _tile(args: argparse.Namespace) -> int:
     sample = Sample(cohort="-", slide_id=slide_id, patient_id=slide_id, path=str(args.slide), mpp=args.mpp)
     meta = tile_slide(sample, TilingJobSettings.from_config(config), TilingOutputs.under(args.results, slide_id))
     return 0 if meta["status"] != "failed" else 1
+
+
+def _normalize(args: argparse.Namespace) -> int:
+    from pathwsi.config import load_config
+    from pathwsi.stain import StainSettings, load_target
+    from pathwsi.stain_files import normalize_files
+
+    config = load_config(args.config)
+    settings = StainSettings.from_config(config["stain"])
+    written = normalize_files(args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"])
+    print(f"{written} image(s) written under {args.out}")
+    return 0
 
 
 def _convert_keras(args: argparse.Namespace) -> int:

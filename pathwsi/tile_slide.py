@@ -2,25 +2,30 @@
 
 Outputs (see DESIGN.md): `tiles/{slide_id}.parquet` (x, y level-0 px of each kept tile's
 top-left corner, tissue_fraction), `tiles/{slide_id}.json` (geometry, µm/px and its source,
-status), `qc/{slide_id}.png`. A slide that cannot be read finishes with status "failed" and
-its reason; a slide without tissue with status "no_tissue"; neither stops the batch.
+the slide's Macenko fit or its fallback, status), `qc/{slide_id}.png` (mask and tiles) and
+`qc/stain/{slide_id}.png` (sampled tiles before and after normalization). A slide that cannot
+be read finishes with status "failed" and its reason; a slide without tissue with status
+"no_tissue"; neither stops the batch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from pathwsi import __version__
 from pathwsi.config import Sample
 from pathwsi.outputs import write_json, write_table
 from pathwsi.qc import message_card, save_png, tiles_overview
 from pathwsi.slide import Slide, SlideError
+from pathwsi.stain import StainFit, StainSettings, fit_slide, load_target, normalize_array, qc_panel
 from pathwsi.tiling import TileSettings, tile_grid, tissue_fractions
 from pathwsi.tissue import TissueSettings, detect_tissue
 
@@ -34,14 +39,23 @@ class TilingJobSettings:
 
     tiling: TileSettings = field(default_factory=TileSettings)
     tissue: TissueSettings = field(default_factory=TissueSettings)
+    stain: StainSettings = field(default_factory=StainSettings)
     qc_max_px: int = 1200
+    qc_stain_tiles: int = 6
     seed: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TilingJobSettings:
         """Build from a validated config (see pathwsi.config.validate_config)."""
         tissue = dict(config["tissue"], pen_hue=tuple(config["tissue"]["pen_hue"]))
-        return cls(TileSettings(**config["tiling"]), TissueSettings(**tissue), config["qc"]["max_px"], config["seed"])
+        return cls(
+            TileSettings(**config["tiling"]),
+            TissueSettings(**tissue),
+            StainSettings.from_config(config["stain"]),
+            config["qc"]["max_px"],
+            config["qc"]["stain_tiles"],
+            config["seed"],
+        )
 
 
 @dataclass(frozen=True)
@@ -51,21 +65,27 @@ class TilingOutputs:
     tiles: Path
     meta: Path
     qc: Path
+    stain_qc: Path
 
     @classmethod
     def under(cls, results: Path, slide_id: str) -> TilingOutputs:
-        return cls(results / "tiles" / f"{slide_id}.parquet", results / "tiles" / f"{slide_id}.json", results / "qc" / f"{slide_id}.png")
+        return cls(
+            results / "tiles" / f"{slide_id}.parquet",
+            results / "tiles" / f"{slide_id}.json",
+            results / "qc" / f"{slide_id}.png",
+            results / "qc" / "stain" / f"{slide_id}.png",
+        )
 
 
 def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutputs) -> dict[str, Any]:
     """Tile one slide and write its outputs; return the metadata written to the JSON."""
-    for path in (outputs.tiles, outputs.meta, outputs.qc):
+    for path in (outputs.tiles, outputs.meta, outputs.qc, outputs.stain_qc):
         path.parent.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
         "schema": SCHEMA,
         "pathwsi_version": __version__,
         "sample": asdict(sample),
-        "settings": {"tiling": asdict(settings.tiling), "tissue": asdict(settings.tissue)},
+        "settings": {"tiling": asdict(settings.tiling), "tissue": asdict(settings.tissue), "seed": settings.seed},
     }
     started = time.perf_counter()
     try:
@@ -76,7 +96,8 @@ def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutpu
         log.error("%s", err)
         meta.update(status="failed", reason=str(err))
         coords, fractions = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
-        save_png(message_card(f"FAILED: {sample.slide_id}", str(err)), outputs.qc)
+        for picture in (outputs.qc, outputs.stain_qc):
+            save_png(message_card(f"FAILED: {sample.slide_id}", str(err)), picture)
     meta["seconds"] = round(time.perf_counter() - started, 3)
     write_table({"x": coords[:, 0], "y": coords[:, 1], "tissue_fraction": fractions.astype(np.float32)}, outputs.tiles)
     write_json(meta, outputs.meta)
@@ -110,7 +131,27 @@ def _tile(slide: Slide, settings: TilingJobSettings, outputs: TilingOutputs) -> 
         log.warning("%s: finest level is %.3f µm/px, coarser than the %.3f µm/px asked for; tiles are enlarged", slide.slide_id, read_level.mpp, tiling.tile_mpp)
     qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
     save_png(tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp), outputs.qc)
+    fit = _fit_stain(slide, coords, settings, outputs.stain_qc)
+    found["stain"] = fit.to_json()
+    if fit.status != "fitted" and len(coords):
+        log.warning("%s: stain fit not used (%s); normalized with the %s parameters", slide.slide_id, fit.reason, settings.stain.fallback)
     return coords, kept_fractions, found
+
+
+def _fit_stain(slide: Slide, coords: np.ndarray, settings: TilingJobSettings, qc_path: Path) -> StainFit:
+    """Macenko fit from a seeded sample of the slide's tissue tiles; QC picture before/after."""
+    tiling, stain = settings.tiling, settings.stain
+    rng = np.random.default_rng([settings.seed, zlib.crc32(slide.slide_id.encode())])
+    picked = np.sort(rng.choice(len(coords), size=min(stain.sample_tiles, len(coords)), replace=False))
+    tiles = [slide.read_region(x, y, tiling.tile_px, tiling.tile_px, tiling.tile_mpp) for x, y in coords[picked]]
+    fit = fit_slide(tiles, stain, load_target(stain))
+    shown = tiles[: settings.qc_stain_tiles]
+    if shown:
+        after = [normalize_array(tile, fit.params, fit.target, stain.io, stain.beta) for tile in shown]
+        save_png(Image.fromarray(qc_panel(shown, after)), qc_path)
+    else:
+        save_png(message_card(f"{slide.slide_id}: no tissue tiles", "nothing to normalize; see the tiling QC picture"), qc_path)
+    return fit
 
 
 def _no_tissue_reason(area_mm2: float, grid_size: int, tiling: TileSettings) -> str:

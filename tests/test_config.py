@@ -10,6 +10,7 @@ import yaml
 
 from pathwsi.config import ConfigError, load_config, load_samples, load_schema, validate_config
 from pathwsi.demo import sheet_text
+from pathwsi.stain import StainSettings
 from pathwsi.tiling import TileSettings
 from pathwsi.tissue import TissueSettings
 
@@ -35,7 +36,7 @@ def test_shipped_config_is_valid_and_equals_the_schema_defaults():
     assert validate_config(shipped) == validate_config({})
 
 
-@pytest.mark.parametrize("section, settings", [("tiling", TileSettings()), ("tissue", TissueSettings())])
+@pytest.mark.parametrize("section, settings", [("tiling", TileSettings()), ("tissue", TissueSettings()), ("stain", StainSettings())])
 def test_schema_defaults_match_the_code_defaults(section, settings):
     defaults = validate_config({})[section]
     expected = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}

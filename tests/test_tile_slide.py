@@ -35,13 +35,28 @@ def test_outputs_follow_the_contract(tmp_path, slides):
     assert on_disk["read"]["level"] == 0 and on_disk["read"]["upsampled"] is False
     qc = Image.open(out.qc)
     assert max(qc.size) <= 1200 and qc.mode == "RGB"
+    stain = on_disk["stain"]
+    assert stain["status"] == "fitted" and stain["reason"] is None and stain["n_tiles"] == min(64, len(table))
+    assert np.array(stain["params"]["stain_matrix"]).shape == (3, 2) and Image.open(out.stain_qc).width > 6 * 224
     assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_blank_slide_finishes_with_no_tissue(tmp_path, slides):
     meta, out = run(tmp_path, slides.blank)
     assert meta["status"] == "no_tissue" and "no tissue detected" in meta["reason"]
-    assert pq.read_table(out.tiles).num_rows == 0 and out.qc.is_file()
+    assert pq.read_table(out.tiles).num_rows == 0 and out.qc.is_file() and out.stain_qc.is_file()
+    assert meta["stain"]["status"] == "fallback" and meta["stain"]["reason"]
+
+
+def test_stain_fit_is_seeded_per_slide(tmp_path, slides):
+    from pathwsi.stain import StainSettings
+
+    few = StainSettings(sample_tiles=5, min_od_pixels=100)
+    first, _ = run(tmp_path / "a", slides.tiff_05, settings=TilingJobSettings(stain=few))
+    second, _ = run(tmp_path / "b", slides.tiff_05, settings=TilingJobSettings(stain=few))
+    reseeded, _ = run(tmp_path / "c", slides.tiff_05, settings=TilingJobSettings(stain=few, seed=1))
+    assert first["stain"] == second["stain"] and first["stain"]["n_tiles"] == 5
+    assert first["stain"]["params"] != reseeded["stain"]["params"]
 
 
 @pytest.mark.parametrize("name, reason", [("corrupt", "corrupt"), ("not_a_slide", "OpenSlide cannot open it"), ("no_mpp", "'mpp' column")])
@@ -49,7 +64,7 @@ def test_unusable_slides_are_recorded_as_failed(tmp_path, slides, name, reason):
     meta, out = run(tmp_path, getattr(slides, name), slide_id=name)
     assert meta["status"] == "failed" and reason in meta["reason"] and name in meta["reason"]
     assert pq.read_table(out.tiles).num_rows == 0
-    assert json.loads(out.meta.read_text())["status"] == "failed" and out.qc.is_file()
+    assert json.loads(out.meta.read_text())["status"] == "failed" and out.qc.is_file() and out.stain_qc.is_file()
 
 
 def test_sheet_mpp_rescues_a_slide_without_mpp(tmp_path, slides):

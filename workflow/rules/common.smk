@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 import pathwsi.config as pathwsi_config
+from pathwsi.stain import StainSettings, load_target
 
 SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 try:
@@ -14,8 +15,11 @@ try:
         sample.slide_id: sample
         for sample in pathwsi_config.load_samples(CONFIG["samples"], schema=pathwsi_config.load_schema("samples", SCHEMAS))
     }
+    load_target(StainSettings.from_config(CONFIG["stain"]))
 except pathwsi_config.ConfigError as err:
     raise WorkflowError(f"pathwsi: the run cannot start.\n{err}") from None
+except ValueError as err:
+    raise WorkflowError(f"pathwsi: the run cannot start.\n  - key 'stain.target': {err}") from None
 
 
 def slide_path(wildcards):
@@ -30,12 +34,23 @@ def sample_record(wildcards):
 
 def tiling_settings():
     """The config sections that shape a slide's tiles (changing one reruns the tiling)."""
-    return {key: CONFIG[key] for key in ("seed", "tiling", "tissue", "qc")}
+    return {key: CONFIG[key] for key in ("seed", "tiling", "tissue", "stain", "qc")}
+
+
+def stain_target_file(wildcards):
+    """The stain target image or .json, when the config names one (editing it reruns the tiling)."""
+    target = CONFIG["stain"]["target"]
+    return [] if target == "default" else [target]
 
 
 def tiling_outputs():
     """Every slide's tile table, tile metadata and QC picture."""
     return expand(
-        ["results/tiles/{slide_id}.parquet", "results/tiles/{slide_id}.json", "results/qc/{slide_id}.png"],
+        [
+            "results/tiles/{slide_id}.parquet",
+            "results/tiles/{slide_id}.json",
+            "results/qc/{slide_id}.png",
+            "results/qc/stain/{slide_id}.png",
+        ],
         slide_id=sorted(SAMPLES),
     )

@@ -1,11 +1,13 @@
 rule tile:
-    """Tissue mask, tile grid at tiling.tile_mpp, QC picture; CPU only."""
+    """Tissue mask, tile grid at tiling.tile_mpp, the slide's Macenko fit, QC pictures; CPU only."""
     input:
         slide=slide_path,
+        stain_target=stain_target_file,
     output:
         tiles="results/tiles/{slide_id}.parquet",
         meta="results/tiles/{slide_id}.json",
         qc=report("results/qc/{slide_id}.png", category="Tiling QC", subcategory="{slide_id}"),
+        stain_qc=report("results/qc/stain/{slide_id}.png", category="Stain QC", subcategory="{slide_id}"),
     params:
         sample=sample_record,
         settings=tiling_settings(),

@@ -10,5 +10,5 @@ log_to_file(snakemake.log[0])
 tile_slide(
     Sample(**snakemake.params.sample),
     TilingJobSettings.from_config(snakemake.params.settings),
-    TilingOutputs(Path(snakemake.output.tiles), Path(snakemake.output.meta), Path(snakemake.output.qc)),
+    TilingOutputs(*(Path(snakemake.output[key]) for key in ("tiles", "meta", "qc", "stain_qc"))),
 )
