@@ -1,5 +1,5 @@
 """The `pathwsi` command: demo cohort, config checks, single-slide tiling, stain normalization of
-image folders, Keras weight conversion."""
+image folders, Keras weight conversion, feature-store inspection."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     normalize.add_argument("--batch-size", type=int, default=64)
     normalize.set_defaults(run=_normalize)
 
+    inspect = commands.add_parser("inspect", help="print a feature store's schema, counts, provenance and whether it is complete and valid")
+    inspect.add_argument("store", type=Path, help="results/features/<slide_id>.zarr")
+    inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
+    inspect.set_defaults(run=_inspect)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -97,6 +102,34 @@ def _normalize(args: argparse.Namespace) -> int:
     written = normalize_files(args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"])
     print(f"{written} image(s) written under {args.out}")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from pathwsi.store import describe
+
+    report = describe(args.store)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['path']}: {'valid and complete' if report['valid'] else 'NOT usable'}")
+        for problem in [report.get("problem"), *report.get("problems", [])]:
+            if problem:
+                print(f"  problem: {problem}")
+        if "partial_chunks_done" in report:
+            print(f"  an unfinished run stored {report['partial_chunks_done']} chunk(s) under .partial; rerun to resume")
+        for name, array in report.get("arrays", {}).items():
+            print(f"  {name:<24} {str(tuple(array['shape'])):<14} {array['dtype']:<8} chunks {tuple(array['chunks'])}")
+        attrs = report.get("attrs", {})
+        if attrs:
+            print(f"  slide {attrs.get('slide_id')} (patient {attrs.get('patient_id')}, cohort {attrs.get('cohort')}); tiling {attrs.get('tiling_status')}")
+            print(f"  tiles {attrs.get('tile')}; stain {(attrs.get('stain') or {}).get('status')}; pathwsi {attrs.get('pathwsi_version')}; config hash {str(attrs.get('config_hash'))[:12]}")
+            for name, model in attrs.get("models", {}).items():
+                print(f"  model {name}: {model['arch']} weights {model['weights']} sha256 {model['weights_sha256'][:12]} input {model['input_px']} px {model['precision']}")
+            for warning in attrs.get("warnings", []):
+                print(f"  WARNING: {warning}")
+    return 0 if report["valid"] else 1
 
 
 def _convert_keras(args: argparse.Namespace) -> int:
