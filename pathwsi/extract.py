@@ -1,0 +1,203 @@
+"""The per-slide feature job: read each kept tile once at the tile µm/px, Macenko-normalize it once
+with the slide's fitted parameters, feed the same batch to every configured model, and write the
+features into a resumable Zarr store (pathwsi.store).
+
+DataLoader workers each open their own slide handle; tiles are read in the tile table's
+row-major order (neighbours share stored JPEG tiles); writing runs on a background thread, so
+reading (workers), normalizing + models (main thread) and writing overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pathwsi import __version__
+from pathwsi.config import Sample
+from pathwsi.models import PRECISIONS, Backbone
+from pathwsi.stain import StainFit
+from pathwsi.stain_torch import normalize_batch
+from pathwsi.store import open_writer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Config section `features`."""
+
+    batch_size: int = 32
+    chunk_tiles: int = 512  # tiles per Zarr chunk and per resume step (rounded up to whole batches)
+    num_workers: int = 1
+    dtype: str = "float16"
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    compile: bool = False
+
+    @property
+    def aligned_chunk(self) -> int:
+        return -(-self.chunk_tiles // self.batch_size) * self.batch_size
+
+
+class SlideTiles(Dataset):
+    """Tiles of one slide by index; each worker process opens its own slide handle on first use."""
+
+    def __init__(self, sample: Sample, coords: np.ndarray, tile_px: int, tile_mpp: float, start: int = 0):
+        self.sample, self.coords, self.tile_px, self.tile_mpp, self.start = sample, coords, tile_px, tile_mpp, start
+        self._reader: Any = None
+
+    def __len__(self) -> int:
+        return len(self.coords) - self.start
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._reader is None:
+            self._reader = open_reader(self.sample, self.tile_mpp, self.tile_px)
+        x, y = self.coords[self.start + index]
+        return torch.from_numpy(self._reader.read(int(x), int(y)))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}
+
+
+def open_reader(sample: Sample, mpp: float, tile_px: int) -> Any:
+    """The fastest reader for this slide (decoding stored JPEG tiles once where possible)."""
+    from pathwsi.slide import Slide
+    from pathwsi.tile_reader import open_tile_reader
+
+    return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if not torch.cuda.is_available():
+            log.warning("no CUDA device: extracting features on the CPU (slow; fine for the demo)")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _stain_record(tiles_meta: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+    stain = tiles_meta.get("stain")
+    return {k: stain[k] for k in keys} if stain else None
+
+
+def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str) -> str:
+    """A hash of everything that shapes the features: tiles, stain parameters, model weights, dtype."""
+    shaping = {
+        "tile": tiles_meta.get("tile"),
+        "stain": _stain_record(tiles_meta, ("params", "target")),
+        "models": {m.spec.name: {**asdict(m.spec), "weights_sha256": m.weights_sha256} for m in models},
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def store_attrs(sample: Sample, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings) -> dict[str, Any]:
+    """The store's attrs (all but `complete`): ids, geometry, stain, model provenance, hash."""
+    warnings = [m.provenance()["warning"] for m in models if m.spec.untrained]
+    return json.loads(json.dumps({
+        "slide_id": sample.slide_id,
+        "patient_id": sample.patient_id,
+        "cohort": sample.cohort,
+        "tiling_status": tiles_meta["status"],
+        "tiling_reason": tiles_meta.get("reason"),
+        "tile": tiles_meta.get("tile"),
+        "mpp": tiles_meta.get("mpp"),
+        "stain": _stain_record(tiles_meta, ("status", "reason", "params", "target")),
+        "models": {m.spec.name: m.provenance() for m in models},
+        "warnings": warnings,
+        "pathwsi_version": __version__,
+        "config_hash": settings_hash(tiles_meta, models, settings.dtype),
+    }))
+
+
+def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, store_path: Path) -> dict[str, float]:
+    """Extract and store the features of one slide's tiles; resumes a killed run. Returns timings."""
+    device = next(models[0].net.parameters()).device
+    writer = open_writer(store_path, tiles, fractions, {m.spec.name: m.feature_dim for m in models}, store_attrs(sample, tiles_meta, models, settings), settings.aligned_chunk, settings.dtype)
+    start = writer.first_pending_tile
+    timings = {"read": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
+    if start == len(tiles):
+        writer.finish()
+        return timings
+    if start:
+        log.info("%s: resuming at tile %d of %d (%d chunks already stored)", sample.slide_id, start, len(tiles), writer.chunks_done)
+    stain = StainFit.from_json(tiles_meta["stain"])
+    tile = tiles_meta["tile"]
+    loader = DataLoader(
+        SlideTiles(sample, tiles, tile["px"], tile["mpp"], start),
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    nets = {m.spec.name: (torch.compile(m.net) if settings.compile else m.net) for m in models}
+    pending: dict[str, list[np.ndarray]] = {m.spec.name: [] for m in models}
+    chunk_index, done = writer.chunks_done, start
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as write_pool, tqdm(total=len(tiles), initial=start, unit="tile", desc=sample.slide_id, disable=None) as progress:
+        last: Future | None = None
+        waited = time.perf_counter()
+        for batch in loader:  # batches never straddle chunks: chunks hold whole batches
+            timings["read"] += time.perf_counter() - waited
+            for name, values in _forward(batch, stain, models, nets, device, timings).items():
+                pending[name].append(values)
+            done += len(batch)
+            progress.update(len(batch))
+            if done == writer.chunk_end(chunk_index):
+                last = _submit(write_pool, writer, chunk_index, pending, timings, last)
+                pending = {name: [] for name in pending}
+                chunk_index += 1
+            waited = time.perf_counter()
+        if last is not None:
+            last.result()
+    writer.finish()
+    timings["total"] = time.perf_counter() - started
+    timings["tiles_per_s"] = timings["tiles"] / timings["total"] if timings["total"] else 0.0
+    return timings
+
+
+def _forward(batch: torch.Tensor, stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device, timings: dict[str, float]) -> dict[str, np.ndarray]:
+    """Normalize the batch once, then run every model on it; returns float32 features per model."""
+    clock = time.perf_counter()
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = normalize_batch(x, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8)
+    _sync(device)
+    timings["normalize"] += time.perf_counter() - clock
+    out = {}
+    for model in models:
+        clock = time.perf_counter()
+        autocast = torch.autocast("cuda", dtype=PRECISIONS[model.spec.precision]) if device.type == "cuda" else nullcontext()
+        with torch.inference_mode(), autocast:
+            out[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().cpu().numpy()
+        timings["model"] += time.perf_counter() - clock
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _submit(pool: ThreadPoolExecutor, writer: Any, index: int, pending: dict[str, list[np.ndarray]], timings: dict[str, float], last: Future | None) -> Future:
+    """Queue chunk `index` for writing after the previous one (one writer thread keeps the order)."""
+    arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
+
+    def write() -> None:
+        clock = time.perf_counter()
+        writer.write_chunk(index, arrays)
+        timings["write"] += time.perf_counter() - clock
+
+    if last is not None:
+        last.result()  # at most one chunk in flight: bounded memory, errors surface promptly
+    return pool.submit(write)

@@ -1,0 +1,322 @@
+"""Fast tile reading: decode a slide's own JPEG tiles once each and assemble output tiles from them.
+
+`open_tile_reader(slide, mpp, tile_px)` gives a reader whose `read(x0, y0)` returns what
+`slide.read_region(x0, y0, tile_px, tile_px, mpp)` returns (same level, same sub-pixel placement,
+white outside the image, same BOX/bicubic resize), so features do not depend on the reader:
+
+- `JpegTileReader` where the level `slide.level_for(mpp)` picks is a JPEG-compressed tiled TIFF page
+  of an Aperio SVS or generic tiled TIFF: the compressed tiles are read by byte range
+  (`os.pread` on a descriptor the reader opens itself) and decoded with imagecodecs, each one
+  once while the caller walks tiles in row-major order (an LRU cache of decoded tiles);
+- `OpenSlideTileReader` otherwise: `Slide.read_region` per tile.
+
+Readers pickle without their file handles and caches and reopen them in the process that reads
+(one reader per DataLoader worker; they are not thread-safe). This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import imagecodecs
+import numpy as np
+import tifffile
+from PIL import Image
+
+from pathwsi.slide import Level, Slide, SlideError, resize
+
+FAST_VENDORS = ("aperio", "generic-tiff")  # OpenSlide formats that are plain tiled TIFF pyramids
+DEFAULT_CACHE_MIB = 256
+_WHITE = np.uint32(0xFFFFFFFF)  # an RGBX pixel, packed little-endian into one word
+_LOW7 = np.uint32(0x7F7F7F7F)
+_RGBX = imagecodecs.JPEG8.CS.EXT_RGBX
+_JPEG, _RGB, _YCBCR = 7, 2, 6  # TIFF Compression and PhotometricInterpretation codes
+
+
+class NotJpegTiled(Exception):
+    """The level cannot be read by decoding stored JPEG tiles; the message says why."""
+
+
+@dataclass(frozen=True)
+class JpegLevel:
+    """Where one pyramid level's JPEG tiles lie in the file and how to decode them."""
+
+    width: int
+    height: int
+    tile_width: int
+    tile_height: int
+    offsets: np.ndarray  # (tiles_down * tiles_across,) byte offsets, row-major
+    bytecounts: np.ndarray
+    tables: bytes | None  # shared JPEGTables (Aperio), or None when each tile is self-contained
+    rgb_components: bool  # photometric RGB: the JPEG components are R, G, B (no YCbCr conversion)
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.width // self.tile_width)
+
+    @property
+    def tiles_down(self) -> int:
+        return -(-self.height // self.tile_height)
+
+
+def jpeg_level(slide: Slide, level: Level) -> JpegLevel:
+    """The JPEG tile layout of `level`: the tiled TIFF page of the level's size.
+
+    Raises NotJpegTiled when the file is not a plain tiled TIFF pyramid (per OpenSlide's vendor),
+    the page is not 8-bit RGB/YCbCr JPEG, or it has missing tiles (OpenSlide paints those itself).
+    """
+    if slide.vendor not in FAST_VENDORS:
+        raise NotJpegTiled(f"OpenSlide reads the file as '{slide.vendor}', not as one of {FAST_VENDORS}")
+    with tifffile.TiffFile(slide.path) as tif:
+        pages = [p for p in tif.pages if p.is_tiled and (p.imagelength, p.imagewidth) == (level.height, level.width)]
+        if not pages:
+            raise NotJpegTiled(f"no tiled TIFF page of {level.width}x{level.height} px for level {level.index}")
+        page = pages[0]
+        _check_jpeg_page(page, level.index)
+        return JpegLevel(
+            width=page.imagewidth,
+            height=page.imagelength,
+            tile_width=page.tilewidth,
+            tile_height=page.tilelength,
+            offsets=np.asarray(page.dataoffsets, np.int64),
+            bytecounts=np.asarray(page.databytecounts, np.int64),
+            tables=page.jpegtables or None,
+            rgb_components=page.photometric == _RGB,
+        )
+
+
+def _check_jpeg_page(page: tifffile.TiffPage, index: int) -> None:
+    if page.compression != _JPEG:
+        raise NotJpegTiled(f"level {index} is {tifffile.COMPRESSION(page.compression).name}-compressed, not JPEG")
+    layout = (page.photometric in (_RGB, _YCBCR), page.planarconfig == 1, page.samplesperpixel == 3,
+              page.bitspersample == 8, not page.extrasamples, page.tiledepth == 1)
+    if not all(layout):
+        raise NotJpegTiled(f"level {index} is not 8-bit 3-sample interleaved RGB/YCbCr JPEG")
+    if min(page.databytecounts) == 0:
+        raise NotJpegTiled(f"level {index} has missing (zero-length) tiles")
+
+
+class TileReader(ABC):
+    """Reads `tile_px` x `tile_px` RGB tiles at `mpp` µm/px by their level-0 top-left corner."""
+
+    name: str
+
+    def __init__(self, slide: Slide, mpp: float, tile_px: int):
+        self.path, self.slide_id, self.label = slide.path, slide.slide_id, slide.label
+        self.level0_mpp = slide.mpp.value
+        self.mpp, self.tile_px = float(mpp), int(tile_px)
+        self.level = slide.level_for(mpp)
+        scale = self.mpp / self.level.mpp
+        self.level_px = max(1, round(self.tile_px * scale))  # side of the region read from the level
+
+    @abstractmethod
+    def read(self, x0: int, y0: int) -> np.ndarray:
+        """RGB uint8 (tile_px, tile_px, 3) whose top-left corner is level-0 (x0, y0); white outside."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release this process's file handles (the reader reopens them if used again)."""
+
+    def __enter__(self) -> TileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenSlideTileReader(TileReader):
+    """The general reader: `Slide.read_region` per tile. `reason` says why the fast one was not used."""
+
+    name = "openslide"
+
+    def __init__(self, slide: Slide, mpp: float, tile_px: int, reason: str):
+        super().__init__(slide, mpp, tile_px)
+        self.reason = reason
+        self._slide: Slide | None = slide  # the caller's handle: used here, never closed by the reader
+        self._owned = False
+        self._pid = os.getpid()
+
+    def read(self, x0: int, y0: int) -> np.ndarray:
+        return self._handle().read_region(x0, y0, self.tile_px, self.tile_px, self.mpp)
+
+    def _handle(self) -> Slide:
+        if self._slide is None or self._pid != os.getpid():  # unpickled or forked: open our own
+            self._slide = Slide(self.path, self.slide_id, mpp_override=self.level0_mpp)
+            self._owned, self._pid = True, os.getpid()
+        return self._slide
+
+    def close(self) -> None:
+        if self._owned and self._slide is not None and self._pid == os.getpid():
+            self._slide.close()
+        self._slide, self._owned = None, False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_slide": None, "_owned": False}
+
+
+class JpegTileReader(TileReader):
+    """Assembles output tiles from the level's stored JPEG tiles, decoding each at most once per walk.
+
+    When the output is the level shrunk by exactly 2 (0.5 µm/px from a 0.25 µm/px level) and the
+    tile starts on an even level pixel, each stored tile is halved once, right after decoding (PIL's
+    BOX rounding, bit for bit), and output tiles are copied together from the halved tiles. Other
+    reads assemble the full-resolution region and resize it as `pathwsi.slide.resize` does.
+
+    Decoded tiles live in an LRU cache sized for a row-major walk across the whole level: the
+    stored-tile rows one read spans, plus one, times the tiles across, so a stored tile shared by
+    two rows of output tiles is still there when the second row reaches it. Memory is bounded:
+    at most `cache_mib` MiB of full-resolution RGB tiles (default 256: three rows of 256-px tiles
+    across a 110,000-px-wide level), never less than one read needs. A walk wider than that, or
+    not row-major, re-decodes tiles; `decodes` counts every decode.
+    """
+
+    name = "jpeg-tiles"
+
+    def __init__(self, slide: Slide, mpp: float, tile_px: int, layout: JpegLevel, cache_mib: int = DEFAULT_CACHE_MIB):
+        super().__init__(slide, mpp, tile_px)
+        self.layout = layout
+        self.downsample = self.level.downsample
+        self.colorspace = "RGB" if layout.rgb_components else "YCBCR"
+        self.capacity = _cache_capacity(layout, self.level_px + 1, cache_mib)
+        self.decodes = 0
+        self._fd: int | None = None
+        self._pid = os.getpid()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def read(self, x0: int, y0: int) -> np.ndarray:
+        qx, qy = _level_position(x0, self.downsample), _level_position(y0, self.downsample)
+        left, top, side = qx // 256, qy // 256, self.level_px
+        if qx % 256 or qy % 256:
+            region = self._region(left, top, side + 1, side + 1, 1)
+            return resize(_shift_bilinear(region, (qx % 256) & ~1, (qy % 256) & ~1), self.tile_px, self.tile_px)
+        if side == 2 * self.tile_px and left % 2 == 0 and top % 2 == 0:
+            return self._region(left // 2, top // 2, self.tile_px, self.tile_px, 2)
+        return resize(self._region(left, top, side, side, 1), self.tile_px, self.tile_px)
+
+    def _region(self, left: int, top: int, width: int, height: int, shrink: int) -> np.ndarray:
+        """RGB pixels [top, top+height) x [left, left+width) of the level shrunk `shrink` times; white outside."""
+        lay = self.layout
+        tw, th = lay.tile_width // shrink, lay.tile_height // shrink
+        right, bottom = min(left + width, -(-lay.width // shrink)), min(top + height, -(-lay.height // shrink))
+        inside = left >= 0 and top >= 0 and right == left + width and bottom == top + height
+        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
+        if right <= max(left, 0) or bottom <= max(top, 0):
+            return out
+        for row in range(max(top, 0) // th, (bottom - 1) // th + 1):
+            y0, y1 = max(top, row * th), min(bottom, (row + 1) * th)
+            for col in range(max(left, 0) // tw, (right - 1) // tw + 1):
+                x0, x1 = max(left, col * tw), min(right, (col + 1) * tw)
+                tile = self._tile(row * lay.tiles_across + col, shrink)
+                out[y0 - top : y1 - top, x0 - left : x1 - left] = tile[y0 - row * th : y1 - row * th, x0 - col * tw : x1 - col * tw]
+        return out
+
+    def _tile(self, index: int, shrink: int) -> np.ndarray:
+        """Stored tile `index` as RGB, halved when shrink is 2; from the cache when there."""
+        key = (index, shrink)
+        tile = self._cache.get(key)
+        if tile is not None:
+            self._cache.move_to_end(key)
+            return tile
+        tile = self._decode(index, shrink)
+        self._cache[key] = tile
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return tile
+
+    def _decode(self, index: int, shrink: int) -> np.ndarray:
+        lay = self.layout
+        offset, count = int(lay.offsets[index]), int(lay.bytecounts[index])
+        data = os.pread(self._file(), count, offset)
+        if len(data) != count:
+            raise SlideError(f"slide {self.label}: JPEG tile {index} lies beyond the end of the file; it is truncated. Copy it again.")
+        try:
+            pixels = imagecodecs.jpeg8_decode(data, tables=lay.tables, colorspace=self.colorspace, outcolorspace=_RGBX if shrink == 2 else "RGB")
+        except imagecodecs.Jpeg8Error as err:
+            raise SlideError(f"slide {self.label}: JPEG tile {index} of level {self.level.index} cannot be decoded ({err}); the file is probably corrupt.") from err
+        if pixels.shape[:2] != (lay.tile_height, lay.tile_width):
+            raise SlideError(f"slide {self.label}: JPEG tile {index} decodes to {pixels.shape[:2]}, not the TIFF tile size {(lay.tile_height, lay.tile_width)}.")
+        self.decodes += 1
+        if shrink == 1:
+            return pixels
+        words = pixels.view(np.uint32)[..., 0]
+        row, col = divmod(index, lay.tiles_across)
+        words[:, max(0, lay.width - col * lay.tile_width) :] = _WHITE  # the tile's padding past the level's edge
+        words[max(0, lay.height - row * lay.tile_height) :] = _WHITE
+        return _to_rgb(_halve(words))
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # unpickled or forked: our own descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+        self._cache.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None, "_cache": OrderedDict()}
+
+
+def open_tile_reader(slide: Slide, mpp: float, tile_px: int, cache_mib: int = DEFAULT_CACHE_MIB) -> TileReader:
+    """The fast JPEG-tile reader where the level for `mpp` allows it, else the OpenSlide reader."""
+    try:
+        layout = jpeg_level(slide, slide.level_for(mpp))
+    except NotJpegTiled as why:
+        return OpenSlideTileReader(slide, mpp, tile_px, reason=str(why))
+    return JpegTileReader(slide, mpp, tile_px, layout, cache_mib)
+
+
+def _level_position(v0: int, downsample: float) -> int:
+    """Where OpenSlide places a level-0 coordinate on the level, in 1/256 px.
+
+    Non-negative: v0 / downsample on cairo's 1/256 px grid (a fraction makes OpenSlide interpolate
+    bilinearly). Negative: OpenSlide starts the level at 0 and shifts it by the truncated whole pixels.
+    """
+    if v0 < 0:
+        return -int(-v0 / downsample) * 256
+    return round(v0 / downsample * 256)
+
+
+def _cache_capacity(layout: JpegLevel, span_px: int, cache_mib: int) -> int:
+    """Tiles to keep: the rows one read spans, plus one, across the level; at most `cache_mib` MiB."""
+    rows = -(-span_px // layout.tile_height) + 1
+    cols = -(-span_px // layout.tile_width) + 1
+    tile_bytes = layout.tile_width * layout.tile_height * 3
+    return max(rows * cols, min(rows * (layout.tiles_across + cols), cache_mib * 2**20 // tile_bytes))
+
+
+def _mean2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per byte, ceil((a + b) / 2) of RGBX words: PIL's rounding of a two-pixel box, without widening."""
+    out = a | b
+    odd = a ^ b
+    odd >>= 1
+    odd &= _LOW7
+    out -= odd
+    return out
+
+
+def _halve(words: np.ndarray) -> np.ndarray:
+    """PIL's BOX resize by exactly 2, bit for bit: rows averaged and rounded first, then columns."""
+    across = _mean2(words[:, 0::2], words[:, 1::2])
+    return _mean2(across[0::2], across[1::2])
+
+
+def _to_rgb(words: np.ndarray) -> np.ndarray:
+    """RGBX words (h, w) as an RGB uint8 (h, w, 3) array."""
+    height, width = words.shape
+    return np.asarray(Image.frombuffer("RGBX", (width, height), np.ascontiguousarray(words), "raw", "RGBX", 0, 1).convert("RGB"))
+
+
+def _shift_bilinear(rgb: np.ndarray, wx: int, wy: int) -> np.ndarray:
+    """(h+1, w+1, 3) -> (h, w, 3) sampled wx/256, wy/256 px right and down, as pixman's bilinear filter."""
+    a = rgb.astype(np.int32)
+    top = a[:-1, :-1] * (256 - wx) + a[:-1, 1:] * wx
+    bottom = a[1:, :-1] * (256 - wx) + a[1:, 1:] * wx
+    return ((top * (256 - wy) + bottom * wy + 32768) >> 16).astype(np.uint8)
+

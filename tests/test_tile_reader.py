@@ -1,0 +1,248 @@
+"""Fast tile reading: same pixels as Slide.read_region, stored tiles decoded once, fallback, pickling."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from operator import methodcaller
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from pathwsi.slide import Slide, resize
+from pathwsi.synthetic import SyntheticTissue, write_slide
+from pathwsi.tile_reader import JpegTileReader, OpenSlideTileReader, _halve, _to_rgb, open_tile_reader
+
+TILE = 224
+APERIO = "Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.25"
+
+
+@pytest.fixture(scope="module")
+def odd_tiff(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generic TIFF at 0.25 µm/px whose size is not a multiple of 4: level 1's downsample is not whole."""
+    return write_slide(tmp_path_factory.mktemp("odd") / "odd.tiff", SyntheticTissue(300.25, 250.5, seed=4, tissue_cover=0.8), 0.25, "tiff")
+
+
+@pytest.fixture(scope="module")
+def aperio_rgb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Aperio-style SVS: photometric RGB, shared JPEGTables, tiles with no colour-space marker."""
+    return _write_rgb_jpeg_svs(tmp_path_factory.mktemp("rgb") / "rgb.svs", jfif=False)
+
+
+def _points(slide: Slide, mpp: float) -> list[tuple[int, int]]:
+    """Tile corners inside, straddling stored-tile borders, at every edge, outside and negative."""
+    ds = slide.level_for(mpp).downsample
+    span = round(TILE * mpp / slide.mpp.value)  # level-0 px one tile covers
+    w, h = slide.width, slide.height
+    border = round(256 * ds)  # a stored-tile border, in level-0 px
+    return [
+        (round(8 * ds), round(8 * ds)), (border - 40, border - 24), (border - span // 2, 2 * border - span // 3),
+        (w - span // 2, h // 3), (w // 4, h - span // 3), (w - span // 4, h - span // 4),
+        (w + 10, 0), (-span // 2, -span // 3), (w // 2 + 1, h // 2 + 3),
+        (2 * ((w - span // 3) // 2), 2 * ((h - span // 5) // 2)),  # even: the halved-tile path, at the far edge
+    ]
+
+
+def _assert_same(ours: np.ndarray, expected: np.ndarray, exact: bool) -> None:
+    assert ours.shape == expected.shape == (TILE, TILE, 3) and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - expected.astype(int))
+    if exact:
+        assert diff.max() == 0
+    else:  # sub-pixel positions: pixman's bilinear weights emulated, rounding may differ by a level or two
+        assert diff.mean() < 0.5 and diff.max() <= 3
+
+
+@pytest.mark.parametrize(
+    "name, mpp, level",
+    [
+        ("svs_025", 0.25, 0),  # level 0 as is
+        ("svs_025", 0.5, 0),  # level 0 halved (the feature-extraction case)
+        ("tiff_05", 0.5, 0),
+        ("tiff_05", 0.7, 0),  # level 0 shrunk by a non-integer factor (PIL BOX)
+        ("odd_tiff", 0.5, 0),  # level 0 halved, odd width and height: edge tiles half image, half white
+        ("svs_025", 1.0, 1),  # served from level 1 (downsample 4)
+        ("svs_025", 2.0, 1),  # level 1 halved
+        ("odd_tiff", 1.0, 1),  # level 1 with a non-integer downsample: sub-pixel positions
+        ("svs_025", 0.2, 0),  # enlarged (bicubic)
+    ],
+)
+def test_tiles_equal_read_region(slides, odd_tiff, name, mpp, level):
+    path = odd_tiff if name == "odd_tiff" else getattr(slides, name)
+    with Slide(path) as slide, open_tile_reader(slide, mpp, TILE) as reader:
+        assert isinstance(reader, JpegTileReader) and reader.level.index == level
+        for x, y in _points(slide, mpp):
+            ds = reader.level.downsample
+            whole = (x < 0 or x / ds == int(x / ds)) and (y < 0 or y / ds == int(y / ds))
+            at_far_edge = x + TILE * mpp / slide.mpp.value > slide.width or y + TILE * mpp / slide.mpp.value > slide.height
+            if not whole and at_far_edge:
+                continue  # see test_sub_pixel_tiles_at_the_far_edge_are_composited_on_white
+            _assert_same(reader.read(x, y), slide.read_region(x, y, TILE, TILE, mpp), exact=whole)
+
+
+def test_sub_pixel_tiles_at_the_far_edge_are_composited_on_white(odd_tiff):
+    """At a sub-pixel position, OpenSlide blends the last image pixel with transparency.
+
+    openslide-python returns that RGBA un-premultiplied; composited onto white it is what the
+    reader gives (Slide.read_region adds 255 - alpha to un-premultiplied colour, a few levels brighter).
+    """
+    with Slide(odd_tiff) as slide, open_tile_reader(slide, slide.levels[1].mpp, TILE) as reader:  # no resize
+        x, y = slide.width - 501, slide.height - 401  # level coordinates are not whole pixels
+        rgba = np.asarray(openslide.OpenSlide(str(odd_tiff)).read_region((x, y), 1, (TILE, TILE))).astype(float)
+        alpha = rgba[..., 3:] / 255
+        composited = np.round(rgba[..., :3] * alpha + 255 * (1 - alpha))
+        assert ((alpha > 0) & (alpha < 1)).any()
+        _assert_same(reader.read(x, y), composited, exact=False)
+
+
+def test_outside_the_image_is_white(slides):
+    with Slide(slides.svs_025) as slide, open_tile_reader(slide, 0.5, TILE) as reader:
+        assert (reader.read(slide.width + 5, 0) == 255).all()
+        assert (reader.read(-2000, -2000) == 255).all()
+        corner = reader.read(slide.width - 100, slide.height - 60)  # 50 x 30 output px inside
+        assert (corner[30:] == 255).all() and (corner[:, 50:] == 255).all() and (corner[:30, :50] < 255).any()
+
+
+def test_halving_is_pil_box_bit_for_bit():
+    rgb = np.random.default_rng(0).integers(0, 256, (2 * 150, 2 * 170, 3), dtype=np.uint8)
+    rgbx = np.full((*rgb.shape[:2], 4), 255, np.uint8)
+    rgbx[..., :3] = rgb
+    assert np.array_equal(_to_rgb(_halve(rgbx.view(np.uint32)[..., 0])), resize(rgb, 170, 150))
+
+
+def test_row_major_walk_decodes_each_stored_tile_once(slides):
+    with Slide(slides.svs_025) as slide, open_tile_reader(slide, 0.5, TILE) as reader:
+        step = 2 * TILE  # level-0 px per tile at 0.5 µm/px from 0.25
+        corners = [(x, y) for y in range(100, slide.height, step) for x in range(100, slide.width, step)]
+        touched = {
+            (row, col)
+            for x, y in corners
+            for row in range(y // 256, (min(y + step, slide.height) - 1) // 256 + 1)
+            for col in range(x // 256, (min(x + step, slide.width) - 1) // 256 + 1)
+        }
+        for x, y in corners:
+            reader.read(x, y)
+        assert reader.decodes == len(touched)
+        assert len(reader._cache) <= reader.capacity
+
+
+def test_the_cache_is_capped_and_reads_stay_right(slides):
+    with Slide(slides.svs_025) as slide, open_tile_reader(slide, 0.5, TILE, cache_mib=1) as reader:
+        assert reader.capacity == 9  # one read's 3 x 3 tiles: 1 MiB would hold only 5 RGB tiles
+        corners = [(x, 700) for x in range(0, slide.width, 2 * TILE)] * 2
+        tiles = [reader.read(x, y) for x, y in corners]
+        assert len(reader._cache) == 9 and reader.decodes > 9
+        for (x, y), tile in zip(corners, tiles):
+            _assert_same(tile, slide.read_region(x, y, TILE, TILE, 0.5), exact=True)
+
+
+def test_aperio_rgb_jpeg_with_shared_tables_is_read_fast_and_right(aperio_rgb):
+    with Slide(aperio_rgb) as slide, open_tile_reader(slide, 0.5, TILE) as reader:
+        assert slide.vendor == "aperio" and isinstance(reader, JpegTileReader)
+        assert reader.layout.tables and reader.layout.rgb_components
+        for x, y in [(0, 0), (300, 200), (slide.width - 300, slide.height - 100)]:
+            _assert_same(reader.read(x, y), slide.read_region(x, y, TILE, TILE, 0.5), exact=True)
+
+
+def test_photometric_rgb_wins_over_a_jfif_marker_as_in_openslide(tmp_path):
+    """tifffile would convert JFIF tiles from YCbCr; OpenSlide follows the RGB tag, and so do we."""
+    path = _write_rgb_jpeg_svs(tmp_path / "jfif.svs", jfif=True)
+    with Slide(path) as slide, open_tile_reader(slide, 0.25, TILE) as reader:
+        _assert_same(reader.read(100, 100), slide.read_region(100, 100, TILE, TILE, 0.25), exact=True)
+
+
+def test_non_jpeg_tiff_falls_back_to_openslide(tmp_path):
+    image = SyntheticTissue(120.0, 100.0, seed=1, tissue_cover=0.9).render(0, 0, 480, 400, 0.25)
+    path = tmp_path / "deflate.tiff"
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib",
+                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", metadata=None)
+    with Slide(path) as slide, open_tile_reader(slide, 0.5, TILE) as reader:
+        assert isinstance(reader, OpenSlideTileReader) and "ADOBE_DEFLATE" in reader.reason
+        tile = reader.read(40, 20)
+        _assert_same(tile, slide.read_region(40, 20, TILE, TILE, 0.5), exact=True)
+    expected = resize(np.pad(image, ((0, 68), (0, 8), (0, 0)), constant_values=255)[20:468, 40:488], TILE, TILE)
+    assert np.array_equal(tile, expected)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "openslide"])
+def test_a_pickled_reader_works_in_a_spawned_worker(slides, tmp_path, kind):
+    path = slides.svs_025
+    if kind == "openslide":
+        path = tmp_path / "deflate.tiff"
+        image = np.random.default_rng(1).integers(0, 256, (400, 500, 3), dtype=np.uint8)
+        tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib",
+                         resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", metadata=None)
+    with Slide(path) as slide:
+        reader = open_tile_reader(slide, 0.5, TILE)
+        here = reader.read(200, 100)  # opens this process's handle before pickling
+        copy = pickle.loads(pickle.dumps(reader))
+        assert np.array_equal(copy.read(200, 100), here)
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            there = pool.submit(methodcaller("read", 200, 100), reader).result()
+        reader.close()
+        copy.close()
+    assert np.array_equal(there, here)
+
+
+def test_importing_the_reader_does_not_import_torch():
+    code = "import sys, pathwsi.tile_reader; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _write_rgb_jpeg_svs(path: Path, jfif: bool) -> Path:
+    """A one-level SVS whose JPEG tiles hold R, G, B components (no YCbCr), as Aperio writes them.
+
+    jfif=False: abbreviated tiles sharing one JPEGTables, component ids 1-3, no APP markers.
+    jfif=True: self-contained YCbCr JFIF tiles mislabelled photometric RGB.
+    """
+    image = SyntheticTissue(200.0, 150.0, seed=5, tissue_cover=0.9).render(0, 0, 800, 600, 0.25)
+    tiles, tables = [], None
+    for top in range(0, 600, 256):
+        for left in range(0, 800, 256):
+            tile = np.full((256, 256, 3), 255, np.uint8)
+            part = image[top : top + 256, left : left + 256]
+            tile[: part.shape[0], : part.shape[1]] = part
+            if jfif:
+                tiles.append(bytes(imagecodecs.jpeg8_encode(tile, level=90)))
+                continue
+            tables, body = _split_tables(bytes(imagecodecs.jpeg8_encode(tile, level=90, outcolorspace="rgb", subsampling="444")))
+            tiles.append(body)
+    extratags = [(347, 7, len(tables), tables, True)] if tables else []
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(iter(tiles), shape=(600, 800, 3), dtype=np.uint8, tile=(256, 256), photometric="rgb",
+                  compression="jpeg", compressionargs={"outcolorspace": "rgb"}, subsampling=(1, 1),
+                  description=APERIO.format(w=800, h=600), metadata=None, extratags=extratags)
+    return path
+
+
+def _split_tables(jpeg: bytes) -> tuple[bytes, bytes]:
+    """(JPEGTables, abbreviated tile): DQT/DHT moved out, APPn dropped, component ids R,G,B -> 1,2,3."""
+    pos, tables, body = 2, [], []
+    while jpeg[pos + 1] != 0xDA:  # up to the start of scan
+        length = struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
+        segment = jpeg[pos : pos + 2 + length]
+        if jpeg[pos + 1] in (0xDB, 0xC4):
+            tables.append(segment)
+        elif not 0xE0 <= jpeg[pos + 1] <= 0xEF:
+            body.append(_numbered_components(segment))
+        pos += 2 + length
+    length = struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
+    body.append(_numbered_components(jpeg[pos : pos + 2 + length]) + jpeg[pos + 2 + length :])
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(body)
+
+
+def _numbered_components(segment: bytes) -> bytes:
+    """SOF0/SOS segment with component ids 'R', 'G', 'B' renamed 1, 2, 3 (so only the TIFF tag says RGB)."""
+    ids = {ord("R"): 1, ord("G"): 2, ord("B"): 3}
+    out = bytearray(segment)
+    first, stride = (10, 3) if segment[1] == 0xC0 else (5, 2)
+    for i in range(out[first - 1]):
+        out[first + stride * i] = ids.get(out[first + stride * i], out[first + stride * i])
+    return bytes(out)
