@@ -136,12 +136,13 @@ class Slide:
 
 
 def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    """OpenSlide's premultiplied RGBA composited onto white, as RGB uint8."""
+    """openslide-python's (un-premultiplied) RGBA composited onto white, as RGB uint8."""
     rgb = rgba[..., :3]
-    alpha = rgba[..., 3]
+    alpha = rgba[..., 3:]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)
-    return (rgb.astype(np.uint16) + (255 - alpha[..., None])).clip(0, 255).astype(np.uint8)
+    weight = alpha.astype(np.float32) / 255.0
+    return np.round(rgb * weight + 255.0 * (1.0 - weight)).astype(np.uint8)
 
 
 def resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:

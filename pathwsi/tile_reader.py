@@ -161,17 +161,19 @@ class OpenSlideTileReader(TileReader):
 class JpegTileReader(TileReader):
     """Assembles output tiles from the level's stored JPEG tiles, decoding each at most once per walk.
 
-    When the output is the level shrunk by exactly 2 (0.5 µm/px from a 0.25 µm/px level) and the
-    tile starts on an even level pixel, each stored tile is halved once, right after decoding (PIL's
-    BOX rounding, bit for bit), and output tiles are copied together from the halved tiles. Other
-    reads assemble the full-resolution region and resize it as `pathwsi.slide.resize` does.
+    Tiles are decoded to RGBX words (one uint32 a pixel). When the output is the level shrunk by
+    exactly 2 (0.5 µm/px from a 0.25 µm/px level) and the tile starts on an even level pixel, each
+    stored tile is halved once, right after decoding, with PIL's BOX rounding bit for bit, and
+    output tiles are copied together from the halved tiles. Other reads assemble the
+    full-resolution region and resize it as `pathwsi.slide.resize` does.
 
     Decoded tiles live in an LRU cache sized for a row-major walk across the whole level: the
     stored-tile rows one read spans, plus one, times the tiles across, so a stored tile shared by
     two rows of output tiles is still there when the second row reaches it. Memory is bounded:
-    at most `cache_mib` MiB of full-resolution RGB tiles (default 256: three rows of 256-px tiles
-    across a 110,000-px-wide level), never less than one read needs. A walk wider than that, or
-    not row-major, re-decodes tiles; `decodes` counts every decode.
+    the count of tiles is capped at `cache_mib` MiB of full-resolution RGBX tiles (default 256:
+    three rows of 256-px tiles across an 87,000-px-wide level; halved tiles take a quarter of
+    that), and is never less than one read needs. A wider walk, or one not in row-major order,
+    re-decodes tiles; `decodes` counts every decode.
     """
 
     name = "jpeg-tiles"
@@ -186,24 +188,25 @@ class JpegTileReader(TileReader):
         self._fd: int | None = None
         self._pid = os.getpid()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._scratch: np.ndarray | None = None  # decoding buffer for tiles that are halved at once
 
     def read(self, x0: int, y0: int) -> np.ndarray:
         qx, qy = _level_position(x0, self.downsample), _level_position(y0, self.downsample)
         left, top, side = qx // 256, qy // 256, self.level_px
         if qx % 256 or qy % 256:
-            region = self._region(left, top, side + 1, side + 1, 1)
+            region = _to_rgb(self._region(left, top, side + 1, side + 1, 1))
             return resize(_shift_bilinear(region, (qx % 256) & ~1, (qy % 256) & ~1), self.tile_px, self.tile_px)
         if side == 2 * self.tile_px and left % 2 == 0 and top % 2 == 0:
-            return self._region(left // 2, top // 2, self.tile_px, self.tile_px, 2)
-        return resize(self._region(left, top, side, side, 1), self.tile_px, self.tile_px)
+            return _to_rgb(self._region(left // 2, top // 2, self.tile_px, self.tile_px, 2))
+        return resize(_to_rgb(self._region(left, top, side, side, 1)), self.tile_px, self.tile_px)
 
     def _region(self, left: int, top: int, width: int, height: int, shrink: int) -> np.ndarray:
-        """RGB pixels [top, top+height) x [left, left+width) of the level shrunk `shrink` times; white outside."""
+        """RGBX words [top, top+height) x [left, left+width) of the level shrunk `shrink` times; white outside."""
         lay = self.layout
         tw, th = lay.tile_width // shrink, lay.tile_height // shrink
         right, bottom = min(left + width, -(-lay.width // shrink)), min(top + height, -(-lay.height // shrink))
         inside = left >= 0 and top >= 0 and right == left + width and bottom == top + height
-        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
+        out = np.empty((height, width), np.uint32) if inside else np.full((height, width), _WHITE)
         if right <= max(left, 0) or bottom <= max(top, 0):
             return out
         for row in range(max(top, 0) // th, (bottom - 1) // th + 1):
@@ -215,7 +218,7 @@ class JpegTileReader(TileReader):
         return out
 
     def _tile(self, index: int, shrink: int) -> np.ndarray:
-        """Stored tile `index` as RGB, halved when shrink is 2; from the cache when there."""
+        """Stored tile `index` as RGBX words, halved when shrink is 2; from the cache when there."""
         key = (index, shrink)
         tile = self._cache.get(key)
         if tile is not None:
@@ -233,23 +236,29 @@ class JpegTileReader(TileReader):
         data = os.pread(self._file(), count, offset)
         if len(data) != count:
             raise SlideError(f"slide {self.label}: JPEG tile {index} lies beyond the end of the file; it is truncated. Copy it again.")
+        if shrink == 2 and self._scratch is None:
+            self._scratch = np.empty((lay.tile_height, lay.tile_width, 4), np.uint8)
         try:
-            pixels = imagecodecs.jpeg8_decode(data, tables=lay.tables, colorspace=self.colorspace, outcolorspace=_RGBX if shrink == 2 else "RGB")
+            rgbx = imagecodecs.jpeg8_decode(data, tables=lay.tables, colorspace=self.colorspace, outcolorspace=_RGBX, out=self._scratch if shrink == 2 else None)
         except imagecodecs.Jpeg8Error as err:
             raise SlideError(f"slide {self.label}: JPEG tile {index} of level {self.level.index} cannot be decoded ({err}); the file is probably corrupt.") from err
-        if pixels.shape[:2] != (lay.tile_height, lay.tile_width):
-            raise SlideError(f"slide {self.label}: JPEG tile {index} decodes to {pixels.shape[:2]}, not the TIFF tile size {(lay.tile_height, lay.tile_width)}.")
+        if rgbx.shape[:2] != (lay.tile_height, lay.tile_width):
+            raise SlideError(f"slide {self.label}: JPEG tile {index} decodes to {rgbx.shape[:2]}, not the TIFF tile size {(lay.tile_height, lay.tile_width)}.")
         self.decodes += 1
+        words = rgbx.view(np.uint32)[..., 0]
         if shrink == 1:
-            return pixels
-        words = pixels.view(np.uint32)[..., 0]
+            return words
         row, col = divmod(index, lay.tiles_across)
-        words[:, max(0, lay.width - col * lay.tile_width) :] = _WHITE  # the tile's padding past the level's edge
-        words[max(0, lay.height - row * lay.tile_height) :] = _WHITE
-        return _to_rgb(_halve(words))
+        if col == lay.tiles_across - 1 or row == lay.tiles_down - 1:  # the tile's padding past the level's edge
+            words[:, lay.width - col * lay.tile_width :] = _WHITE
+            words[lay.height - row * lay.tile_height :] = _WHITE
+        return _halve(words)
 
     def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # unpickled or forked: our own descriptor
+        if self._fd is not None and self._pid != os.getpid():  # forked: drop the inherited copy
+            os.close(self._fd)
+            self._fd = None
+        if self._fd is None:
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         return self._fd
 
@@ -260,7 +269,7 @@ class JpegTileReader(TileReader):
         self._cache.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None, "_cache": OrderedDict()}
+        return {**self.__dict__, "_fd": None, "_cache": OrderedDict(), "_scratch": None}
 
 
 def open_tile_reader(slide: Slide, mpp: float, tile_px: int, cache_mib: int = DEFAULT_CACHE_MIB) -> TileReader:
@@ -287,30 +296,32 @@ def _cache_capacity(layout: JpegLevel, span_px: int, cache_mib: int) -> int:
     """Tiles to keep: the rows one read spans, plus one, across the level; at most `cache_mib` MiB."""
     rows = -(-span_px // layout.tile_height) + 1
     cols = -(-span_px // layout.tile_width) + 1
-    tile_bytes = layout.tile_width * layout.tile_height * 3
+    tile_bytes = layout.tile_width * layout.tile_height * 4
     return max(rows * cols, min(rows * (layout.tiles_across + cols), cache_mib * 2**20 // tile_bytes))
 
 
-def _mean2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per byte, ceil((a + b) / 2) of RGBX words: PIL's rounding of a two-pixel box, without widening."""
-    out = a | b
-    odd = a ^ b
+def _halve(words: np.ndarray) -> np.ndarray:
+    """PIL's BOX resize of RGBX words by exactly 2, bit for bit: pixel pairs in each row averaged
+    and rounded first, then pairs of rows. Per byte, ceil((a + b) / 2) = (a | b) - ((a ^ b) >> 1)."""
+    a, b = words[:, 0::2], words[:, 1::2]
+    across, odd = a | b, a ^ b
+    odd >>= 1
+    odd &= _LOW7
+    across -= odd
+    a, b = across[0::2], across[1::2]
+    out, odd = a | b, odd[: len(a)]
+    np.bitwise_xor(a, b, out=odd)
     odd >>= 1
     odd &= _LOW7
     out -= odd
     return out
 
 
-def _halve(words: np.ndarray) -> np.ndarray:
-    """PIL's BOX resize by exactly 2, bit for bit: rows averaged and rounded first, then columns."""
-    across = _mean2(words[:, 0::2], words[:, 1::2])
-    return _mean2(across[0::2], across[1::2])
-
-
 def _to_rgb(words: np.ndarray) -> np.ndarray:
-    """RGBX words (h, w) as an RGB uint8 (h, w, 3) array."""
+    """RGBX words (h, w) as a writable RGB uint8 (h, w, 3) array (PIL packs the bytes)."""
     height, width = words.shape
-    return np.asarray(Image.frombuffer("RGBX", (width, height), np.ascontiguousarray(words), "raw", "RGBX", 0, 1).convert("RGB"))
+    image = Image.frombuffer("RGBX", (width, height), np.ascontiguousarray(words), "raw", "RGBX", 0, 1)
+    return np.frombuffer(bytearray(image.tobytes("raw", "RGB")), np.uint8).reshape(height, width, 3)
 
 
 def _shift_bilinear(rgb: np.ndarray, wx: int, wy: int) -> np.ndarray:
