@@ -17,9 +17,13 @@ wildcard_constraints:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/tiling.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/features.smk"
 
 
 rule all:
     input:
         tiling_outputs(),
+        feature_outputs(),
+        tissue_experiment_outputs(),
     default_target: True

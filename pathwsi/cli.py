@@ -1,5 +1,5 @@
 """The `pathwsi` command: demo cohort, config checks, single-slide tiling, stain normalization of
-image folders, Keras weight conversion, feature-store inspection."""
+image folders, Keras weight conversion, fine-tuning, the tissue experiment, feature-store inspection."""
 
 from __future__ import annotations
 
@@ -48,6 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     normalize.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     normalize.add_argument("--batch-size", type=int, default=64)
     normalize.set_defaults(run=_normalize)
+
+    finetune = commands.add_parser("finetune", help="two-step fine-tuning of the config's finetune.base model on labelled tiles (writes the FTX weights)")
+    finetune.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    finetune.add_argument("--train-dir", type=Path, help="class sub-folders of tiles (default: finetune.train_dir)")
+    finetune.add_argument("--val-dir", type=Path, help="validation tiles (default: finetune.val_dir, else a seeded split)")
+    finetune.add_argument("--out", type=Path, default=Path("results/models/ftx.safetensors"), help="the FTX weights file")
+    finetune.add_argument("--workdir", type=Path, default=Path("results/finetune"), help="checkpoint, metrics and summary; a rerun resumes from its checkpoint")
+    finetune.add_argument("--device", default="auto")
+    finetune.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    finetune.set_defaults(run=_finetune)
+
+    experiment = commands.add_parser("tissue-experiment", help="paper experiment 1: repeated CV tissue classification with each model's features")
+    experiment.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    experiment.add_argument("--test-dir", type=Path, help="labelled test tiles (default: tissue_experiment.test_dir)")
+    experiment.add_argument("--models", nargs="+", help="models.backbones entries (default: tissue_experiment.models)")
+    experiment.add_argument("--out", type=Path, default=Path("results/tissue_experiment"))
+    experiment.add_argument("--device", default="auto")
+    experiment.add_argument("--jobs", type=int, default=1, help="parallel cross-validation fits")
+    experiment.set_defaults(run=_tissue_experiment)
 
     inspect = commands.add_parser("inspect", help="print a feature store's schema, counts, provenance and whether it is complete and valid")
     inspect.add_argument("store", type=Path, help="results/features/<slide_id>.zarr")
@@ -101,6 +120,32 @@ def _normalize(args: argparse.Namespace) -> int:
     settings = StainSettings.from_config(config["stain"])
     written = normalize_files(args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"])
     print(f"{written} image(s) written under {args.out}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from pathwsi.config import load_config
+    from pathwsi.finetune import FinetuneError, run_finetune
+
+    try:
+        summary = run_finetune(load_config(args.config), out_path=args.out, workdir=args.workdir, train_dir=args.train_dir, val_dir=args.val_dir, device=args.device, restart=args.restart)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"FTX weights: {args.out} (metrics in {args.workdir / 'metrics.tsv'}); best epoch {summary.get('best')}")
+    return 0
+
+
+def _tissue_experiment(args: argparse.Namespace) -> int:
+    from pathwsi.config import load_config
+    from pathwsi.tissue_experiment import ExperimentError, run_tissue_experiment_from_config
+
+    try:
+        run_tissue_experiment_from_config(load_config(args.config), out_dir=args.out, test_dir=args.test_dir, models=args.models, device=args.device, jobs=args.jobs)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"tables and figure in {args.out}")
     return 0
 
 

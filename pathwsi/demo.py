@@ -2,7 +2,8 @@
 
 Slides are written as real Aperio-style SVS and generic tiled TIFF files at 0.25 and
 0.5 µm/px, with faint tissue, pen ink and debris on some. Everything is deterministic.
-Later stages add tables (expression, mutation) and labelled tiles to the same folder.
+It also writes labelled 9-class synthetic tiles (NCT-CRC-HE-100K layout) for fine-tuning and
+the tissue-classification experiment: `tissue_tiles/train` and a separate `tissue_tiles/test`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pathwsi.synthetic import SyntheticTissue, write_slide
+from pathwsi.tissue_tiles import write_tile_set
 
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = ("cohort", "slide_id", "patient_id", "path", "mpp", "site")
 SLIDE_UM = (1400.0, 1100.0)
+TISSUE_TILE_SETS = {"train": (30, 101), "test": (20, 202)}  # labelled 9-class tiles: per class, seed
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ def write_demo_slide(spec: DemoSlide, slide_dir: Path) -> Path:
 
 
 def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) -> Path:
-    """Write the demo slides under `out_dir/slides` and the sheet `out_dir/samples.tsv`."""
+    """Write the demo slides under `out_dir/slides`, the sheet `out_dir/samples.tsv` and the
+    labelled tile sets under `out_dir/tissue_tiles`."""
     slide_dir = out_dir / "slides"
     slide_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in DEMO_SLIDES if force or not (slide_dir / s.file_name).is_file()]
@@ -80,4 +84,6 @@ def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) 
             log.info("wrote %s", path)
     sheet = out_dir / "samples.tsv"
     sheet.write_text(sheet_text(slide_dir=slide_dir.as_posix()))
+    for name, (count, seed) in TISSUE_TILE_SETS.items():
+        write_tile_set(out_dir / "tissue_tiles" / name, count, seed, force=force)
     return sheet

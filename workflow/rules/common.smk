@@ -43,6 +43,57 @@ def stain_target_file(wildcards):
     return [] if target == "default" else [target]
 
 
+def weights_files(names):
+    """The local weight files of these backbones (none for 'untrained' / 'hub'); FTX's comes from rule finetune."""
+    weights = [CONFIG["models"]["backbones"][name]["weights"] for name in names]
+    return [w for w in weights if w not in ("untrained", "hub")]
+
+
+def model_weight_files():
+    """Local weight files of every configured backbone."""
+    return weights_files(CONFIG["models"]["backbones"])
+
+
+def finetune_inputs(wildcards):
+    """The training tiles, the validation tiles when given, and the base model's weights file."""
+    section = CONFIG["finetune"]
+    inputs = {"train": section["train_dir"], "base": weights_files([section["base"]])}
+    if section.get("val_dir"):
+        inputs["val"] = section["val_dir"]
+    return inputs
+
+
+def finetune_config():
+    """What shapes the FTX weights: the base model's entry, the finetune section, the seed."""
+    base = CONFIG["finetune"]["base"]
+    models = {"allow_network": CONFIG["models"]["allow_network"], "backbones": {base: CONFIG["models"]["backbones"][base]}}
+    return {"models": models, "finetune": CONFIG["finetune"], "seed": CONFIG["seed"]}
+
+
+def tissue_experiment_inputs(wildcards):
+    """The labelled test tiles and the weights file of every compared model (FTX comes from rule finetune)."""
+    return {"tiles": CONFIG["tissue_experiment"]["test_dir"], "weights": weights_files(CONFIG["tissue_experiment"]["models"])}
+
+
+def tissue_experiment_config():
+    """What shapes the experiment: the compared models' entries, the section, the seed."""
+    names = CONFIG["tissue_experiment"]["models"]
+    models = {"allow_network": CONFIG["models"]["allow_network"], "backbones": {n: CONFIG["models"]["backbones"][n] for n in names}}
+    return {"models": models, "tissue_experiment": CONFIG["tissue_experiment"], "seed": CONFIG["seed"]}
+
+
+def tissue_experiment_outputs():
+    """Every output of rule tissue_experiment."""
+    tables = ["accuracy.tsv", "comparison.tsv", "repeats.tsv", "summary.json", "tissue_experiment.png"]
+    confusion = expand("confusion_{model}.tsv", model=CONFIG["tissue_experiment"]["models"])
+    return [f"results/tissue_experiment/{name}" for name in tables + confusion]
+
+
+def feature_outputs():
+    """Every slide's feature store and timings."""
+    return expand(["results/features/{slide_id}.zarr", "results/features/{slide_id}.timings.json"], slide_id=sorted(SAMPLES))
+
+
 def tiling_outputs():
     """Every slide's tile table, tile metadata and QC picture."""
     return expand(

@@ -1,0 +1,51 @@
+# Fine-tuning (FTX weights) and paper experiment 1 (tissue classification). See docs/finetune.md.
+
+
+rule finetune:
+    """Two-step fine-tuning of finetune.base on finetune.train_dir (docs/finetune.md); resumes from results/finetune/checkpoint.pt."""
+    input:
+        unpack(finetune_inputs),
+    output:
+        weights="results/models/ftx.safetensors",
+        head="results/finetune/head.safetensors",
+        metrics=report("results/finetune/metrics.tsv", category="Fine-tuning"),
+        summary="results/finetune/summary.json",
+    params:
+        config=finetune_config(),
+    log:
+        "logs/finetune.log",
+    conda:
+        "../../environment.yml"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=1,
+    script:
+        "../scripts/finetune.py"
+
+
+rule tissue_experiment:
+    """Paper experiment 1: features of the labelled test tiles with each model, repeated cross-validation, tables, figure."""
+    input:
+        unpack(tissue_experiment_inputs),
+    output:
+        accuracy="results/tissue_experiment/accuracy.tsv",
+        comparison="results/tissue_experiment/comparison.tsv",
+        repeats="results/tissue_experiment/repeats.tsv",
+        summary="results/tissue_experiment/summary.json",
+        confusion=expand("results/tissue_experiment/confusion_{model}.tsv", model=CONFIG["tissue_experiment"]["models"]),
+        figure=report("results/tissue_experiment/tissue_experiment.png", category="Tissue classification"),
+    params:
+        config=tissue_experiment_config(),
+    log:
+        "logs/tissue_experiment.log",
+    conda:
+        "../../environment.yml"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=1,
+    script:
+        "../scripts/tissue_experiment.py"

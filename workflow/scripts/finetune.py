@@ -1,0 +1,12 @@
+"""Snakemake entry point of rule `finetune`: labelled tiles -> FTX weights, head, metrics, summary."""
+
+from pathlib import Path
+
+import torch
+
+from pathwsi.finetune import run_finetune
+from pathwsi.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+run_finetune(snakemake.params.config, out_path=Path(snakemake.output.weights), workdir=Path(snakemake.output.metrics).parent)

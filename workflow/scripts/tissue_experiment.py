@@ -1,0 +1,12 @@
+"""Snakemake entry point of rule `tissue_experiment`: labelled test tiles -> accuracy tables and figure."""
+
+from pathlib import Path
+
+import torch
+
+from pathwsi.logs import log_to_file
+from pathwsi.tissue_experiment import run_tissue_experiment_from_config
+
+log_to_file(snakemake.log[0])
+torch.set_num_threads(snakemake.threads)
+run_tissue_experiment_from_config(snakemake.params.config, out_dir=Path(snakemake.output.accuracy).parent, jobs=snakemake.threads)
