@@ -27,3 +27,9 @@ rule all:
         feature_outputs(),
         tissue_experiment_outputs(),
     default_target: True
+
+
+rule tiles:
+    """Only tile the slides (masks, grids, stain fits, QC): `snakemake --cores N tiles`."""
+    input:
+        tiling_outputs(),

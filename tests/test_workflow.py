@@ -56,24 +56,24 @@ def test_workflow_tiles_a_batch_and_isolates_bad_slides(tmp_path, slides):
     rows = [("fine", slides.svs_025, ""), ("coarse", slides.tiff_05, ""), ("blank", slides.blank, ""),
             ("corrupt", slides.corrupt, ""), ("nompp", slides.no_mpp, ""), ("rescued", slides.no_mpp, "0.5")]
     project = make_project(tmp_path, slides, rows)
-    done = snakemake(project, "--cores", "2")
+    done = snakemake(project, "--cores", "2", "tiles")
     assert done.returncode == 0, done.stdout[-3000:]
     status = {sid: json.loads((project / "results" / "tiles" / f"{sid}.json").read_text())["status"] for sid, _, _ in rows}
     assert status == {"fine": "ok", "coarse": "ok", "blank": "no_tissue", "corrupt": "failed", "nompp": "failed", "rescued": "ok"}
     assert "nompp" in done.stdout and "'mpp' column" in done.stdout  # the failure is shown, not only logged
     for sid, _, _ in rows:
         assert (project / "results" / "qc" / f"{sid}.png").is_file()
-    again = snakemake(project, "--cores", "2")
+    again = snakemake(project, "--cores", "2", "tiles")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout
 
 
 @pytest.mark.slow
 def test_changing_a_result_setting_reruns_tiling(tmp_path, slides):
     project = make_project(tmp_path, slides, [("coarse", slides.tiff_05, "")])
-    assert snakemake(project, "--cores", "1").returncode == 0
+    assert snakemake(project, "--cores", "1", "tiles").returncode == 0
     config = project / "config" / "config.yaml"
     config.write_text(config.read_text().replace("tile_px: 224", "tile_px: 256"))
-    dry = snakemake(project, "-n")
+    dry = snakemake(project, "-n", "tiles")
     assert "tile" in dry.stdout and "params" in dry.stdout.lower()
 
 
@@ -91,3 +91,9 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metas = [json.loads(p.read_text()) for p in sorted((clone / "results" / "tiles").glob("*.json"))]
     assert len(metas) == 6 and all(m["status"] == "ok" and m["counts"]["kept"] > 10 for m in metas)
+    from pathwsi.store import open_store
+
+    stores = [open_store(p) for p in sorted((clone / "results" / "features").glob("*.zarr"))]
+    assert len(stores) == 6 and all(s.models == ["ftx", "imgnet"] and s.attrs["warnings"] for s in stores)
+    accuracy = (clone / "results" / "tissue_experiment" / "accuracy.tsv").read_text()
+    assert "overall" in accuracy and "ftx" in accuracy
