@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -126,25 +125,26 @@ def _normalize(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
     from pathwsi.finetune import FinetuneError, run_finetune
+    from pathwsi.models import WeightsError
 
     try:
         summary = run_finetune(load_config(args.config), out_path=args.out, workdir=args.workdir, train_dir=args.train_dir, val_dir=args.val_dir, device=args.device, restart=args.restart)
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (FinetuneError, WeightsError) as err:
+        return _error(err)
     print(f"FTX weights: {args.out} (metrics in {args.workdir / 'metrics.tsv'}); best epoch {summary.get('best')}")
     return 0
 
 
 def _tissue_experiment(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
+    from pathwsi.finetune import FinetuneError
+    from pathwsi.models import WeightsError
     from pathwsi.tissue_experiment import ExperimentError, run_tissue_experiment_from_config
 
     try:
         run_tissue_experiment_from_config(load_config(args.config), out_dir=args.out, test_dir=args.test_dir, models=args.models, device=args.device, jobs=args.jobs)
-    except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ExperimentError, FinetuneError, WeightsError) as err:
+        return _error(err)
     print(f"tables and figure in {args.out}")
     return 0
 
@@ -183,10 +183,15 @@ def _convert_keras(args: argparse.Namespace) -> int:
     try:
         report = convert_keras(args.src, args.dst)
     except KerasConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(err)
     print(report.summary())
     return 0
+
+
+def _error(err: Exception) -> int:
+    """Print a user-facing error (it names the file, key or folder and the fix); exit status 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -14,11 +14,15 @@ coordinates of the training tiles' span (an SVD), which gives exactly the same
 L2-penalized solution much faster.
 
 Outputs in `out_dir`: accuracy.tsv (model, class incl. "overall", mean, std over repeats,
-with `untrained` and `note` columns that flag untrained models), comparison.tsv (every
+with `flag` and `note` columns that flag untrained models and models
+fine-tuned from untrained weights), comparison.tsv (every
 pair of models, overall and per class: mean difference, repeats won, paired Wilcoxon
 signed-rank test), confusion_<model>.tsv (counts summed over repeats), repeats.tsv (one
 row per model × repeat), tissue_experiment.png, and summary.json (model provenance,
 settings, counts).
+
+Only feature extraction needs torch, and it is imported there: the cross-validation worker
+processes import this module and should not pay for torch (seconds each).
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from pathwsi import __version__
-from pathwsi.finetune import LabelledTiles, TileDataset, autocast, resolve_device, scan_tile_folder
-from pathwsi.models import PRECISIONS, Backbone, ModelSpec, build_backbone, specs_from_config
 from pathwsi.outputs import write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from pathwsi.finetune import LabelledTiles
+    from pathwsi.models import Backbone, ModelSpec
 
 log = logging.getLogger(__name__)
 OVERALL = "overall"
@@ -88,6 +95,9 @@ def run_tissue_experiment(
     jobs: processes for the cross-validation fits (repeats run in parallel).
     Returns the summary written to `out_dir/summary.json`.
     """
+    from pathwsi.finetune import resolve_device, scan_tile_folder
+    from pathwsi.models import build_backbone
+
     started = time.perf_counter()
     if len({s.name for s in specs}) != len(specs) or not specs:
         raise ExperimentError(f"tissue_experiment.models: give one or more distinct model names (got {[s.name for s in specs]})")
@@ -111,7 +121,7 @@ def run_tissue_experiment(
         log.info("%s: %d folds fitted in %.1f s", name, len(splits) * settings.folds, results[name]["seconds"])
         if unconverged:
             log.warning("%s: %d of %d fits stopped at max_iter=%d before converging", name, unconverged, settings.repeats * settings.folds, settings.max_iter)
-    notes = {b.spec.name: model_note(b) for b in backbones}
+    notes = {b.spec.name: model_flag(b) for b in backbones}
     accuracy = {name: per_repeat_accuracy(r["predictions"], labels, len(tiles.classes)) for name, r in results.items()}
     _write_accuracy(out_dir / "accuracy.tsv", accuracy, tiles.classes, notes)
     _write_repeats(out_dir / "repeats.tsv", accuracy, tiles.classes, notes)
@@ -125,7 +135,7 @@ def run_tissue_experiment(
         "classes": list(tiles.classes),
         "tiles": tiles.counts(),
         "settings": asdict(settings),
-        "models": {b.spec.name: {**b.provenance(), "note": notes[b.spec.name], "unconverged_fits": results[b.spec.name]["unconverged"]} for b in backbones},
+        "models": {b.spec.name: {**b.provenance(), "flag": notes[b.spec.name][0], "note": notes[b.spec.name][1], "unconverged_fits": results[b.spec.name]["unconverged"]} for b in backbones},
         "overall_accuracy": {name: {"mean": float(a[:, 0].mean()), "std": float(a[:, 0].std(ddof=1)) if len(a) > 1 else 0.0} for name, a in accuracy.items()},
         "pathwsi_version": __version__,
         "seconds": round(time.perf_counter() - started, 1),
@@ -136,6 +146,11 @@ def run_tissue_experiment(
 
 def extract_features(backbones: list[Backbone], tiles: LabelledTiles, settings: ExperimentSettings, device: torch.device) -> dict[str, np.ndarray]:
     """(N, D) float32 features per model; tiles are read once and each batch goes through every model."""
+    import torch
+
+    from pathwsi.finetune import TileDataset, autocast
+    from pathwsi.models import PRECISIONS
+
     sizes = {b.spec.input_px for b in backbones}
     dataset = TileDataset(tiles, max(sizes))  # each model's prepare() resizes to its own input size
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
@@ -170,10 +185,14 @@ def cross_validate(features: np.ndarray, labels: np.ndarray, splits: list[list[t
 
 
 def _one_repeat(x: np.ndarray, labels: np.ndarray, repeat: list[tuple[np.ndarray, np.ndarray]], c: float, max_iter: int) -> tuple[np.ndarray, int]:
+    """One repeat's folds, on one BLAS thread: these small problems only slow down with more (measured 8×)."""
+    from threadpoolctl import threadpool_limits
+
     predictions, unconverged = np.empty(len(labels), np.int64), 0
-    for train, test in repeat:
-        predictions[test], stopped = fit_predict(x[train], labels[train], x[test], c, max_iter)
-        unconverged += stopped
+    with threadpool_limits(1):
+        for train, test in repeat:
+            predictions[test], stopped = fit_predict(x[train], labels[train], x[test], c, max_iter)
+            unconverged += stopped
     return predictions, unconverged
 
 
@@ -218,14 +237,14 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def model_note(backbone: Backbone) -> str:
-    """A warning for features that mean nothing outside demos and tests, else ''."""
+def model_flag(backbone: Backbone) -> tuple[str, str]:
+    """("untrained" or "untrained_base", warning) for features that mean nothing outside demos and tests; else ("", "")."""
     provenance = backbone.provenance()
-    if provenance.get("untrained"):
-        return provenance.get("warning", "UNTRAINED weights")
+    if provenance["untrained"]:
+        return "untrained", provenance["warning"]
     if _weights_metadata(backbone.spec).get("untrained_base") == "true":
-        return f"model '{backbone.spec.name}' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only"
-    return ""
+        return "untrained_base", f"model '{backbone.spec.name}' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only"
+    return "", ""
 
 
 def _weights_metadata(spec: ModelSpec) -> dict[str, str]:
@@ -253,18 +272,18 @@ def _std(values: np.ndarray) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def _write_accuracy(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, str]) -> None:
+def _write_accuracy(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]) -> None:
     rows = [
-        [name, label, float(a[:, j].mean()), _std(a[:, j]), len(a), str(bool(notes[name])).lower(), notes[name]]
+        [name, label, float(a[:, j].mean()), _std(a[:, j]), len(a), *notes[name]]
         for name, a in accuracy.items()
         for j, label in enumerate((OVERALL, *classes))
     ]
-    _write_tsv(path, ["model", "class", "mean", "std", "repeats", "untrained", "note"], rows)
+    _write_tsv(path, ["model", "class", "mean", "std", "repeats", "flag", "note"], rows)
 
 
-def _write_repeats(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, str]) -> None:
-    rows = [[name, r, *(float(v) for v in a[r]), str(bool(notes[name])).lower()] for name, a in accuracy.items() for r in range(len(a))]
-    _write_tsv(path, ["model", "repeat", OVERALL, *classes, "untrained"], rows)
+def _write_repeats(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]) -> None:
+    rows = [[name, r, *(float(v) for v in a[r]), notes[name][0]] for name, a in accuracy.items() for r in range(len(a))]
+    _write_tsv(path, ["model", "repeat", OVERALL, *classes, "flag"], rows)
 
 
 def _write_comparison(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...]) -> None:
@@ -282,7 +301,7 @@ def _write_confusion(path: Path, counts: np.ndarray, classes: tuple[str, ...]) -
     _write_tsv(path, ["true\\predicted", *classes], [[label, *row.tolist()] for label, row in zip(classes, counts)])
 
 
-def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, str]) -> None:
+def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]) -> None:
     """Per-class accuracy bars (mean ± std over repeats) per model, and each model's row-normalized confusion matrix."""
     import matplotlib
 
@@ -291,6 +310,7 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
 
     names = list(accuracy)
     labels = [OVERALL, *classes]
+    tags = {name: {"untrained": " (UNTRAINED)", "untrained_base": " (from UNTRAINED)"}.get(notes[name][0], "") for name in names}
     figure = plt.figure(figsize=(max(10, 1.1 * len(labels)), 4 + 4 * ((len(names) + 2) // 3)), layout="constrained")
     grid = figure.add_gridspec(1 + (len(names) + 2) // 3, 3)
     bars = figure.add_subplot(grid[0, :])
@@ -298,7 +318,7 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
     for i, name in enumerate(names):
         a = accuracy[name]
         stds = [_std(a[:, j]) for j in range(len(labels))]
-        bars.bar(np.arange(len(labels)) + (i - (len(names) - 1) / 2) * width, a.mean(axis=0), width, yerr=stds, capsize=2, label=name + (" (UNTRAINED)" if notes[name] else ""))
+        bars.bar(np.arange(len(labels)) + (i - (len(names) - 1) / 2) * width, a.mean(axis=0), width, yerr=stds, capsize=2, label=name + tags[name])
     bars.set_xticks(np.arange(len(labels)), labels)
     bars.set_ylabel(f"accuracy (mean ± std, {len(next(iter(accuracy.values())))} repeats)")
     bars.set_ylim(max(0.0, min(float(a.mean(axis=0).min()) for a in accuracy.values()) - 0.1), 1.0)
@@ -309,13 +329,13 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
         for (row, col), value in np.ndenumerate(share):
-            if value >= 0.005:
+            if value >= 0.01:
                 ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{name}: % of true class" + ("\nUNTRAINED: demo/test only" if notes[name] else ""), fontsize=9)
+        ax.set_title(f"{name}{tags[name]}: % of true class", fontsize=9)
     partial = path.with_name(path.name + ".partial")
     figure.savefig(partial, dpi=110, format="png")
     plt.close(figure)
@@ -339,6 +359,8 @@ def run_tissue_experiment_from_config(
     config: a validated config (sections models, tissue_experiment, seed); test_dir and
     models override tissue_experiment.test_dir and tissue_experiment.models.
     """
+    from pathwsi.models import specs_from_config
+
     section = config["tissue_experiment"]
     specs = specs_from_config(config["models"])
     names = list(models or section["models"])

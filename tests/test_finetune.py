@@ -39,6 +39,15 @@ TINY = FinetuneSettings(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one thread is as fast, and far faster when the shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> Path:
     return write_tile_set(tmp_path_factory.mktemp("tiles") / "train", n_per_class=5, seed=1, tile_px=64)

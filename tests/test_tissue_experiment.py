@@ -17,7 +17,7 @@ from pathwsi.tissue_experiment import (
     ExperimentSettings,
     confusion,
     fit_predict,
-    model_note,
+    model_flag,
     paired_test,
     per_repeat_accuracy,
     repeated_splits,
@@ -27,6 +27,15 @@ from pathwsi.tissue_experiment import (
 from pathwsi.tissue_tiles import CLASSES, write_tile_set
 
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one thread is as fast, and far faster when the shared cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
@@ -91,7 +100,7 @@ def test_experiment_writes_tables_and_figure_and_flags_untrained_models(tmp_path
     summary = run_tissue_experiment(specs, test_tiles, tmp_path, settings, device="cpu")
     accuracy = read_tsv(tmp_path / "accuracy.tsv")
     assert [(r["model"], r["class"]) for r in accuracy[:2]] == [("a", "overall"), ("a", "ADI")] and len(accuracy) == 2 * (1 + len(CLASSES))
-    assert all(r["untrained"] == "true" and "UNTRAINED" in r["note"] for r in accuracy)
+    assert all(r["flag"] == "untrained" and "UNTRAINED" in r["note"] for r in accuracy)
     assert 0 <= float(accuracy[0]["mean"]) <= 1 and float(accuracy[0]["std"]) >= 0
     comparison = read_tsv(tmp_path / "comparison.tsv")
     assert len(comparison) == 1 + len(CLASSES) and comparison[0]["model_a"] == "a" and comparison[0]["model_b"] == "b"
@@ -109,15 +118,15 @@ def test_a_model_fine_tuned_from_untrained_weights_is_flagged(tmp_path):
     base = build_backbone(ModelSpec("imgnet", input_px=48))
     path = tmp_path / "ftx.safetensors"
     save_weights(base.net.state_dict(), path, {"untrained_base": True})
-    assert "fine-tuned from UNTRAINED" in model_note(build_backbone(ModelSpec("ftx", weights=str(path), input_px=48)))
+    flag, note = model_flag(build_backbone(ModelSpec("ftx", weights=str(path), input_px=48)))
+    assert flag == "untrained_base" and "fine-tuned from UNTRAINED" in note
     save_weights(base.net.state_dict(), path, {"untrained_base": False})
-    assert model_note(build_backbone(ModelSpec("ftx", weights=str(path), input_px=48))) == ""
+    assert model_flag(build_backbone(ModelSpec("ftx", weights=str(path), input_px=48))) == ("", "")
 
 
 @pytest.mark.slow
 def test_fine_tuned_features_classify_held_out_tiles_clearly_better_than_untrained_ones(tmp_path):
     """What must hold even from untrained weights: fine-tuning on the synthetic classes helps."""
-    torch.set_num_threads(2)
     px = 64
     train = write_tile_set(tmp_path / "train", n_per_class=24, seed=11, tile_px=px)
     test = write_tile_set(tmp_path / "test", n_per_class=16, seed=12, tile_px=px)
@@ -133,5 +142,5 @@ def test_fine_tuned_features_classify_held_out_tiles_clearly_better_than_untrain
     run_tissue_experiment([base, ftx], test, tmp_path / "experiment", ExperimentSettings(repeats=5, num_workers=0), device="cpu", jobs=2)
     overall = {r["model"]: float(r["mean"]) for r in read_tsv(tmp_path / "experiment" / "accuracy.tsv") if r["class"] == "overall"}
     row = next(r for r in read_tsv(tmp_path / "experiment" / "comparison.tsv") if r["class"] == "overall")
-    assert overall["ftx"] >= overall["imgnet"] + 0.05, overall
+    assert overall["ftx"] >= overall["imgnet"] + 0.10, overall
     assert int(row["repeats_b_better"]) == 5, row
