@@ -4,7 +4,7 @@ The same code as `pathwsi.finetune` (`train_step`, channels_last, bf16 autocast 
 random uint8 batches, so image loading is not measured. CPU always; CUDA too when present
 (its name is printed). Untrained `legacy_xception` weights: speed does not depend on them.
 
-    python benchmarks/bench_finetune.py [--px 224] [--batch-size 16] [--iterations 4] [--unfreeze-from block11]
+    python benchmarks/bench_finetune.py [--px 224] [--batch-size 16] [--iterations 4] [--unfreeze-from block11] [--threads N]
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--unfreeze-from", default="block11")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice); 1 is faster on a busy shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"legacy_xception training, {args.px} px, batch {args.batch_size}, channels_last, {args.iterations} timed iterations after 1 warm-up")
     print(f"CPU ({torch.get_num_threads()} threads, float32):")
     bench(torch.device("cpu"), args.px, args.batch_size, args.iterations, args.unfreeze_from)

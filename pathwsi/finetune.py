@@ -7,16 +7,16 @@ augmentation or which blocks were unfrozen: every such value here is OUR default
 paper's, and is set in the config section `finetune` (docs/finetune.md explains each).
 
 Resumable: after every epoch `<workdir>/checkpoint.pt` holds the model, the optimizer, the
-epoch reached, the best validation loss so far and the metrics rows. It contains only
-tensors and plain Python values and is read back with `torch.load(weights_only=True)`.
-Every random draw of an epoch (shuffling, augmentation, dropout) is derived from
-(seed, step, epoch), so a resumed run repeats exactly what the killed run would have done
-and no RNG state needs saving. The best epoch's weights are kept in `best.safetensors`.
-Both files are removed once the outputs are written.
+epoch reached, the step's best validation loss and patience count, and the metrics rows.
+It contains only tensors and plain Python values and is read back with
+`torch.load(weights_only=True)`. Every random draw of an epoch (shuffling, augmentation,
+dropout) is derived from (seed, step, epoch), so a resumed run repeats exactly what the
+killed run would have done and no RNG state needs saving. The step's best epoch is kept in
+`best.safetensors`. Both files are removed once the outputs are written.
 
-Outputs: the backbone without its head (`out_path`, loadable by `build_backbone` as the
-`ftx` entry) with provenance in its safetensors metadata; in the workdir `head.safetensors`,
-`metrics.tsv` (one row per epoch) and `summary.json`.
+Outputs: the backbone of the last step's best epoch without its head (`out_path`, loadable
+by `build_backbone` as the `ftx` entry) with provenance in its safetensors metadata; in the
+workdir `head.safetensors`, `metrics.tsv` (one row per epoch) and `summary.json`.
 """
 
 from __future__ import annotations
@@ -408,6 +408,7 @@ def finetune(
     model.to(device).to(memory_format=torch.channels_last)
     fingerprint = _fingerprint(settings, backbone, train, val)
     state = _resume(workdir, fingerprint, model, restart, device)
+    _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)  # as of the checkpoint (a failed job's was removed)
     runner = _Runner(backbone, model, settings, train, val, device, progress, on_batch)
 
     for number, step in ((1, settings.step1), (2, settings.step2)):

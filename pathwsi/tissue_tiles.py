@@ -338,7 +338,7 @@ def render_tile(label: str, index: int, seed: int, tile_px: int = 224) -> np.nda
     h = h * rng.lognormal(0, 0.2)
     e = e * rng.lognormal(0, 0.2)
     sigma = rng.uniform(0.15, 0.45) * c.s  # focus: 0.15–0.45 µm
-    h, e = gaussian_filter(h, sigma), gaussian_filter(e, sigma)
+    h, e = gaussian_filter(h, sigma, truncate=2.5), gaussian_filter(e, sigma, truncate=2.5)
     od = np.stack([h, e, g], axis=-1) @ np.vstack([stains, GREY]).astype(np.float32)
     rgb = np.exp(-od, out=od)
     rgb *= np.float32(rng.uniform(225, 252))
@@ -381,9 +381,3 @@ def write_tile_set(out_dir: Path, n_per_class: int, seed: int, tile_px: int = 22
     partial.rename(out_dir)
     return out_dir
 
-
-def write_demo_tiles(root: Path, n_train: int, n_test: int, seed: int = 0, tile_px: int = 224, force: bool = False) -> tuple[Path, Path]:
-    """The demo's labelled tiles: `root/train` and a separate `root/test` (a different seed)."""
-    train = write_tile_set(Path(root) / "train", n_train, seed * 2 + 1, tile_px, force)
-    test = write_tile_set(Path(root) / "test", n_test, seed * 2 + 2, tile_px, force)
-    return train, test

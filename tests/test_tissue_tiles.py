@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pathwsi.tissue_tiles import CLASSES, MANIFEST, render_tile, write_demo_tiles, write_tile_set
+from pathwsi.tissue_tiles import CLASSES, MANIFEST, render_tile, write_tile_set
 
 
 def test_tiles_are_seeded_and_deterministic():
@@ -32,11 +32,6 @@ def test_tile_set_has_the_nct_layout_and_is_kept_unless_forced(tmp_path):
     assert (out / "ADI" / "ADI-0.png").stat().st_mtime_ns == before and not (out / "ADI" / "ADI-2.png").exists()
     write_tile_set(out, n_per_class=3, seed=2, tile_px=48, force=True)
     assert (out / "ADI" / "ADI-2.png").exists() and not (tmp_path / "train.partial").exists()
-
-
-def test_demo_train_and_test_sets_differ(tmp_path):
-    train, test = write_demo_tiles(tmp_path, n_train=1, n_test=1, seed=0, tile_px=32)
-    assert (train / "LYM" / "LYM-0.png").read_bytes() != (test / "LYM" / "LYM-0.png").read_bytes()
 
 
 def test_classes_look_like_their_tissue():
