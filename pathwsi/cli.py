@@ -125,11 +125,11 @@ def _normalize(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
     from pathwsi.finetune import FinetuneError, run_finetune
-    from pathwsi.models import WeightsError
+    from pathwsi.models import DeviceError, WeightsError
 
     try:
         summary = run_finetune(load_config(args.config), out_path=args.out, workdir=args.workdir, train_dir=args.train_dir, val_dir=args.val_dir, device=args.device, restart=args.restart)
-    except (FinetuneError, WeightsError) as err:
+    except (FinetuneError, WeightsError, DeviceError) as err:
         return _error(err)
     print(f"FTX weights: {args.out} (metrics in {args.workdir / 'metrics.tsv'}); best epoch {summary.get('best')}")
     return 0
@@ -138,12 +138,12 @@ def _finetune(args: argparse.Namespace) -> int:
 def _tissue_experiment(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
     from pathwsi.finetune import FinetuneError
-    from pathwsi.models import WeightsError
+    from pathwsi.models import DeviceError, WeightsError
     from pathwsi.tissue_experiment import ExperimentError, run_tissue_experiment_from_config
 
     try:
         run_tissue_experiment_from_config(load_config(args.config), out_dir=args.out, test_dir=args.test_dir, models=args.models, device=args.device, jobs=args.jobs)
-    except (ExperimentError, FinetuneError, WeightsError) as err:
+    except (ExperimentError, FinetuneError, WeightsError, DeviceError) as err:
         return _error(err)
     print(f"tables and figure in {args.out}")
     return 0

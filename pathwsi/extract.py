@@ -78,14 +78,6 @@ def open_reader(sample: Sample, mpp: float, tile_px: int) -> Any:
     return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if not torch.cuda.is_available():
-            log.warning("no CUDA device: extracting features on the CPU (slow; fine for the demo)")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _stain_record(tiles_meta: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
     stain = tiles_meta.get("stain")
     return {k: stain[k] for k in keys} if stain else None

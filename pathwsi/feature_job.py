@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pathwsi.config import Sample
-from pathwsi.extract import ExtractSettings, extract_slide, resolve_device
-from pathwsi.models import build_backbone, specs_from_config
+from pathwsi.extract import ExtractSettings, extract_slide
+from pathwsi.models import build_backbone, resolve_device, specs_from_config
 from pathwsi.outputs import write_json
 
 log = logging.getLogger(__name__)

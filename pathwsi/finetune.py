@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from pathwsi import __version__
-from pathwsi.models import BN_EPS_KEY, Backbone, ModelSpec, build_backbone, load_weights, save_weights, specs_from_config
+from pathwsi.models import BN_EPS_KEY, Backbone, ModelSpec, build_backbone, load_weights, resolve_device, save_weights, specs_from_config
 from pathwsi.outputs import write_json
 
 log = logging.getLogger(__name__)
@@ -331,16 +331,6 @@ def learning_rate(step: StepSettings, iteration: int, total: int) -> float:
     if step.schedule == "cosine" and total > 0:
         return step.lr * 0.5 * (1 + math.cos(math.pi * iteration / total))
     return step.lr
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"device '{device}' asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    return resolved
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -26,6 +26,22 @@ HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.")
 BN_EPS_KEY = "bn_eps"
 
 
+class DeviceError(ValueError):
+    """A device that is asked for but not present."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' (CUDA when present, else the CPU, with a warning), 'cpu', 'cuda' or 'cuda:N'."""
+    if str(device) == "auto":
+        if not torch.cuda.is_available():
+            log.warning("no CUDA device: running on the CPU (slow; fine for the demo)")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device '{device}' asked for, but PyTorch sees no CUDA GPU; use cpu or auto")
+    return resolved
+
+
 class WeightsError(Exception):
     """Weights that cannot be loaded; the message names the model, the file and what to do."""
 

@@ -95,8 +95,8 @@ def run_tissue_experiment(
     jobs: processes for the cross-validation fits (repeats run in parallel).
     Returns the summary written to `out_dir/summary.json`.
     """
-    from pathwsi.finetune import resolve_device, scan_tile_folder
-    from pathwsi.models import build_backbone
+    from pathwsi.finetune import scan_tile_folder
+    from pathwsi.models import build_backbone, resolve_device
 
     started = time.perf_counter()
     if len({s.name for s in specs}) != len(specs) or not specs:

@@ -37,3 +37,14 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> SlideSet:
     not_a_slide = folder / "notes.svs"
     not_a_slide.write_text("this is not a slide\n")
     return SlideSet(TISSUE, svs, tiff, no_mpp, blank, corrupt, not_a_slide)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is as fast, and far faster when the shared cores are busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ from pathwsi.finetune import (
 from pathwsi.models import ModelSpec, build_backbone
 from pathwsi.tissue_tiles import write_tile_set
 
-pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
+pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
 SPEC = ModelSpec("imgnet", input_px=64, seed=1)
 TINY = FinetuneSettings(
     batch_size=16,
@@ -39,13 +39,6 @@ TINY = FinetuneSettings(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: one thread is as fast, and far faster when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,9 @@ from pathwsi.tissue_experiment import (
 )
 from pathwsi.tissue_tiles import CLASSES, write_tile_set
 
-pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
+pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: one thread is as fast, and far faster when the shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
