@@ -13,18 +13,21 @@ configfile: "config/config.yaml"
 
 wildcard_constraints:
     slide_id=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
+    cohort=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/tiling.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/aggregate.smk"
 
 
 rule all:
     input:
         tiling_outputs(),
         feature_outputs(),
+        aggregate_outputs(),
         tissue_experiment_outputs(),
     default_target: True
 

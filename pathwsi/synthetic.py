@@ -67,7 +67,8 @@ class SyntheticTissue:
     background_band: fraction of the width, on the right, that is kept free of tissue.
     faint: whether part of the tissue is faintly stained.
     pen: whether a blue pen stroke and dark debris specks are drawn (outside the tissue).
-    lymphocyte_density: share of nuclei that are small, dark, round lymphocyte-like nuclei.
+    lymphocyte_density: share of nuclear sites holding a small, dark, round lymphocyte-like nucleus
+        (present whatever the cellularity, so more lymphocytes mean more hematoxylin).
     stain_jitter: per-slide perturbation of the stain vectors (radians-ish scale).
     """
 
@@ -184,7 +185,7 @@ class SyntheticTissue:
         radius = np.where(lymph, 2.6, 3.6 + 1.2 * _hash_uniform(gx, gy, self.seed, 13))
         darkness = np.where(lymph, 1.0, 0.65)
         cell_cellularity = np.clip(_value_noise(cx, cy, 200.0, self.seed, 3) * 1.5 + 0.5, 0, 1)
-        present = _hash_uniform(gx, gy, self.seed, 14) < 0.25 + 0.7 * cell_cellularity
+        present = lymph | (_hash_uniform(gx, gy, self.seed, 14) < 0.25 + 0.7 * cell_cellularity)  # lymphocytes infiltrate everywhere
         x0, y0, edge = xs[0] - 0.5 * mpp, ys[0] - 0.5 * mpp, max(mpp, 0.5)
         for ncx, ncy, r, dark in zip(cx[present], cy[present], radius[present], darkness[present]):
             c0, c1 = max(0, int((ncx - r - x0) / mpp) - 1), min(len(xs), int((ncx + r - x0) / mpp) + 2)

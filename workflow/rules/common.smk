@@ -105,3 +105,37 @@ def tiling_outputs():
         ],
         slide_id=sorted(SAMPLES),
     )
+
+
+def cohort_names():
+    """Cohorts of the sample sheet, sorted."""
+    return sorted({sample.cohort for sample in SAMPLES.values()})
+
+
+def cohort_entries(wildcards):
+    """The cohort's slides as plain dicts (slide, patient, store); editing the sheet reruns the cohort."""
+    return [
+        {"slide_id": s.slide_id, "patient_id": s.patient_id, "store": f"results/features/{s.slide_id}.zarr"}
+        for s in sorted(SAMPLES.values(), key=lambda s: s.slide_id)
+        if s.cohort == wildcards.cohort
+    ]
+
+
+def cohort_stores(wildcards):
+    """The feature stores of the cohort's slides."""
+    return [entry["store"] for entry in cohort_entries(wildcards)]
+
+
+def aggregate_feature_files(cohort):
+    """The slide- and patient-level feature tables of every model for `cohort`."""
+    return expand("results/aggregate/{cohort}/{model}.{level}.parquet", cohort=cohort, model=list(CONFIG["models"]["backbones"]), level=["slides", "patients"])
+
+
+def aggregate_outputs():
+    """Every cohort's aggregated features and slide/patient tables."""
+    return [
+        path
+        for cohort in cohort_names()
+        for path in aggregate_feature_files(cohort)
+        + expand("results/aggregate/{cohort}/{name}", cohort=cohort, name=["slides.tsv", "patients.tsv", "provenance.json"])
+    ]

@@ -1,0 +1,99 @@
+"""Aggregation: slide and patient features from Zarr stores with dask, left-out slides listed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pathwsi.aggregate import AggregateError, AggregateOutputs, SlideEntry, aggregate_cohort, check_statistics, read_features, write_cohort
+from pathwsi.store import open_writer, partial_path
+
+DIM = 6
+
+
+def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk: int = 4, weights: str = "aaa", finish: bool = True) -> Path:
+    """A pathwsi store holding the given tile features (all chunks written)."""
+    n = len(next(iter(features.values())))
+    attrs = {"slide_id": path.stem, "patient_id": patient, "cohort": "c", "tiling_status": "ok" if n else "no_tissue",
+             "tiling_reason": None if n else "no tissue found", "models": {m: {"weights_sha256": weights, "warning": "UNTRAINED"} for m in features}}
+    writer = open_writer(path, np.zeros((n, 2), np.int64), np.ones(n, np.float32), {m: DIM for m in features}, attrs, chunk, "float32")
+    for index in range(writer.n_chunks):
+        start, end = index * chunk, writer.chunk_end(index)
+        writer.write_chunk(index, {m: f[start:end] for m, f in features.items()})
+    return writer.finish() if finish else path
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    rng = np.random.default_rng(0)
+    tiles = {name: {m: rng.normal(size=(n, DIM)).astype(np.float32) for m in ("imgnet", "ftx")} for name, n in (("s1", 10), ("s2", 3), ("s3", 7))}
+    entries = [
+        SlideEntry("s1", "p1", write_store(tmp_path / "s1.zarr", tiles["s1"], "p1")),
+        SlideEntry("s2", "p1", write_store(tmp_path / "s2.zarr", tiles["s2"], "p1")),
+        SlideEntry("s3", "p2", write_store(tmp_path / "s3.zarr", tiles["s3"], "p2")),
+        SlideEntry("empty", "p3", write_store(tmp_path / "empty.zarr", {m: np.zeros((0, DIM), np.float32) for m in ("imgnet", "ftx")}, "p3")),
+        SlideEntry("missing", "p4", tmp_path / "missing.zarr"),
+        SlideEntry("half", "p2", write_store(tmp_path / "half.zarr", tiles["s1"], "p2", finish=False)),
+    ]
+    return entries, tiles
+
+
+def test_slide_and_patient_statistics_match_numpy(cohort):
+    entries, tiles = cohort
+    result = aggregate_cohort(entries, ["imgnet", "ftx"], ["mean", "std", "max", "q50"], scheduler="synchronous")
+    for model in ("imgnet", "ftx"):
+        slides = result.slides[model]
+        assert list(slides.index) == ["s1", "s2", "s3"]
+        for slide in ("s1", "s2", "s3"):
+            t = tiles[slide][model]
+            expected = np.concatenate([t.mean(0), t.std(0), t.max(0), np.median(t, 0)])
+            np.testing.assert_allclose(slides.loc[slide].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+        pooled = np.concatenate([tiles["s1"][model], tiles["s2"][model]])
+        patients = result.patients[model]
+        assert list(patients.index) == ["p1", "p2"]
+        np.testing.assert_allclose(patients.loc["p1", [f"mean_{i:04d}" for i in range(DIM)]].to_numpy(), pooled.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(patients.loc["p2"].to_numpy()[:DIM], tiles["s3"][model].mean(0), rtol=1e-5)
+
+
+def test_left_out_slides_are_listed_with_their_reason(cohort):
+    entries, _ = cohort
+    table = aggregate_cohort(entries, ["imgnet"], ["mean"]).slide_table.set_index("slide_id")
+    assert list(table.status) == ["used", "used", "used", "left_out", "left_out", "left_out"]
+    assert "no tissue found" in table.loc["empty", "reason"]
+    assert "no feature store" in table.loc["missing", "reason"]
+    assert "partial" in table.loc["half", "reason"]
+    assert partial_path(entries[-1].store).exists()
+
+
+def test_incomplete_store_is_never_used(cohort):
+    entries, tiles = cohort
+    result = aggregate_cohort(entries, ["imgnet"], ["mean"])
+    assert "half" not in result.slides["imgnet"].index
+    np.testing.assert_allclose(result.patients["imgnet"].loc["p2"].to_numpy(), tiles["s3"]["imgnet"].mean(0), rtol=1e-5)
+
+
+def test_written_tables_read_back(cohort, tmp_path):
+    entries, _ = cohort
+    result = aggregate_cohort(entries, ["imgnet", "ftx"], ["mean", "min"])
+    outputs = AggregateOutputs(tmp_path / "agg")
+    write_cohort(result, outputs)
+    back = read_features(outputs.features("ftx", "patients"))
+    assert back.index.name == "patient_id"
+    np.testing.assert_array_equal(back.to_numpy(), result.patients["ftx"].to_numpy())
+    assert outputs.slides.read_text().splitlines()[0].split("\t") == ["slide_id", "patient_id", "status", "reason", "n_tiles"]
+    assert "p1\t2\t13" in outputs.patients.read_text()
+
+
+def test_mixed_weights_are_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    entries = [SlideEntry(f"s{i}", f"p{i}", write_store(tmp_path / f"s{i}.zarr", {"ftx": rng.normal(size=(5, DIM))}, f"p{i}", weights=w)) for i, w in enumerate(["old", "new"])]
+    with pytest.raises(AggregateError, match="different weights"):
+        aggregate_cohort(entries, ["ftx"], ["mean"])
+
+
+def test_unknown_statistic_is_named():
+    assert check_statistics(["mean", "q5", "q100"]) == ["mean", "q5", "q100"]
+    with pytest.raises(AggregateError, match="median"):
+        check_statistics(["mean", "median"])

@@ -1,0 +1,23 @@
+rule aggregate:
+    """Slide- and patient-level features of every model from the cohort's complete stores (dask)."""
+    input:
+        stores=cohort_stores,
+    output:
+        features=aggregate_feature_files("{cohort}"),
+        slides="results/aggregate/{cohort}/slides.tsv",
+        patients="results/aggregate/{cohort}/patients.tsv",
+        provenance="results/aggregate/{cohort}/provenance.json",
+    params:
+        entries=cohort_entries,
+        models=list(CONFIG["models"]["backbones"]),
+        settings=CONFIG["aggregate"],
+    log:
+        "logs/aggregate/{cohort}.log",
+    conda:
+        "../../environment.yml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/aggregate.py"

@@ -1,0 +1,11 @@
+"""Snakemake entry point of rule `aggregate`: one cohort's stores -> slide and patient features."""
+
+from pathlib import Path
+
+from pathwsi.aggregate import AggregateOutputs, SlideEntry, aggregate_cohort, write_cohort
+from pathwsi.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
+result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.settings["statistics"], snakemake.params.settings["scheduler"])
+write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))
