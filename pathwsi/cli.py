@@ -1,5 +1,6 @@
 """The `pathwsi` command: demo cohort, config checks, single-slide tiling, stain normalization of
-image folders, Keras weight conversion, fine-tuning, the tissue experiment, feature-store inspection."""
+image folders, Keras weight conversion, fine-tuning, the tissue experiment, feature-store inspection,
+and the TCGA importers (expression, mutations, sample sheet)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("store", type=Path, help="results/features/<slide_id>.zarr")
     inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
     inspect.set_defaults(run=_inspect)
+
+    expression = commands.add_parser("import-expression", help="GDC STAR - Counts files + their GDC sample sheet -> a patients x genes expression table")
+    expression.add_argument("sample_sheet", type=Path, help="the sample sheet the GDC portal exports for the files (gdc_sample_sheet.*.tsv)")
+    expression.add_argument("files_dir", type=Path, help="folder the files were downloaded to (searched recursively)")
+    expression.add_argument("-o", "--out", type=Path, required=True, help="output table: .tsv, .csv or .parquet")
+    expression.add_argument("--value", default="tpm_unstranded", help="STAR - Counts column to take: tpm_unstranded (default), unstranded (read counts), fpkm_unstranded, ...")
+    _add_sample_types(expression)
+    expression.set_defaults(run=_import_expression)
+
+    maf = commands.add_parser("import-maf", help="GDC masked somatic MAF file(s) -> a binary patients x genes mutation table")
+    maf.add_argument("mafs", type=Path, nargs="+", help="MAF files (.maf, .maf.gz) or folders of them (searched recursively)")
+    maf.add_argument("-o", "--out", type=Path, required=True, help="output table: .tsv, .csv or .parquet")
+    genes = maf.add_mutually_exclusive_group()
+    genes.add_argument("--top", type=int, default=9, help="keep the N genes mutated in most patients (default: 9; ties: alphabetical)")
+    genes.add_argument("--genes", nargs="+", help="keep these genes instead: symbols, or one file with one gene per line")
+    _add_sample_types(maf)
+    maf.set_defaults(run=_import_maf)
+
+    sheet = commands.add_parser("sheet-from-tcga", help="write a sample sheet for a folder of TCGA slides (*.svs); patient and site from the barcode")
+    sheet.add_argument("slide_dir", type=Path, help="folder of TCGA slide files (searched recursively)")
+    sheet.add_argument("--cohort", required=True, help="cohort name for every row, e.g. TCGA-LUAD")
+    sheet.add_argument("-o", "--out", type=Path, required=True, help="the sample sheet to write (tab-separated)")
+    _add_sample_types(sheet)
+    sheet.set_defaults(run=_sheet_from_tcga)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -185,6 +210,56 @@ def _convert_keras(args: argparse.Namespace) -> int:
     except KerasConversionError as err:
         return _error(err)
     print(report.summary())
+    return 0
+
+
+def _add_sample_types(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sample-types", type=int, nargs="+", default=[1], metavar="CODE", help="TCGA sample type codes to keep (default: 01, primary tumour; 11 is solid tissue normal)")
+
+
+def _import_expression(args: argparse.Namespace) -> int:
+    from pathwsi.targets import TargetError, write_target_table
+    from pathwsi.tcga import import_gdc_expression
+
+    try:
+        table = import_gdc_expression(args.sample_sheet, args.files_dir, args.value, args.sample_types)
+    except TargetError as err:
+        return _error(err)
+    write_target_table(table, args.out)
+    print(f"{args.out}: {table.shape[0]} patients x {table.shape[1]} genes ({args.value})")
+    return 0
+
+
+def _import_maf(args: argparse.Namespace) -> int:
+    from pathwsi.targets import TargetError, load_gene_list, write_target_table
+    from pathwsi.tcga import import_maf
+
+    genes = args.genes
+    try:
+        if genes is not None and len(genes) == 1 and Path(genes[0]).is_file():
+            genes = load_gene_list(Path(genes[0]))
+        table = import_maf(args.mafs, genes, args.top, args.sample_types)
+    except TargetError as err:
+        return _error(err)
+    write_target_table(table, args.out)
+    print(f"{args.out}: {table.shape[0]} patients x {table.shape[1]} genes ({', '.join(table.columns)})")
+    return 0
+
+
+def _sheet_from_tcga(args: argparse.Namespace) -> int:
+    from pathwsi.targets import SHOWN_IDS, TargetError
+    from pathwsi.tcga import sheet_from_tcga, write_sample_sheet
+
+    try:
+        samples, skipped = sheet_from_tcga(args.slide_dir, args.cohort, args.sample_types)
+    except TargetError as err:
+        return _error(err)
+    write_sample_sheet(samples, args.out)
+    print(f"{args.out}: {len(samples)} slides of {len({s.patient_id for s in samples})} patients; {len(skipped)} skipped")
+    for path, reason in skipped[:SHOWN_IDS]:
+        print(f"  skipped {path}: {reason}")
+    if len(skipped) > SHOWN_IDS:
+        print(f"  ... and {len(skipped) - SHOWN_IDS} more (listed in the log)")
     return 0
 
 
