@@ -11,7 +11,7 @@ generator:
   association, here made strong), with a few labels flipped; the other genes are mutated at
   random with their own prevalence (controls).
 
-Everything here is synthetic and says so in the files' first line.
+Everything here is synthetic, and the README.txt written beside the tables says so.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MUTATION_PREVALENCE = {"TP53": 0.45, "KRAS": 0.3, "KEAP1": 0.2, "LRP1B": 0.35, "
 PLANTED_MUTATION = "STK11"  # mutated when the tumour is immune-cold
 STK11_COLD_QUANTILE = 0.35  # patients below this quantile of d are STK11-mutated ...
 STK11_FLIP = 0.1  # ... except for this share of flipped labels
-NOTE = "# SYNTHETIC demo targets (pathwsi demo): signal planted in the slides' lymphocyte density; not real data"
+NOTE = "SYNTHETIC demo targets written by `pathwsi demo`: their signal is planted in the demo slides' lymphocyte density (pathwsi/demo_targets.py). Not real data.\n"
 
 
 def expression_table(density: dict[str, float], seed: int = 404) -> tuple[list[str], np.ndarray]:
@@ -52,15 +52,16 @@ def mutation_table(density: dict[str, float], seed: int = 505) -> tuple[list[str
 
 
 def write_demo_targets(folder: Path, density: dict[str, float]) -> tuple[Path, Path]:
-    """Write `expression.tsv` and `mutations.tsv` (patient_id first, one column per gene)."""
+    """Write `expression.tsv` and `mutations.tsv` (patient_id first, one column per gene) and a README."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.txt").write_text(NOTE)
     patients = sorted(density)
     paths = []
     for name, (genes, values) in (("expression.tsv", expression_table(density)), ("mutations.tsv", mutation_table(density))):
         rows = ["\t".join(["patient_id", *genes])] + ["\t".join([p, *(f"{v:g}" for v in row)]) for p, row in zip(patients, values)]
         path = folder / name
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(NOTE + "\n" + "\n".join(rows) + "\n")
+        partial.write_text("\n".join(rows) + "\n")
         partial.replace(path)
         paths.append(path)
     return paths[0], paths[1]

@@ -11,12 +11,12 @@ rule features:
     params:
         sample=sample_record,
         models=CONFIG["models"],
-        settings=CONFIG["features"],
+        settings={k: v for k, v in CONFIG["features"].items() if k != "threads"},
     log:
         "logs/features/{slide_id}.log",
     conda:
         "../../environment.yml"
-    threads: 2
+    threads: CONFIG["features"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
