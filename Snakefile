@@ -21,6 +21,8 @@ include: "workflow/rules/tiling.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:
@@ -28,6 +30,8 @@ rule all:
         tiling_outputs(),
         feature_outputs(),
         aggregate_outputs(),
+        predict_outputs(),
+        "results/summary.tsv",
         tissue_experiment_outputs(),
     default_target: True
 

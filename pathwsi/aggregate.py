@@ -24,7 +24,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from pathwsi.outputs import write_json, write_table
+from pathwsi.outputs import write_frame, write_json, write_table
 from pathwsi.store import FeatureStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,10 @@ def write_cohort(result: CohortFeatures, outputs: AggregateOutputs) -> None:
         for model, frame in tables.items():
             index = frame.index.name
             write_table({index: frame.index.to_numpy(dtype=str), **{c: frame[c].to_numpy() for c in frame.columns}}, outputs.features(model, level))
-    _write_tsv(result.slide_table, outputs.slides)
-    _write_tsv(result.patient_table, outputs.patients)
+    write_frame(result.slide_table, outputs.slides, sep="\t")
+    write_frame(result.patient_table, outputs.patients, sep="\t")
     warnings = sorted({m["warning"] for m in result.provenance["models"].values() if m.get("warning")})
     write_json({**result.provenance, "warnings": warnings}, outputs.provenance)
-
-
-def _write_tsv(frame: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    frame.to_csv(partial, sep="\t", index=False)
-    partial.replace(path)
 
 
 def read_features(path: Path) -> pd.DataFrame:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -28,6 +29,29 @@ def write_table(columns: dict[str, np.ndarray], path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     pq.write_table(pa.table(columns), partial)
     partial.replace(path)
+
+
+def write_frame(frame: pd.DataFrame, path: Path, sep: str | None = None) -> None:
+    """Write `frame` without its index, atomically: Parquet, CSV or TSV by the suffix of `path`, or
+    text with separator `sep` when given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    if sep is None and is_parquet(path):
+        frame.to_parquet(partial, index=False)
+    else:
+        frame.to_csv(partial, sep=sep or text_separator(path), index=False)
+    partial.replace(path)
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether `path` names a Parquet file (by its suffix)."""
+    return path.name.lower().endswith((".parquet", ".pq"))
+
+
+def text_separator(path: Path) -> str:
+    """The field separator of a text table: comma for .csv, else tab."""
+    return "," if path.name.lower().endswith((".csv", ".csv.gz")) else "\t"
 
 
 def _plain(value: Any) -> Any:

@@ -20,6 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pathwsi.outputs import is_parquet, text_separator, write_frame
+
 log = logging.getLogger(__name__)
 DEFAULT_GENE_LIST = Path(__file__).resolve().parent / "data" / "immune_genes.tsv"
 TRANSFORMS = ("log2p1", "none")
@@ -89,36 +91,28 @@ def read_table(path: Path, genes: Sequence[str] | None = None, id_column: str | 
     return table.iloc[:, 1:].set_axis(pd.Index(ids, name=ID_COLUMN), axis=0)
 
 
-def _is_parquet(path: Path) -> bool:
-    return path.name.lower().endswith((".parquet", ".pq"))
-
-
-def _separator(path: Path) -> str:
-    return "," if path.name.lower().endswith((".csv", ".csv.gz")) else "\t"
-
-
 @contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn a failure to read or parse `path` into a TargetError naming it."""
     try:
         yield
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, pa.ArrowException) as err:
-        raise TargetError(f"{path}: cannot read it as a {'Parquet' if _is_parquet(path) else 'delimited text'} table: {err}") from err
+        raise TargetError(f"{path}: cannot read it as a {'Parquet' if is_parquet(path) else 'delimited text'} table: {err}") from err
 
 
 def _header(path: Path) -> list[str]:
-    if _is_parquet(path):
+    if is_parquet(path):
         return [str(name) for name in pq.read_schema(path).names]
-    first = pd.read_csv(path, sep=_separator(path), header=None, nrows=1, dtype=str, keep_default_na=False)
+    first = pd.read_csv(path, sep=text_separator(path), header=None, nrows=1, dtype=str, keep_default_na=False)
     return [str(h).strip() for h in first.iloc[0]]
 
 
 def _read_columns(path: Path, positions: list[int]) -> pd.DataFrame:
     """The columns at `positions` (in that order) of the table body."""
-    if _is_parquet(path):
+    if is_parquet(path):
         names = pq.read_schema(path).names
         return pq.read_table(path, columns=[names[i] for i in positions]).to_pandas(ignore_metadata=True)
-    body = pd.read_csv(path, sep=_separator(path), header=None, skiprows=1, usecols=positions, dtype={positions[0]: str})
+    body = pd.read_csv(path, sep=text_separator(path), header=None, skiprows=1, usecols=positions, dtype={positions[0]: str})
     return body[positions]
 
 
@@ -134,7 +128,7 @@ def _check_ids(path: Path, ids: pd.Series, empty: pd.Series) -> None:
 
 def _where(path: Path, row: int) -> str:
     """Human position of data row `row` (0-based): the file line for text tables (header = line 1)."""
-    return f"row {row + 1}" if _is_parquet(path) else f"line {row + 2}"
+    return f"row {row + 1}" if is_parquet(path) else f"line {row + 2}"
 
 
 def _numeric(table: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -249,19 +243,6 @@ def match(feature_patients: Iterable[str], target_table: pd.DataFrame, genes: Se
     if not report.genes_kept:
         raise TargetError(f"all {len(present)} genes are constant or empty among the {len(matched)} matched patients; nothing to predict")
     return aligned[report.genes_kept], report
-
-
-def write_frame(frame: pd.DataFrame, path: Path, sep: str | None = None) -> None:
-    """Write `frame` without its index, atomically: Parquet, CSV or TSV by the suffix of `path`, or
-    text with separator `sep` when given."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    if sep is None and _is_parquet(path):
-        frame.to_parquet(partial, index=False)
-    else:
-        frame.to_csv(partial, sep=sep or _separator(path), index=False)
-    partial.replace(path)
 
 
 def write_target_table(table: pd.DataFrame, path: Path) -> None:

@@ -18,7 +18,8 @@ import pandas as pd
 
 from pathwsi.config import Sample
 from pathwsi.demo import SHEET_COLUMNS
-from pathwsi.targets import ID_COLUMN, SHOWN_IDS, TargetError, load_gene_list, write_frame
+from pathwsi.outputs import write_frame
+from pathwsi.targets import ID_COLUMN, SHOWN_IDS, TargetError, load_gene_list
 
 log = logging.getLogger(__name__)
 PRIMARY_TUMOUR = (1,)  # TCGA sample type codes kept by default

@@ -139,3 +139,24 @@ def aggregate_outputs():
         for path in aggregate_feature_files(cohort)
         + expand("results/aggregate/{cohort}/{name}", cohort=cohort, name=["slides.tsv", "patients.tsv", "provenance.json"])
     ]
+
+
+def predicted_cohorts():
+    """Cohorts of the sheet that the config gives target tables for."""
+    return [cohort for cohort in cohort_names() if cohort in CONFIG["targets"]["cohorts"]]
+
+
+def cohort_target_files(wildcards):
+    """The cohort's expression and mutation tables (editing one reruns its predictors)."""
+    tables = CONFIG["targets"]["cohorts"][wildcards.cohort]
+    return [tables[kind] for kind in ("expression", "mutations") if tables.get(kind)]
+
+
+def cohort_sites(wildcards):
+    """Patient -> tissue source site of the cohort (for site-grouped folds)."""
+    return {s.patient_id: s.site for s in SAMPLES.values() if s.cohort == wildcards.cohort and s.site}
+
+
+def predict_outputs():
+    """Every predicted cohort's results folder."""
+    return expand("results/predict/{cohort}", cohort=predicted_cohorts())

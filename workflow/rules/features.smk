@@ -11,7 +11,7 @@ rule features:
     params:
         sample=sample_record,
         models=CONFIG["models"],
-        settings={k: v for k, v in CONFIG["features"].items() if k != "threads"},
+        dtype=CONFIG["features"]["dtype"],  # the only features key that changes results; the rest come from the config
     log:
         "logs/features/{slide_id}.log",
     conda:

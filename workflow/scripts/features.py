@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from pathwsi.config import Sample
+from pathwsi.config import Sample, validate_config
 from pathwsi.extract import ExtractSettings
 from pathwsi.feature_job import run_feature_job
 from pathwsi.logs import log_to_file
 
 log_to_file(snakemake.log[0])
+run_settings = {k: v for k, v in validate_config(snakemake.config)["features"].items() if k != "threads"}  # how, not what: changing them reruns nothing
 run_feature_job(
     Sample(**snakemake.params.sample),
     Path(snakemake.input.tiles),
@@ -15,6 +16,6 @@ run_feature_job(
     Path(snakemake.output.store),
     Path(snakemake.output.timings),
     snakemake.params.models,
-    ExtractSettings(**snakemake.params.settings),
+    ExtractSettings(**{**run_settings, "dtype": snakemake.params.dtype}),
     threads=snakemake.threads,
 )

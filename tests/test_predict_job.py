@@ -1,0 +1,107 @@
+"""The prediction job on the demo's planted targets: planted genes recovered, permuted targets not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pathwsi.demo import lymphocyte_densities
+from pathwsi.demo_targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
+from pathwsi.outputs import write_table
+from pathwsi.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
+from pathwsi.targets import TargetError
+
+N_FEATURES = 64
+
+
+def write_features(folder: Path, density: dict[str, float], noise: dict[str, float], seed: int = 0) -> dict[str, Path]:
+    """Patient feature tables whose first features follow the lymphocyte density, per model with its noise."""
+    rng = np.random.default_rng(seed)
+    patients = sorted(density)
+    d = np.array([density[p] for p in patients])
+    loadings = rng.normal(size=N_FEATURES)
+    files = {}
+    for model, sd in noise.items():
+        values = d[:, None] * loadings[None, :] + rng.normal(0, sd, (len(d), N_FEATURES))
+        files[model] = folder / f"{model}.patients.parquet"
+        write_table({"patient_id": np.array(patients), **{f"mean_{i:04d}": values[:, i].astype(np.float32) for i in range(N_FEATURES)}}, files[model])
+    return files
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    density = {f"P{i:02d}": v for i, v in enumerate(lymphocyte_densities(40, seed=9))}
+    expression, mutations = write_demo_targets(tmp_path / "targets", density)
+    features = write_features(tmp_path, density, {"ftx": 0.05, "imgnet": 0.4})
+    return density, expression, mutations, features
+
+
+def predict(features, expression, mutations, out_dir, sites=None, **settings):
+    config = {"folds": 5, "repeats": 4, "bootstrap": 200, **settings}
+    return run_predict_job(features, CohortTargets(str(expression), str(mutations)), TargetSettings(), settings_from_config(config, seed=1), sites or {}, out_dir)
+
+
+def test_planted_genes_are_recovered_and_noise_genes_are_not(cohort, tmp_path):
+    _, expression, mutations, features = cohort
+    out = tmp_path / "predict"
+    summary = predict(features, expression, mutations, out)
+    table = pd.read_csv(out / "expression_ftx.tsv", sep="\t").set_index("gene")
+    strongest = list(PLANTED_EXPRESSION)[:3]
+    assert (table.loc[strongest, "r_mean"] > 0.5).all()
+    assert table.loc[strongest, "significant"].all()
+    assert not table.loc[list(NOISE_EXPRESSION), "significant"].any()
+    mutation = pd.read_csv(out / "mutation_ftx.tsv", sep="\t").set_index("gene")
+    assert mutation.loc[PLANTED_MUTATION, "auroc_mean"] > 0.75
+    assert summary["tasks"]["expression"]["higher_with_a"] >= 3  # ftx carries the signal with less noise
+    for name in ("comparison.tsv", "repeats.tsv", "summary.md", "expression_r_scatter.png", "mutation_roc.png", "mutation_auroc.png", "targets.json"):
+        assert (out / name).is_file(), name
+
+
+def test_permuted_targets_are_not_predicted(cohort, tmp_path):
+    _, expression, mutations, features = cohort
+    permuted = []
+    for path in (expression, mutations):
+        table = pd.read_csv(path, sep="\t")
+        table["patient_id"] = np.random.default_rng(3).permutation(table["patient_id"].to_numpy())
+        permuted.append(tmp_path / f"permuted_{path.name}")
+        table.to_csv(permuted[-1], sep="\t", index=False)
+    out = tmp_path / "permuted"
+    predict(features, *permuted, out)
+    table = pd.read_csv(out / "expression_ftx.tsv", sep="\t").set_index("gene")
+    assert table["significant"].sum() == 0
+    assert abs(table["r_mean"].mean()) < 0.2
+    mutation = pd.read_csv(out / "mutation_ftx.tsv", sep="\t").set_index("gene")
+    assert mutation.loc[PLANTED_MUTATION, "auroc_mean"] < 0.75
+
+
+def test_mismatches_are_reported_not_fatal(cohort, tmp_path):
+    density, expression, mutations, features = cohort
+    table = pd.read_csv(expression, sep="\t")
+    table = pd.concat([table.iloc[2:], table.iloc[:1].assign(patient_id="NO-SLIDES")])
+    short = tmp_path / "short.tsv"
+    table.drop(columns=["CD19"]).to_csv(short, sep="\t", index=False)
+    out = tmp_path / "mismatch"
+    predict(features, short, mutations, out)
+    report = json.loads((out / "targets.json").read_text())["expression"]
+    assert report["patients_with_features_but_no_targets"] == {"count": 2, "first": ["P00", "P01"]}
+    assert report["patients_with_targets_but_no_features"]["first"] == ["NO-SLIDES"]
+    assert "CD19" in report["genes_missing_from_table"]["first"]
+
+
+def test_site_grouping_needs_every_site(cohort, tmp_path):
+    density, expression, mutations, features = cohort
+    with pytest.raises(ValueError, match="no 'site'"):
+        predict(features, expression, mutations, tmp_path / "x", sites={"P00": "A"}, group_by_site=True)
+
+
+def test_too_few_patients_is_a_clear_error(cohort, tmp_path):
+    _, expression, mutations, features = cohort
+    table = pd.read_csv(expression, sep="\t").iloc[:6]
+    few = tmp_path / "few.tsv"
+    table.to_csv(few, sep="\t", index=False)
+    with pytest.raises(TargetError, match="only 6 patient"):
+        predict(features, few, mutations, tmp_path / "y")

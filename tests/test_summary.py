@@ -1,0 +1,50 @@
+"""The run summary: every slide with its status and timings; cohorts with slides used and left out."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from pathwsi.summary import build_summary, write_summary
+
+SAMPLES = [{"cohort": "c1", "slide_id": s, "patient_id": p} for s, p in (("good", "p1"), ("blank", "p2"), ("broken", "p3"))] + [{"cohort": "c2", "slide_id": "other", "patient_id": "p4"}]
+
+
+def make_results(tmp_path):
+    results = tmp_path / "results"
+    for folder in ("tiles", "features", "aggregate/c1", "aggregate/c2"):
+        (results / folder).mkdir(parents=True)
+    metas = {
+        "good": {"status": "ok", "counts": {"kept": 40}, "mpp": {"value": 0.25, "source": "openslide"}, "stain": {"status": "fitted"}, "seconds": 1.5},
+        "blank": {"status": "no_tissue", "reason": "no tissue found on 2 mm²", "counts": {"kept": 0}, "stain": {"status": "fallback", "reason": "no tiles"}, "seconds": 0.7},
+        "broken": {"status": "failed", "reason": "slide 'broken': file is corrupt", "seconds": 0.1},
+        "other": {"status": "ok", "counts": {"kept": 10}, "stain": {"status": "fitted"}, "seconds": 1.0},
+    }
+    for slide, meta in metas.items():
+        (results / "tiles" / f"{slide}.json").write_text(json.dumps(meta))
+    (results / "features" / "good.timings.json").write_text(json.dumps({"device": "cpu", "seconds": {"read": 1.0, "normalize": 0.5, "model": 8.0, "write": 0.1, "total": 10.0, "tiles_per_s": 4.0}}))
+    (results / "aggregate" / "c1" / "slides.tsv").write_text("slide_id\tpatient_id\tstatus\treason\tn_tiles\ngood\tp1\tused\t\t40\nblank\tp2\tleft_out\tno tiles (tiling status no_tissue: no tissue found)\t0\nbroken\tp3\tleft_out\tno tiles (tiling status failed)\t0\n")
+    (results / "aggregate" / "c2" / "slides.tsv").write_text("slide_id\tpatient_id\tstatus\treason\tn_tiles\nother\tp4\tused\t\t10\n")
+    return results
+
+
+def test_summary_lists_every_slide_with_reason_and_timings(tmp_path):
+    slides, cohorts = build_summary(SAMPLES, make_results(tmp_path))
+    slides = slides.set_index("slide_id")
+    assert slides.loc["good", "status"] == "ok" and slides.loc["good", "tiles"] == 40 and slides.loc["good", "model_s"] == 8.0
+    assert slides.loc["broken", "status"] == "failed" and "corrupt" in slides.loc["broken", "reason"]
+    assert slides.loc["blank", "aggregate"].startswith("left_out: no tiles")
+    assert slides.loc["blank", "stain"] == "fallback (no tiles)"
+    c1 = cohorts.set_index("cohort").loc["c1"]
+    assert (c1.slides, c1.used, c1.left_out, c1.patients_used, c1.failed, c1.no_tissue) == (3, 1, 2, 1, 1, 1)
+
+
+def test_written_summary_files(tmp_path):
+    results = make_results(tmp_path)
+    write_summary(SAMPLES, results, results / "summary.tsv", results / "summary_cohorts.tsv", results / "summary.md")
+    assert len(pd.read_csv(results / "summary.tsv", sep="\t")) == 4
+    markdown = (results / "summary.md").read_text()
+    assert "| c1 | 3 | 1 | 2 | 1 | 40 | 1 | 1 |" in markdown
+    assert "`broken` (c1): failed; slide 'broken': file is corrupt" in markdown
+    assert "4.0 tiles/s" in markdown

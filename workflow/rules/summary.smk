@@ -1,0 +1,19 @@
+rule summary:
+    """The run summary: per slide status, tiles, stain fit and seconds per stage; per cohort, slides used."""
+    input:
+        metas=expand("results/tiles/{slide_id}.json", slide_id=sorted(SAMPLES)),
+        timings=expand("results/features/{slide_id}.timings.json", slide_id=sorted(SAMPLES)),
+        cohorts=expand("results/aggregate/{cohort}/slides.tsv", cohort=cohort_names()),
+    output:
+        slides=report("results/summary.tsv", category="Run summary"),
+        cohorts="results/summary_cohorts.tsv",
+        markdown="results/summary.md",
+    params:
+        samples=[{"cohort": s.cohort, "slide_id": s.slide_id, "patient_id": s.patient_id} for s in SAMPLES.values()],
+    log:
+        "logs/summary.log",
+    conda:
+        "../../environment.yml"
+    threads: 1
+    script:
+        "../scripts/summary.py"

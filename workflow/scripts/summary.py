@@ -1,0 +1,9 @@
+"""Snakemake entry point of rule `summary`: results/summary.tsv, summary_cohorts.tsv, summary.md."""
+
+from pathlib import Path
+
+from pathwsi.logs import log_to_file
+from pathwsi.summary import write_summary
+
+log_to_file(snakemake.log[0])
+write_summary(snakemake.params.samples, Path(snakemake.output.slides).parent, Path(snakemake.output.slides), Path(snakemake.output.cohorts), Path(snakemake.output.markdown))
