@@ -5,7 +5,7 @@ Slides are written as real Aperio-style SVS and generic tiled TIFF files at 0.25
 It also writes labelled 9-class synthetic tiles (NCT-CRC-HE-100K layout) for fine-tuning and
 the tissue-classification experiment (`tissue_tiles/train` and a separate `tissue_tiles/test`),
 and, for the molecular predictors, small slides of more `demo-luad` patients whose
-lymphocyte density varies, with expression and mutation tables whose signal is planted in that
+lymphocyte density (scattered lymphocytes and lymphocyte aggregates) varies, with expression and mutation tables whose signal is planted in that
 density (`pathwsi.demo_targets`).
 """
 
@@ -25,7 +25,7 @@ from pathwsi.tissue_tiles import write_tile_set
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = ("cohort", "slide_id", "patient_id", "path", "mpp", "site")
 SLIDE_UM = (1400.0, 1100.0)
-SMALL_SLIDE_UM = (620.0, 480.0)  # the prediction cohort's slides: about a dozen tiles each
+SMALL_SLIDE_UM = (620.0, 520.0)  # the prediction cohort's slides: about a dozen tiles each
 PREDICTION_PATIENTS = 28  # more demo-luad patients, so 5-fold CV has 30 to split
 TISSUE_TILE_SETS = {"train": (30, 101), "test": (20, 202)}  # labelled 9-class tiles: per class, seed
 
@@ -53,7 +53,7 @@ class DemoSlide:
 
     def tissue(self) -> SyntheticTissue:
         if self.small:
-            return SyntheticTissue(*SMALL_SLIDE_UM, seed=self.seed, tissue_cover=0.8, background_band=0.0, lymphocyte_density=self.lymphocyte_density)
+            return SyntheticTissue(*SMALL_SLIDE_UM, seed=self.seed, tissue_cover=0.8, background_band=0.0, lymphocyte_density=self.lymphocyte_density, infiltrate=self.lymphocyte_density)
         return SyntheticTissue(*SLIDE_UM, seed=self.seed, faint=self.faint, pen=self.pen, lymphocyte_density=self.lymphocyte_density)
 
 

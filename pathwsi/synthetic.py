@@ -69,6 +69,8 @@ class SyntheticTissue:
     pen: whether a blue pen stroke and dark debris specks are drawn (outside the tissue).
     lymphocyte_density: share of nuclear sites holding a small, dark, round lymphocyte-like nucleus
         (present whatever the cellularity, so more lymphocytes mean more hematoxylin).
+    infiltrate: rough share of the tissue in lymphocyte aggregates: patches tens of µm wide where
+        every nuclear site holds a lymphocyte and eosin fades (a texture stain normalization keeps).
     stain_jitter: per-slide perturbation of the stain vectors (radians-ish scale).
     """
 
@@ -80,6 +82,7 @@ class SyntheticTissue:
     faint: bool = False
     pen: bool = False
     lymphocyte_density: float = 0.2
+    infiltrate: float = 0.0
     stain_jitter: float = 0.05
     io: float = 240.0
     _stains: np.ndarray = field(init=False, repr=False, compare=False)
@@ -124,11 +127,11 @@ class SyntheticTissue:
         """Render the region whose top-left corner is (x_um, y_um) at `mpp` µm/px; HxWx3 uint8."""
         xs = (x_um + (np.arange(width_px) + 0.5) * mpp).astype(np.float32)
         ys = (y_um + (np.arange(height_px) + 0.5) * mpp).astype(np.float32)
-        tissue, cellular, strength, angle, wobble, pen_dist, debris_dist = self._smooth_fields(xs, ys, mpp)
+        tissue, cellular, strength, angle, wobble, pen_dist, debris_dist, aggregate = self._smooth_fields(xs, ys, mpp)
         alpha = np.clip(tissue / 0.04 + 0.5, 0, 1)  # soft edge, a few µm wide
         stain = alpha * strength
         h_conc = stain * (0.06 + 1.2 * self._nuclei(xs, ys, cellular, mpp))
-        e_conc = stain * (0.28 + 0.22 * self._fibres(xs, ys, angle, wobble, mpp)) * (1 - 0.35 * cellular)
+        e_conc = stain * (0.28 + 0.22 * self._fibres(xs, ys, angle, wobble, mpp)) * (1 - 0.35 * cellular) * (1 - 0.7 * aggregate)
         concentrations, stains = [h_conc, e_conc], [self._stains[0], self._stains[1]]
         if self.pen:
             edge = max(mpp, 1.0)
@@ -157,6 +160,7 @@ class SyntheticTissue:
             _value_noise(x, y, 300.0, self.seed, 5) * np.pi,
             _value_noise(x, y, 30.0, self.seed, 6),
             *self._pen_and_debris_distance(x, y),
+            self._in_aggregate(x, y).astype(np.float32),
         ]
         pos_x, pos_y = np.arange(len(xs)) / step, np.arange(len(ys)) / step
         jx, jy = pos_x.astype(np.int64), pos_y.astype(np.int64)
@@ -167,6 +171,10 @@ class SyntheticTissue:
             rows = grid[jy] * (1 - ty) + grid[jy + 1] * ty
             fields.append(rows[:, jx] * (1 - tx) + rows[:, jx + 1] * tx)
         return fields
+
+    def _in_aggregate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether (x, y) µm lies in a lymphocyte aggregate (none when infiltrate is 0)."""
+        return _value_noise(x, y, 50.0, self.seed, 15) > 1.0 - 2.0 * self.infiltrate
 
     def _nuclei(self, xs: np.ndarray, ys: np.ndarray, cellular: np.ndarray, mpp: float) -> np.ndarray:
         """Nuclear hematoxylin density in [0, 1]: jittered-grid nuclei, faded to their mean at coarse mpp."""
@@ -181,7 +189,7 @@ class SyntheticTissue:
         gx, gy = np.meshgrid(ix, iy)
         cx = (gx + 0.2 + 0.6 * _hash_uniform(gx, gy, self.seed, 10)) * cell
         cy = (gy + 0.2 + 0.6 * _hash_uniform(gx, gy, self.seed, 11)) * cell
-        lymph = _hash_uniform(gx, gy, self.seed, 12) < self.lymphocyte_density
+        lymph = (_hash_uniform(gx, gy, self.seed, 12) < self.lymphocyte_density) | self._in_aggregate(cx, cy)
         radius = np.where(lymph, 2.6, 3.6 + 1.2 * _hash_uniform(gx, gy, self.seed, 13))
         darkness = np.where(lymph, 1.0, 0.65)
         cell_cellularity = np.clip(_value_noise(cx, cy, 200.0, self.seed, 3) * 1.5 + 0.5, 0, 1)
