@@ -11,6 +11,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 wildcard_constraints:
     slide_id=r"[A-Za-z0-9_][A-Za-z0-9._-]*",
     cohort=r"[A-Za-z0-9_][A-Za-z0-9._-]*",

@@ -72,9 +72,9 @@ def summary_markdown(slides: pd.DataFrame, cohorts: pd.DataFrame) -> str:
     """A short human version: per cohort counts, then every slide that failed or was left out."""
     lines = ["# pathwsi run summary", "", "| cohort | slides | used | left out | patients used | tiles | failed | no tissue |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c.cohort} | {c.slides} | {c.used} | {c.left_out} | {c.patients_used} | {c.tiles} | {c.failed} | {c.no_tissue} |" for c in cohorts.itertuples()]
-    problems = slides[(slides.status != "ok") | (slides.aggregate != "used")]
+    problems = slides[(slides["status"] != "ok") | (slides["aggregate"] != "used")]
     lines += ["", f"## Slides that failed or were left out: {len(problems)}", ""]
-    lines += [f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate}" for r in problems.itertuples()] or ["none"]
+    lines += [f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate}" for r in problems.itertuples(index=False)] or ["none"]
     timed = slides.dropna(subset=["tiles_per_s"])
     if len(timed):
         lines += ["", f"Feature extraction: {int(timed.tiles.sum())} tiles in {timed.features_s.sum():.0f} s of job time "

@@ -48,3 +48,4 @@ def test_written_summary_files(tmp_path):
     assert "| c1 | 3 | 1 | 2 | 1 | 40 | 1 | 1 |" in markdown
     assert "`broken` (c1): failed; slide 'broken': file is corrupt" in markdown
     assert "4.0 tiles/s" in markdown
+    assert "## Slides that failed or were left out: 2" in markdown and "`good`" not in markdown and "`other`" not in markdown

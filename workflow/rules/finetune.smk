@@ -8,7 +8,7 @@ rule finetune:
     output:
         weights="results/models/ftx.safetensors",
         head="results/finetune/head.safetensors",
-        metrics=report("results/finetune/metrics.tsv", category="Fine-tuning"),
+        metrics=report("results/finetune/metrics.tsv", caption="../report/finetune.rst", category="Fine-tuning"),
         summary="results/finetune/summary.json",
     params:
         config=finetune_config(),
@@ -35,7 +35,7 @@ rule tissue_experiment:
         repeats="results/tissue_experiment/repeats.tsv",
         summary="results/tissue_experiment/summary.json",
         confusion=expand("results/tissue_experiment/confusion_{model}.tsv", model=CONFIG["tissue_experiment"]["models"]),
-        figure=report("results/tissue_experiment/tissue_experiment.png", category="Tissue classification"),
+        figure=report("results/tissue_experiment/tissue_experiment.png", caption="../report/tissue_experiment.rst", category="Tissue classification"),
     params:
         config=tissue_experiment_config(),
     log:

@@ -5,7 +5,7 @@ rule summary:
         timings=expand("results/features/{slide_id}.timings.json", slide_id=sorted(SAMPLES)),
         cohorts=expand("results/aggregate/{cohort}/slides.tsv", cohort=cohort_names()),
     output:
-        slides=report("results/summary.tsv", category="Run summary"),
+        slides=report("results/summary.tsv", caption="../report/summary.rst", category="Run summary"),
         cohorts="results/summary_cohorts.tsv",
         markdown="results/summary.md",
     params:

@@ -6,8 +6,8 @@ rule tile:
     output:
         tiles="results/tiles/{slide_id}.parquet",
         meta="results/tiles/{slide_id}.json",
-        qc=report("results/qc/{slide_id}.png", category="Tiling QC", subcategory="{slide_id}"),
-        stain_qc=report("results/qc/stain/{slide_id}.png", category="Stain QC", subcategory="{slide_id}"),
+        qc=report("results/qc/{slide_id}.png", caption="../report/tiling_qc.rst", category="Tiling QC", subcategory="{slide_id}"),
+        stain_qc=report("results/qc/stain/{slide_id}.png", caption="../report/stain_qc.rst", category="Stain QC", subcategory="{slide_id}"),
     params:
         sample=sample_record,
         settings=tiling_settings(),
