@@ -59,7 +59,8 @@ def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFram
     genes = list(targets.columns)
     columns = min(3, len(genes))
     rows = -(-len(genes) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.3 * rows), layout="constrained", squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.3 * rows + 0.6), sharex=True, sharey=True, squeeze=False)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.6 / (3.3 * rows + 0.6) + 0.04, top=1 - 0.5 / (3.3 * rows + 0.6), wspace=0.08, hspace=0.25)  # fixed: constrained layout of many panels is slow
     for ax, gene in zip(axes.ravel(), genes):
         for name, frame in scores.items():
             truth, score = targets[gene].to_numpy(float), frame[gene].to_numpy(float)
@@ -70,12 +71,12 @@ def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFram
             ax.plot(fpr, tpr, label=f"{name} {roc_auc_score(truth[usable], score[usable]):.2f}")
         ax.plot([0, 1], [0, 1], color="0.6", linewidth=0.6, linestyle="--")
         ax.set_title(str(gene), fontsize=9)
-        ax.set_xlabel("false positive rate", fontsize=8)
-        ax.set_ylabel("true positive rate", fontsize=8)
         ax.legend(loc="lower right", fontsize=7, title="AUROC", title_fontsize=7)
     for ax in axes.ravel()[len(genes) :]:
         ax.set_axis_off()
     figure.suptitle("mutation: ROC of out-of-fold scores averaged over repeats", fontsize=10)
+    figure.supxlabel("false positive rate", fontsize=9)
+    figure.supylabel("true positive rate", fontsize=9)
     _save(figure, path)
 
 

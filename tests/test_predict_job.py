@@ -41,8 +41,9 @@ def cohort(tmp_path):
 
 
 def predict(features, expression, mutations, out_dir, sites=None, **settings):
-    config = {"folds": 5, "repeats": 4, "bootstrap": 200, **settings}
-    return run_predict_job(features, CohortTargets(str(expression), str(mutations)), TargetSettings(), settings_from_config(config, seed=1), sites or {}, out_dir)
+    config = {"folds": 5, "repeats": 3, "bootstrap": 100, **settings}
+    tables = CohortTargets(str(expression), str(mutations) if mutations else None)
+    return run_predict_job(features, tables, TargetSettings(), settings_from_config(config, seed=1), sites or {}, out_dir)
 
 
 def test_planted_genes_are_recovered_and_noise_genes_are_not(cohort, tmp_path):
@@ -85,7 +86,7 @@ def test_mismatches_are_reported_not_fatal(cohort, tmp_path):
     short = tmp_path / "short.tsv"
     table.drop(columns=["CD19"]).to_csv(short, sep="\t", index=False)
     out = tmp_path / "mismatch"
-    predict(features, short, mutations, out)
+    predict(features, short, None, out)
     report = json.loads((out / "targets.json").read_text())["expression"]
     assert report["patients_with_features_but_no_targets"] == {"count": 2, "first": ["P00", "P01"]}
     assert report["patients_with_targets_but_no_features"]["first"] == ["NO-SLIDES"]
@@ -95,7 +96,7 @@ def test_mismatches_are_reported_not_fatal(cohort, tmp_path):
 def test_site_grouping_needs_every_site(cohort, tmp_path):
     density, expression, mutations, features = cohort
     with pytest.raises(ValueError, match="no 'site'"):
-        predict(features, expression, mutations, tmp_path / "x", sites={"P00": "A"}, group_by_site=True)
+        predict(features, expression, None, tmp_path / "x", sites={"P00": "A"}, group_by_site=True)
 
 
 def test_too_few_patients_is_a_clear_error(cohort, tmp_path):
@@ -104,4 +105,4 @@ def test_too_few_patients_is_a_clear_error(cohort, tmp_path):
     few = tmp_path / "few.tsv"
     table.to_csv(few, sep="\t", index=False)
     with pytest.raises(TargetError, match="only 6 patient"):
-        predict(features, few, mutations, tmp_path / "y")
+        predict(features, few, None, tmp_path / "y")

@@ -90,10 +90,27 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
     done = subprocess.run(["bash", "-c", readme_commands()[0]], cwd=clone, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     metas = [json.loads(p.read_text()) for p in sorted((clone / "results" / "tiles").glob("*.json"))]
-    assert len(metas) == 6 and all(m["status"] == "ok" and m["counts"]["kept"] > 10 for m in metas)
+    assert len(metas) == 34 and all(m["status"] == "ok" and m["counts"]["kept"] >= 4 for m in metas)
     from pathwsi.store import open_store
 
     stores = [open_store(p) for p in sorted((clone / "results" / "features").glob("*.zarr"))]
-    assert len(stores) == 6 and all(s.models == ["ftx", "imgnet"] and s.attrs["warnings"] for s in stores)
+    assert len(stores) == 34 and all(s.models == ["ftx", "imgnet"] and s.attrs["warnings"] for s in stores)
     accuracy = (clone / "results" / "tissue_experiment" / "accuracy.tsv").read_text()
     assert "overall" in accuracy and "ftx" in accuracy
+    summary = (clone / "results" / "summary.tsv").read_text()
+    assert summary.count("\tok\t") == 34
+    check_demo_predictions(clone / "results" / "predict" / "demo-luad")
+
+
+def check_demo_predictions(folder: Path) -> None:
+    """The demo's planted signal (pathwsi.demo_targets) is found through the real images; the noise genes are not."""
+    import pandas as pd
+
+    from pathwsi.demo_targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION
+
+    ftx = pd.read_csv(folder / "expression_ftx.tsv", sep="\t").set_index("gene")
+    assert ftx.loc[list(PLANTED_EXPRESSION)[:2], "r_mean"].min() > 0.4, ftx
+    assert ftx.loc[list(NOISE_EXPRESSION), "significant"].sum() <= 1, ftx
+    mutations = pd.read_csv(folder / "mutation_ftx.tsv", sep="\t").set_index("gene")
+    assert mutations.loc[PLANTED_MUTATION, "auroc_mean"] > 0.65, mutations
+    assert "UNTRAINED" in json.dumps(json.loads((folder.parent.parent / "aggregate" / "demo-luad" / "provenance.json").read_text()))
