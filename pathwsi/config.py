@@ -185,3 +185,29 @@ def _duplicate_problems(body: list[list[str]], header: list[str]) -> list[str]:
         else:
             seen[slide_id] = line
     return problems
+
+
+def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> list[str]:
+    """Raise ConfigError listing every key that names something missing (a target table that is not a
+    file, a compared or fine-tuned model that is not a backbone); return warnings for `targets.cohorts`
+    entries whose cohort is not in this sample sheet (they are skipped)."""
+    cohorts = {s.cohort for s in samples}
+    backbones = set(config["models"]["backbones"])
+    problems, warnings = [], []
+    for cohort, tables in config["targets"]["cohorts"].items():
+        tables = tables or {}
+        if cohort not in cohorts:
+            warnings.append(f"key 'targets.cohorts.{cohort}': no such cohort in the sample sheet (it has {', '.join(sorted(cohorts))}); no predictors for it")
+            continue
+        for kind in ("expression", "mutations"):
+            if tables.get(kind) and not Path(tables[kind]).is_file():
+                problems.append(f"key 'targets.cohorts.{cohort}.{kind}': file '{tables[kind]}' not found; `pathwsi import-expression` / `pathwsi import-maf` make these tables (docs/targets.md)")
+        if not tables.get("expression") and not tables.get("mutations"):
+            problems.append(f"key 'targets.cohorts.{cohort}': give an `expression` and/or a `mutations` table")
+    for key, names in (("predict.compare", config["predict"]["compare"]), ("finetune.base", [config["finetune"]["base"]]), ("tissue_experiment.models", config["tissue_experiment"]["models"])):
+        missing = [n for n in names if n not in backbones]
+        if missing:
+            problems.append(f"key '{key}': {missing} not among models.backbones ({', '.join(sorted(backbones))})")
+    if problems:
+        raise ConfigError("config", problems)
+    return warnings

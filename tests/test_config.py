@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pathwsi.config import ConfigError, load_config, load_samples, load_schema, validate_config
+from pathwsi.config import ConfigError, Sample, check_cross_references, load_config, load_samples, load_schema, validate_config
 from pathwsi.demo import sheet_text
 from pathwsi.stain import StainSettings
 from pathwsi.tiling import TileSettings
@@ -132,3 +132,18 @@ def test_shipped_sample_sheet_is_the_demo_sheet():
 
 def test_sheet_schema_is_the_shipped_file():
     assert set(load_schema("samples")["required"]) == {"cohort", "slide_id", "patient_id", "path"}
+
+
+def test_cross_references_name_missing_tables_and_models(tmp_path, slide_file):
+    config = validate_config({"targets": {"cohorts": {"c1": {"expression": str(tmp_path / "gone.tsv")}, "c2": {}, "elsewhere": {"mutations": "x.tsv"}}},
+                              "predict": {"compare": ["ftx", "uni"]}})
+    samples = [Sample(cohort=c, slide_id=f"s{c}", patient_id="p", path=str(slide_file)) for c in ("c1", "c2")]
+    with pytest.raises(ConfigError) as caught:
+        check_cross_references(config, samples)
+    text = str(caught.value)
+    for fragment in ["'targets.cohorts.c1.expression': file", "'targets.cohorts.c2': give an `expression`", "'predict.compare': ['uni'] not among models.backbones"]:
+        assert fragment in text
+    assert "elsewhere" not in text
+    config["targets"]["cohorts"] = {"elsewhere": {"mutations": "x.tsv"}}
+    config["predict"]["compare"] = ["ftx", "imgnet"]
+    assert "no such cohort" in check_cross_references(config, samples)[0]

@@ -4,6 +4,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 import pathwsi.config as pathwsi_config
 from pathwsi.stain import StainSettings, load_target
@@ -15,6 +16,8 @@ try:
         sample.slide_id: sample
         for sample in pathwsi_config.load_samples(CONFIG["samples"], schema=pathwsi_config.load_schema("samples", SCHEMAS))
     }
+    for warning in pathwsi_config.check_cross_references(CONFIG, list(SAMPLES.values())):
+        logger.warning(f"pathwsi: {warning}")
     load_target(StainSettings.from_config(CONFIG["stain"]))
 except pathwsi_config.ConfigError as err:
     raise WorkflowError(f"pathwsi: the run cannot start.\n{err}") from None
