@@ -8,8 +8,8 @@ generator:
   are 2^(6 + slope * z + noise) - 1, slopes from strong to weak; `NOISE_EXPRESSION` genes carry
   no signal at all (the controls a predictor must not "recover");
 - mutations (0/1): STK11 is mutated in immune-cold tumours (low d; the real STK11/LUAD
-  association, here made strong), with a few labels flipped; the other genes are mutated at
-  random with their own prevalence (controls).
+  association, here made strong), with a few labels flipped; the other genes are controls, mutated
+  at their own prevalence evenly over the density order, so they carry no density signal.
 
 Everything here is synthetic, and the README.txt written beside the tables says so.
 """
@@ -47,8 +47,21 @@ def mutation_table(density: dict[str, float], seed: int = 505) -> tuple[list[str
     cold = (d < np.quantile(d, STK11_COLD_QUANTILE)).astype(np.int64)
     flip = rng.random(len(d)) < STK11_FLIP
     columns = [np.where(flip, 1 - cold, cold)]
-    columns += [(rng.random(len(d)) < p).astype(np.int64) for p in MUTATION_PREVALENCE.values()]
+    columns += [_balanced_control(d, p, rng) for p in MUTATION_PREVALENCE.values()]
     return [PLANTED_MUTATION, *MUTATION_PREVALENCE], np.stack(columns, axis=1)
+
+
+def _balanced_control(density: np.ndarray, prevalence: float, rng: np.random.Generator) -> np.ndarray:
+    """0/1 at `prevalence`, spread evenly over the density order (one positive at a random place in
+    each run of about 1/prevalence patients), so a control carries no density signal even by chance."""
+    order = np.argsort(density)
+    block = max(2, round(1 / prevalence))
+    mutated = np.zeros(len(density), np.int64)
+    for start in range(0, len(order), block):
+        members = order[start : start + block]
+        if len(members) == block or rng.random() < len(members) / block:
+            mutated[rng.choice(members)] = 1
+    return mutated
 
 
 def write_demo_targets(folder: Path, density: dict[str, float]) -> tuple[Path, Path]:
