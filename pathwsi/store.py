@@ -14,6 +14,7 @@ place, so a store at the final path is always complete.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+log = logging.getLogger(__name__)
 SCHEMA = "pathwsi.features/1"
 PROGRESS = "progress.json"
 
@@ -86,7 +88,7 @@ class StoreWriter:
 def open_writer(path: Path, coords: np.ndarray, tissue: np.ndarray, feature_dims: dict[str, int], attrs: dict[str, Any], chunk_tiles: int, dtype: str = "float16") -> StoreWriter:
     """Resume the partial store at `path` if it was started with the same attrs, else start anew."""
     partial = partial_path(path)
-    resumed = _resume(partial, attrs, coords)
+    resumed = _resume(partial, attrs, coords, chunk_tiles, dtype)
     if resumed is not None:
         return StoreWriter(path, resumed, chunk_tiles, _read_progress(partial))
     if partial.exists():
@@ -103,13 +105,19 @@ def open_writer(path: Path, coords: np.ndarray, tissue: np.ndarray, feature_dims
     return StoreWriter(path, group, chunk_tiles, 0)
 
 
-def _resume(partial: Path, attrs: dict[str, Any], coords: np.ndarray) -> zarr.Group | None:
-    """The partial group when it matches these attrs and coordinates and has progress, else None."""
+def _resume(partial: Path, attrs: dict[str, Any], coords: np.ndarray, chunk_tiles: int, dtype: str) -> zarr.Group | None:
+    """The partial group when it matches these attrs, coordinates, chunk size and dtype and has
+    progress, else None. Progress counts chunks, so a partial store written with other chunks
+    (another features.batch_size or chunk_tiles) cannot be resumed: it is started over."""
     if not (partial / PROGRESS).is_file():
         return None
     try:
         group = zarr.open_group(str(partial), mode="r+", zarr_format=3)
         same = all(group.attrs.get(k) == json.loads(json.dumps(v)) for k, v in attrs.items())
+        if same and (group.attrs.get("chunk_tiles"), group.attrs.get("dtype")) != (chunk_tiles, dtype):
+            log.warning("%s: written in chunks of %s tiles (%s), this run writes %d (%s); starting it over",
+                        partial, group.attrs.get("chunk_tiles"), group.attrs.get("dtype"), chunk_tiles, dtype)
+            return None
         return group if same and np.array_equal(group["coords"][:], coords) else None
     except (FileNotFoundError, KeyError, ValueError):
         return None

@@ -10,7 +10,7 @@ rule aggregate:
     params:
         entries=cohort_entries,
         models=list(CONFIG["models"]["backbones"]),
-        settings=CONFIG["aggregate"],
+        statistics=CONFIG["aggregate"]["statistics"],  # aggregate.scheduler says how, not what: read from the config
     log:
         "logs/aggregate/{cohort}.log",
     conda:

@@ -30,9 +30,9 @@ def slide_path(wildcards):
     return SAMPLES[wildcards.slide_id].path
 
 
-def sample_record(wildcards):
-    """The sample-sheet row as a plain dict; as params, editing the row reruns that slide."""
-    return asdict(SAMPLES[wildcards.slide_id])
+def slide_record(wildcards):
+    """The sheet row without `site` (only the predictors use it); as params, editing the row reruns that slide."""
+    return {k: v for k, v in asdict(SAMPLES[wildcards.slide_id]).items() if k != "site"}
 
 
 def tiling_settings():

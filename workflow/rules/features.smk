@@ -9,8 +9,8 @@ rule features:
         store=directory("results/features/{slide_id}.zarr"),
         timings="results/features/{slide_id}.timings.json",
     params:
-        sample=sample_record,
-        models=CONFIG["models"],
+        sample=slide_record,
+        backbones=CONFIG["models"]["backbones"],  # models.allow_network says how, not what: read from the config
         dtype=CONFIG["features"]["dtype"],  # the only features key that changes results; the rest come from the config
     log:
         "logs/features/{slide_id}.log",

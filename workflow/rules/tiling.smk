@@ -9,7 +9,7 @@ rule tile:
         qc=report("results/qc/{slide_id}.png", caption="../report/tiling_qc.rst", category="Tiling QC", subcategory="{slide_id}"),
         stain_qc=report("results/qc/stain/{slide_id}.png", caption="../report/stain_qc.rst", category="Stain QC", subcategory="{slide_id}"),
     params:
-        sample=sample_record,
+        sample=slide_record,
         settings=tiling_settings(),
     log:
         "logs/tile/{slide_id}.log",

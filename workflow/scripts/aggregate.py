@@ -3,9 +3,11 @@
 from pathlib import Path
 
 from pathwsi.aggregate import AggregateOutputs, SlideEntry, aggregate_cohort, write_cohort
+from pathwsi.config import validate_config
 from pathwsi.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
-result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.settings["statistics"], snakemake.params.settings["scheduler"])
+scheduler = validate_config(snakemake.config)["aggregate"]["scheduler"]  # how, not what: changing it reruns nothing
+result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler)
 write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))

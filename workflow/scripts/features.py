@@ -8,14 +8,16 @@ from pathwsi.feature_job import run_feature_job
 from pathwsi.logs import log_to_file
 
 log_to_file(snakemake.log[0])
-run_settings = {k: v for k, v in validate_config(snakemake.config)["features"].items() if k != "threads"}  # how, not what: changing them reruns nothing
+config = validate_config(snakemake.config)
+run_settings = {k: v for k, v in config["features"].items() if k != "threads"}  # how, not what: changing them reruns nothing
+models = {"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones}
 run_feature_job(
     Sample(**snakemake.params.sample),
     Path(snakemake.input.tiles),
     Path(snakemake.input.meta),
     Path(snakemake.output.store),
     Path(snakemake.output.timings),
-    snakemake.params.models,
+    models,
     ExtractSettings(**{**run_settings, "dtype": snakemake.params.dtype}),
     threads=snakemake.threads,
 )
