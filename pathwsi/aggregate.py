@@ -83,8 +83,8 @@ def feature_columns(statistics: list[str], dim: int) -> list[str]:
     return [f"{name}_{i:04d}" for name in statistics for i in range(dim)]
 
 
-def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: str = "threads") -> CohortFeatures:
-    """Slide- and patient-level features of every model from the cohort's usable stores."""
+def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: str = "threads", workers: int | None = None) -> CohortFeatures:
+    """Slide- and patient-level features of every model from the cohort's usable stores (`workers`: dask threads or processes, default all CPUs)."""
     statistics = check_statistics(statistics)
     usable, rows = _usable_stores(entries, models)
     provenance = _model_provenance(usable, models)
@@ -97,7 +97,7 @@ def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: l
         dim = next(iter(arrays.values())).shape[1] if arrays else 0
         per_slide = [reduce_tiles(arrays[s], statistics) for s in usable]
         per_patient = [reduce_tiles(da.concatenate([arrays[s] for s in usable if patient_of[s] == p]), statistics) for p in patient_ids]
-        slide_values, patient_values = dask.compute(per_slide, per_patient, scheduler=scheduler)
+        slide_values, patient_values = dask.compute(per_slide, per_patient, scheduler=scheduler, num_workers=workers)
         columns = feature_columns(statistics, dim)
         slides[model] = _frame(slide_values, list(usable), "slide_id", columns)
         patients[model] = _frame(patient_values, patient_ids, "patient_id", columns)

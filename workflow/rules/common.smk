@@ -92,24 +92,6 @@ def tissue_experiment_outputs():
     return [f"results/tissue_experiment/{name}" for name in tables + confusion]
 
 
-def feature_outputs():
-    """Every slide's feature store and timings."""
-    return expand(["results/features/{slide_id}.zarr", "results/features/{slide_id}.timings.json"], slide_id=sorted(SAMPLES))
-
-
-def tiling_outputs():
-    """Every slide's tile table, tile metadata and QC picture."""
-    return expand(
-        [
-            "results/tiles/{slide_id}.parquet",
-            "results/tiles/{slide_id}.json",
-            "results/qc/{slide_id}.png",
-            "results/qc/stain/{slide_id}.png",
-        ],
-        slide_id=sorted(SAMPLES),
-    )
-
-
 def cohort_names():
     """Cohorts of the sample sheet, sorted."""
     return sorted({sample.cohort for sample in SAMPLES.values()})

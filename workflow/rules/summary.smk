@@ -15,5 +15,8 @@ rule summary:
     conda:
         "../../environment.yml"
     threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     script:
         "../scripts/summary.py"

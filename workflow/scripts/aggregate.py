@@ -9,5 +9,5 @@ from pathwsi.logs import log_to_file
 log_to_file(snakemake.log[0])
 entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
 scheduler = validate_config(snakemake.config)["aggregate"]["scheduler"]  # how, not what: changing it reruns nothing
-result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler)
+result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler, workers=snakemake.threads)
 write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))
