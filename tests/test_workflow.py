@@ -100,6 +100,17 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
     summary = (clone / "results" / "summary.tsv").read_text()
     assert summary.count("\tok\t") == 34
     check_demo_predictions(clone / "results" / "predict" / "demo-luad")
+    check_report(clone)
+
+
+def check_report(project: Path) -> None:
+    """`snakemake --report` builds one HTML file holding the QC pictures, the prediction figures and the summary, with captions."""
+    done = subprocess.run([str(project / ".venv" / "bin" / "snakemake"), "--report", "report.html"], cwd=project, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    html = (project / "report.html").read_text(errors="replace")
+    for entry in ["Tiling QC", "Stain QC", "Molecular prediction", "Run summary", "Tissue classification", "Fine-tuning",
+                  "mutation_roc.png", "expression_r_scatter.png", "DEMO-07-DX1", "thumbnail with the tissue mask", "Start with the"]:
+        assert entry in html, entry
 
 
 def check_demo_predictions(folder: Path) -> None:
