@@ -52,9 +52,10 @@ class DemoSlide:
         return f"{self.slide_id}.{self.fmt}"
 
     def tissue(self) -> SyntheticTissue:
-        if self.small:
-            return SyntheticTissue(*SMALL_SLIDE_UM, seed=self.seed, tissue_cover=0.8, background_band=0.0, lymphocyte_density=self.lymphocyte_density, infiltrate=self.lymphocyte_density)
-        return SyntheticTissue(*SLIDE_UM, seed=self.seed, faint=self.faint, pen=self.pen, lymphocyte_density=self.lymphocyte_density)
+        """Small slides are nearly all tissue, with lymphocyte aggregates as dense as their lymphocytes."""
+        shape = {"tissue_cover": 0.8, "background_band": 0.0, "infiltrate": self.lymphocyte_density} if self.small else {}
+        return SyntheticTissue(*(SMALL_SLIDE_UM if self.small else SLIDE_UM), seed=self.seed, faint=self.faint, pen=self.pen,
+                               lymphocyte_density=self.lymphocyte_density, **shape)
 
 
 def lymphocyte_densities(count: int = PREDICTION_PATIENTS, seed: int = 303) -> list[float]:
