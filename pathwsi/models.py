@@ -125,7 +125,7 @@ def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str 
         if BN_EPS_KEY in metadata:
             set_batchnorm_eps(net, float(metadata[BN_EPS_KEY]))
         digest = file_sha256(Path(spec.weights))
-    net.eval().to(device)
+    net.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last too (prepare)
     return Backbone(spec, net, int(net.num_features), digest)
 
 

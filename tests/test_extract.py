@@ -140,6 +140,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiled, tmp_path, kill_af
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_features_match_cpu_within_bf16_tolerance(tiled, tmp_path):
     sample, coords, fractions, meta = tiled

@@ -37,6 +37,20 @@ def test_features_are_2048_d_and_inputs_are_resized(untrained):
         assert untrained.net(prepared).shape == (2, 2048)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_xception_bf16_on_cuda_matches_float32_on_cpu(untrained):
+    """The real backbone (not a stand-in): bf16 autocast on the GPU gives the CPU's features."""
+    tiles = torch.randint(0, 256, (16, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gpu = dataclasses.replace(untrained, net=build_backbone(ModelSpec("imgnet", seed=3), device="cuda").net)
+    with torch.inference_mode():
+        cpu_features = untrained.net(untrained.prepare(tiles))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            gpu_features = gpu.net(gpu.prepare(tiles.cuda())).float().cpu()
+    cosine = torch.nn.functional.cosine_similarity(cpu_features, gpu_features, dim=1)
+    assert cosine.min() > 0.99, cosine
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_weights_from_a_file_load_exactly_and_name_their_sha256(untrained, tmp_path, suffix):
     path = tmp_path / f"w{suffix}"
