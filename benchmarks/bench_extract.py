@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=192, help="tiles for the pipeline-efficiency run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on the CPU, 4 on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (alone and in the pipeline)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
@@ -117,10 +119,10 @@ def main() -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     workers = args.workers or (1 if device.type == "cpu" else 4)
     print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} torch threads'}; "
-          f"torch {torch.__version__}; {workers} reader workers; cudnn.benchmark {args.cudnn_benchmark}")
+          f"torch {torch.__version__}; {workers} reader workers; cudnn.benchmark {args.cudnn_benchmark}; torch.compile {args.compile}")
     models = [build_backbone(ModelSpec(name), device=device) for name in ("imgnet", "ftx_stand_in")]
-    settings = ExtractSettings(batch_size=args.batch, chunk_tiles=max(512, args.batch), num_workers=workers, device=str(device))
-    alone = models_alone(models, args.batch, max(2, args.tiles // args.batch), device)
+    settings = ExtractSettings(batch_size=args.batch, chunk_tiles=max(512, args.batch), num_workers=workers, device=str(device), compile=args.compile)
+    alone = models_alone([replace(m, net=torch.compile(m.net)) for m in models] if args.compile else models, args.batch, max(2, args.tiles // args.batch), device)
     timings = pipeline(slide, models, args.tiles, settings)
     end_to_end = timings["tiles_per_s"]
     label = "4. CUDA" if device.type == "cuda" else "1. CPU"

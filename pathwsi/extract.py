@@ -4,7 +4,10 @@ features into a resumable Zarr store (pathwsi.store).
 
 DataLoader workers each open their own slide handle; tiles are read in the tile table's
 row-major order (neighbours share stored JPEG tiles); writing runs on a background thread, so
-reading (workers), normalizing + models (main thread) and writing overlap.
+reading (workers), normalizing + models (main thread) and writing overlap. On CUDA a batch's
+normalization, models and copy back are queued before the previous batch's features are
+collected, so the GPU is not idle while the main thread waits for the next batch; stage times
+come from CUDA events, without extra synchronization.
 """
 
 from __future__ import annotations
@@ -139,18 +142,30 @@ def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tile
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as write_pool, tqdm(total=len(tiles), initial=start, unit="tile", desc=sample.slide_id, disable=None) as progress:
         last: Future | None = None
-        waited = time.perf_counter()
-        for batch in loader:  # batches never straddle chunks: chunks hold whole batches
-            timings["read"] += time.perf_counter() - waited
-            for name, values in _forward(batch, stain, models, nets, device, timings).items():
+
+        def collect(batch: Launched) -> None:
+            """Wait for one launched batch's features, then queue each finished chunk for writing."""
+            nonlocal done, chunk_index, pending, last
+            for name, values in batch.wait(timings).items():
                 pending[name].append(values)
-            done += len(batch)
-            progress.update(len(batch))
-            if done == writer.chunk_end(chunk_index):
+            done += batch.size
+            progress.update(batch.size)
+            if done == writer.chunk_end(chunk_index):  # batches never straddle chunks: chunks hold whole batches
                 last = _submit(write_pool, writer, chunk_index, pending, timings, last)
                 pending = {name: [] for name in pending}
                 chunk_index += 1
+
+        previous: Launched | None = None
+        waited = time.perf_counter()
+        for batch in loader:
+            timings["read"] += time.perf_counter() - waited
+            launched = _launch(batch, stain, models, nets, device)
+            if previous is not None:  # the GPU already has the next batch queued while we wait here
+                collect(previous)
+            previous = launched
             waited = time.perf_counter()
+        if previous is not None:
+            collect(previous)
         if last is not None:
             last.result()
     writer.finish()
@@ -159,26 +174,49 @@ def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tile
     return timings
 
 
-def _forward(batch: torch.Tensor, stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device, timings: dict[str, float]) -> dict[str, np.ndarray]:
-    """Normalize the batch once, then run every model on it; returns float32 features per model."""
-    clock = time.perf_counter()
+@dataclass
+class Launched:
+    """One batch whose normalization, models and copy back to the host are queued on the device."""
+
+    size: int
+    features: dict[str, torch.Tensor]  # host tensors, filled asynchronously on CUDA
+    marks: list[Any]  # CUDA events (or perf_counter times on the CPU): start, normalized, each model done
+
+    def wait(self, timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """Block until the features are on the host; add the device's normalize and model seconds."""
+        if isinstance(self.marks[-1], torch.cuda.Event):
+            self.marks[-1].synchronize()
+        timings["normalize"] += _seconds(self.marks[0], self.marks[1])
+        timings["model"] += _seconds(self.marks[1], self.marks[-1])
+        return {name: values.numpy() for name, values in self.features.items()}
+
+
+def _launch(batch: torch.Tensor, stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device) -> Launched:
+    """Queue the batch's normalization (once) and every model on it, and the copy of the features back."""
+    marks = [_mark(device)]
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
     x = normalize_batch(x, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8)
-    _sync(device)
-    timings["normalize"] += time.perf_counter() - clock
-    out = {}
+    marks.append(_mark(device))
+    features = {}
     for model in models:
-        clock = time.perf_counter()
         autocast = torch.autocast("cuda", dtype=PRECISIONS[model.spec.precision]) if device.type == "cuda" else nullcontext()
         with torch.inference_mode(), autocast:
-            out[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().cpu().numpy()
-        timings["model"] += time.perf_counter() - clock
-    return out
+            features[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().to("cpu", non_blocking=True)
+    marks.append(_mark(device))
+    return Launched(len(batch), features, marks)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _mark(device: torch.device) -> Any:
+    """A point in the device's stream: a recorded CUDA event, or the time now on the CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(begin: Any, end: Any) -> float:
+    return begin.elapsed_time(end) / 1000 if isinstance(begin, torch.cuda.Event) else end - begin
 
 
 def _submit(pool: ThreadPoolExecutor, writer: Any, index: int, pending: dict[str, list[np.ndarray]], timings: dict[str, float], last: Future | None) -> Future:
