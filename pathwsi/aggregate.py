@@ -24,6 +24,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
+from pathwsi.dask_scheduler import DaskScheduler, compute_options
 from pathwsi.outputs import write_frame, write_json, write_table
 from pathwsi.store import FeatureStore, StoreError, open_store
 
@@ -83,8 +84,8 @@ def feature_columns(statistics: list[str], dim: int) -> list[str]:
     return [f"{name}_{i:04d}" for name in statistics for i in range(dim)]
 
 
-def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: str = "threads", workers: int | None = None) -> CohortFeatures:
-    """Slide- and patient-level features of every model from the cohort's usable stores (`workers`: dask threads or processes, default all CPUs)."""
+def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: DaskScheduler = DaskScheduler()) -> CohortFeatures:
+    """Slide- and patient-level features of every model from the cohort's usable stores, computed by `scheduler`."""
     statistics = check_statistics(statistics)
     usable, rows = _usable_stores(entries, models)
     provenance = _model_provenance(usable, models)
@@ -92,15 +93,16 @@ def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: l
     patients: dict[str, pd.DataFrame] = {}
     patient_of = {e.slide_id: e.patient_id for e in entries}
     patient_ids = sorted({patient_of[s] for s in usable})
-    for model in models:
-        arrays = {slide: da.from_zarr(store.features(model)) for slide, store in usable.items()}
-        dim = next(iter(arrays.values())).shape[1] if arrays else 0
-        per_slide = [reduce_tiles(arrays[s], statistics) for s in usable]
-        per_patient = [reduce_tiles(da.concatenate([arrays[s] for s in usable if patient_of[s] == p]), statistics) for p in patient_ids]
-        slide_values, patient_values = dask.compute(per_slide, per_patient, scheduler=scheduler, num_workers=workers)
-        columns = feature_columns(statistics, dim)
-        slides[model] = _frame(slide_values, list(usable), "slide_id", columns)
-        patients[model] = _frame(patient_values, patient_ids, "patient_id", columns)
+    with compute_options(scheduler) as options:
+        for model in models:
+            arrays = {slide: da.from_zarr(store.features(model)) for slide, store in usable.items()}
+            dim = next(iter(arrays.values())).shape[1] if arrays else 0
+            per_slide = [reduce_tiles(arrays[s], statistics) for s in usable]
+            per_patient = [reduce_tiles(da.concatenate([arrays[s] for s in usable if patient_of[s] == p]), statistics) for p in patient_ids]
+            slide_values, patient_values = dask.compute(per_slide, per_patient, **options)
+            columns = feature_columns(statistics, dim)
+            slides[model] = _frame(slide_values, list(usable), "slide_id", columns)
+            patients[model] = _frame(patient_values, patient_ids, "patient_id", columns)
     slide_table = pd.DataFrame(rows, columns=["slide_id", "patient_id", "status", "reason", "n_tiles"])
     used = slide_table[slide_table.status == "used"]
     patient_table = used.groupby("patient_id", sort=True).agg(n_slides=("slide_id", "size"), n_tiles=("n_tiles", "sum")).reset_index()

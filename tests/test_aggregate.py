@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pathwsi.aggregate import AggregateError, AggregateOutputs, SlideEntry, aggregate_cohort, check_statistics, read_features, write_cohort
+from pathwsi.dask_scheduler import DaskScheduler, SchedulerError
 from pathwsi.store import open_writer, partial_path
 
 DIM = 6
@@ -42,7 +44,7 @@ def cohort(tmp_path):
 
 def test_slide_and_patient_statistics_match_numpy(cohort):
     entries, tiles = cohort
-    result = aggregate_cohort(entries, ["imgnet", "ftx"], ["mean", "std", "max", "q50"], scheduler="synchronous")
+    result = aggregate_cohort(entries, ["imgnet", "ftx"], ["mean", "std", "max", "q50"], DaskScheduler("synchronous"))
     for model in ("imgnet", "ftx"):
         slides = result.slides[model]
         assert list(slides.index) == ["s1", "s2", "s3"]
@@ -97,3 +99,29 @@ def test_unknown_statistic_is_named():
     assert check_statistics(["mean", "q5", "q100"]) == ["mean", "q5", "q100"]
     with pytest.raises(AggregateError, match="median"):
         check_statistics(["mean", "median"])
+
+
+@pytest.mark.parametrize("how", ["local cluster", "address", "scheduler file"])
+def test_distributed_scheduler_gives_the_local_result(cohort, tmp_path, how):
+    from distributed import Client, LocalCluster
+
+    entries, _ = cohort
+    local = aggregate_cohort(entries, ["imgnet"], ["mean", "q50"], DaskScheduler("synchronous"))
+    if how == "local cluster":
+        result = aggregate_cohort(entries, ["imgnet"], ["mean", "q50"], DaskScheduler("distributed", workers=1))
+    else:
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+            address = cluster.scheduler_address
+            if how == "scheduler file":
+                address = str(tmp_path / "scheduler.json")
+                with Client(cluster) as client:
+                    client.write_scheduler_file(address)
+            result = aggregate_cohort(entries, ["imgnet"], ["mean", "q50"], DaskScheduler("distributed", address))
+    pd.testing.assert_frame_equal(result.slides["imgnet"], local.slides["imgnet"])
+    pd.testing.assert_frame_equal(result.patients["imgnet"], local.patients["imgnet"])
+
+
+def test_an_unreachable_cluster_is_a_clear_error(cohort):
+    entries, _ = cohort
+    with pytest.raises(SchedulerError, match="scheduler_address 'tcp://127.0.0.1:9'.*no dask scheduler answers"):
+        aggregate_cohort(entries, ["imgnet"], ["mean"], DaskScheduler("distributed", "tcp://127.0.0.1:9", connect_timeout_s=1))

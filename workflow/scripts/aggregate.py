@@ -4,10 +4,12 @@ from pathlib import Path
 
 from pathwsi.aggregate import AggregateOutputs, SlideEntry, aggregate_cohort, write_cohort
 from pathwsi.config import validate_config
+from pathwsi.dask_scheduler import DaskScheduler
 from pathwsi.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
-scheduler = validate_config(snakemake.config)["aggregate"]["scheduler"]  # how, not what: changing it reruns nothing
-result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler, workers=snakemake.threads)
+how = validate_config(snakemake.config)["aggregate"]  # the scheduler says how, not what: changing it reruns nothing
+scheduler = DaskScheduler(how["scheduler"], how["scheduler_address"], workers=snakemake.threads)
+result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler)
 write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))
