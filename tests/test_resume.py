@@ -281,10 +281,6 @@ AGGREGATES = expected_jobs(aggregate=COHORTS)
 NOTHING: set = set()
 
 
-def known_issue(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # name: a config change, or a sample sheet edit as {"sheet": (slide, column, value)}
 SETTING_CHANGES = {
     "tiling.tile_px": {"tiling": {"tile_px": 72}},
@@ -357,6 +353,7 @@ SETTING_CASES = [
     pytest.param("features how-settings", NOTHING),
     pytest.param("aggregate.scheduler", NOTHING),
     pytest.param("models.allow_network", NOTHING),
+    pytest.param("qc.max_px", NOTHING),
 ]
 
 
@@ -364,14 +361,6 @@ SETTING_CASES = [
 @pytest.mark.parametrize(("setting", "expected"), SETTING_CASES)
 def test_a_setting_reruns_exactly_what_it_shapes(planned_after, setting, expected):
     assert planned_after[setting] == expected, f"planned {sorted(planned_after[setting])}"
-
-
-@pytest.mark.slow
-@known_issue("the QC pictures are made by rule tile and `qc` is part of its params: a picture setting (qc.max_px, "
-             "qc.stain_tiles) rewrites the tile tables, so every feature store, aggregate and the summary are rebuilt")
-def test_a_qc_picture_setting_reruns_no_extraction(planned_after):
-    planned = planned_after["qc.max_px"]
-    assert not jobs_of(planned, "features") and not jobs_of(planned, "aggregate"), sorted(planned)
 
 
 @pytest.mark.slow

@@ -36,8 +36,10 @@ def slide_record(wildcards):
 
 
 def tiling_settings():
-    """The config sections that shape a slide's tiles (changing one reruns the tiling)."""
-    return {key: CONFIG[key] for key in ("seed", "tiling", "tissue", "stain", "qc")}
+    """The config sections that shape a slide's tiles (changing one reruns the tiling).
+
+    Not `qc`: picture sizes shape no tile, so the tile job reads them from the config itself."""
+    return {key: CONFIG[key] for key in ("seed", "tiling", "tissue", "stain")}
 
 
 def stain_target_file(wildcards):
