@@ -1,16 +1,24 @@
-"""Benchmark: reading 224-px tiles at 0.5 µm/px from a synthetic 40x JPEG slide, three ways.
+"""Benchmark: reading 224-px tiles at 0.5 µm/px from a synthetic 40x JPEG slide, against two limits.
 
 The slide: 20,480 x 20,480 px at 0.25 µm/px, JPEG quality 90 in 256 x 256 tiles, pyramid 1x and 4x,
 about 85 % tissue, level 0 rendered at full resolution (nuclei, fibres, pixel noise; written once
-to benchmarks/.cache/, about 2 minutes). The tiles: all 45 x 45 = 2,025 tiles of a central region,
-row-major. Each method runs in a fresh single-threaded interpreter (OMP/BLAS threads 1; imagecodecs,
-libjpeg and PIL's resize are single-threaded), methods interleaved, median of --repeats runs:
+to benchmarks/.cache/, about 2 minutes), self-contained YCbCr 4:2:0 JFIF tiles. The tiles: all
+45 x 45 = 2,025 tiles of a central region, row-major. Each method runs in a fresh single-threaded
+interpreter (OMP/BLAS threads 1; imagecodecs, libjpeg and PIL's resize are single-threaded),
+methods interleaved, median of --repeats runs:
 
 - OpenSlide: `Slide.read_region(x, y, 224, 224, 0.5)` per tile (OpenSlide read + RGBA->RGB + PIL BOX);
-- pathwsi reader: `open_tile_reader(slide, 0.5, 224).read(x, y)` per tile, from a cold cache;
-- raw decode: the distinct stored JPEG tiles those output tiles touch, each decoded once with
-  imagecodecs from bytes already in memory (no I/O, no assembly, no resize): the limit, given
-  as output tiles / time.
+- pathwsi reader: `open_tile_reader(slide, 0.5, 224).read(x, y)` per tile, from a cold cache: the
+  default, each stored tile decoded at half size in libjpeg-turbo's DCT domain (simplejpeg);
+- exact reader: the same with exact=True (full-size decode + PIL-exact BOX halving: read_region's
+  pixels bit for bit);
+- raw decode: the distinct stored JPEG tiles those output tiles touch, each decoded once at full
+  size to RGB with imagecodecs from bytes already in memory (no I/O, no assembly, no resize): the
+  limit for a reader that decodes at full size (the exact one), given as output tiles / time;
+- raw half-scale decode: the same tiles, each decoded once at half size to RGB with simplejpeg
+  (min_height/min_width half the tile): the limit for a reader that decodes at half size. The
+  default reader's >= 80 % target is judged against this one; its rate against the full-size raw
+  decode is printed too (it can pass 100 %: it decodes less than a full decode does).
 
 Rates use the child's CPU time (time.process_time: this machine's 2 cores are shared, and a
 single-threaded loop with a warm page cache does not wait on I/O); wall-clock rates are printed too.
@@ -37,6 +45,7 @@ SLIDE = CACHE / "bench_reader_20480_40x.svs"
 SIDE_PX, MPP0, TILE_PX, TILE_MPP, GRID = 20_480, 0.25, 224, 0.5, 45
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TARGET_VS_OPENSLIDE, TARGET_VS_RAW = 3.0, 0.80
+METHODS = ["openslide", "reader", "reader-exact", "raw", "raw-half", "reader-0.2527"]
 
 
 def ensure_slide() -> Path:
@@ -80,23 +89,30 @@ def child(method: str, path: str) -> dict:
         started, cpu = time.perf_counter(), time.process_time()
         for x, y in points:
             slide.read_region(x, y, TILE_PX, TILE_PX, TILE_MPP)
-    elif method in ("reader", "reader-0.2527"):
-        reader = open_tile_reader(slide, TILE_MPP, TILE_PX)
+    elif method in ("reader", "reader-exact", "reader-0.2527"):
+        reader = open_tile_reader(slide, TILE_MPP, TILE_PX, exact=method == "reader-exact")
         started, cpu = time.perf_counter(), time.process_time()
         for x, y in points:
             reader.read(x, y)
         extra = {"reader": reader.name, "decodes": getattr(reader, "decodes", None)}
     else:
         import imagecodecs
+        import simplejpeg
 
         layout = jpeg_level(slide, slide.levels[0])
         tiles = stored_tiles(points, span, layout.tile_width)
         with open(path, "rb") as fh:
             data = [os.pread(fh.fileno(), int(layout.bytecounts[i]), int(layout.offsets[i])) for i in (r * layout.tiles_across + c for r, c in tiles)]
         colorspace = "RGB" if layout.rgb_components else "YCBCR"
+        half_h, half_w = layout.tile_height // 2, layout.tile_width // 2
+        assert method == "raw" or (layout.tables is None and not layout.rgb_components), "the half-scale limit decodes the stored bytes as they are: self-contained YCbCr tiles"
         started, cpu = time.perf_counter(), time.process_time()
-        for item in data:
-            imagecodecs.jpeg8_decode(item, tables=layout.tables, colorspace=colorspace, outcolorspace="RGB")
+        if method == "raw":
+            for item in data:
+                imagecodecs.jpeg8_decode(item, tables=layout.tables, colorspace=colorspace, outcolorspace="RGB")
+        else:
+            for item in data:
+                simplejpeg.decode_jpeg(item, "RGB", min_height=half_h, min_width=half_w)
         extra = {"stored_tiles": len(tiles)}
     cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - started
     peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -125,10 +141,9 @@ def main() -> None:
         return
     slide = ensure_slide()
     warm_page_cache(slide)
-    methods = ["openslide", "reader", "raw", "reader-0.2527"]
-    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     for _ in range(args.repeats):
-        for method in methods:
+        for method in METHODS:
             runs[method].append(run_child(method, slide))
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("tiles_per_s", "wall_tiles_per_s", "peak_mib")} for m, rs in runs.items()}
     first = {m: rs[0] for m, rs in runs.items()}
@@ -138,16 +153,28 @@ def main() -> None:
     print(f"  {'method':52s} {'tiles/s':>8s} {'(wall)':>8s} {'peak MiB':>9s}")
     labels = {
         "openslide": "OpenSlide read_region + resize, per tile",
-        "reader": f"pathwsi {first['reader']['reader']} reader (decodes: {first['reader']['decodes']})",
+        "reader": f"pathwsi {first['reader']['reader']} reader, DCT half (decodes: {first['reader']['decodes']})",
+        "reader-exact": f"pathwsi reader, exact=True (decodes: {first['reader-exact']['decodes']})",
         "raw": "raw decode of the stored tiles, once each",
+        "raw-half": "raw half-scale decode of the same, once each",
         "reader-0.2527": "extra: reader, level 0 as 0.2527 µm/px (PIL BOX)",
     }
-    for method in methods:
+    for method in METHODS:
         print(f"  {labels[method]:52s} {med[method]['tiles_per_s']:8.0f} {med[method]['wall_tiles_per_s']:8.0f} {med[method]['peak_mib']:9.0f}")
-    vs_openslide = med["reader"]["tiles_per_s"] / med["openslide"]["tiles_per_s"]
-    vs_raw = med["reader"]["tiles_per_s"] / med["raw"]["tiles_per_s"]
-    print(f"reader / OpenSlide: {vs_openslide:.2f}x (target >= {TARGET_VS_OPENSLIDE:g}x: {'met' if vs_openslide >= TARGET_VS_OPENSLIDE else 'NOT met'})")
-    print(f"reader / raw decode: {vs_raw:.0%} (target >= {TARGET_VS_RAW:.0%}: {'met' if vs_raw >= TARGET_VS_RAW else 'NOT met'})")
+
+    def ratio(method: str, limit: str) -> float:
+        return med[method]["tiles_per_s"] / med[limit]["tiles_per_s"]
+
+    def verdict(value: float, target: float) -> str:
+        return "met" if value >= target else "NOT met"
+
+    for method, name in (("reader", "reader"), ("reader-exact", "exact reader")):
+        vs_openslide = ratio(method, "openslide")
+        print(f"{name} / OpenSlide: {vs_openslide:.2f}x (target >= {TARGET_VS_OPENSLIDE:g}x: {verdict(vs_openslide, TARGET_VS_OPENSLIDE)})")
+    vs_half, vs_raw = ratio("reader", "raw-half"), ratio("reader-exact", "raw")
+    print(f"reader / raw decode: {ratio('reader', 'raw'):.0%} (it decodes at half scale: its limit is the half-scale decode)")
+    print(f"reader / raw half-scale decode: {vs_half:.0%} (target >= {TARGET_VS_RAW:.0%}: {verdict(vs_half, TARGET_VS_RAW)})")
+    print(f"exact reader / raw decode: {vs_raw:.0%} (target >= {TARGET_VS_RAW:.0%}: {verdict(vs_raw, TARGET_VS_RAW)})")
     print("all runs (tiles/s, CPU time): " + "; ".join(f"{m} " + ", ".join(f"{r['tiles_per_s']:.0f}" for r in rs) for m, rs in runs.items()))
 
 

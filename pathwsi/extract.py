@@ -35,6 +35,7 @@ from pathwsi.stain_torch import normalize_batch
 from pathwsi.store import open_writer
 
 log = logging.getLogger(__name__)
+READERS = ("fast", "exact")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,13 @@ class ExtractSettings:
     chunk_tiles: int = 512  # tiles per Zarr chunk and per resume step (rounded up to whole batches)
     num_workers: int = 1
     dtype: str = "float16"
+    reader: str = "fast"  # fast: half-size JPEG decode where it applies; exact: OpenSlide's pixels (pathwsi.tile_reader)
     device: str = "auto"  # auto: CUDA when present, else CPU
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reader not in READERS:
+            raise ValueError(f"features.reader '{self.reader}' is not one of {READERS}")
 
     @property
     def aligned_chunk(self) -> int:
@@ -56,8 +62,8 @@ class ExtractSettings:
 class SlideTiles(Dataset):
     """Tiles of one slide by index; each worker process opens its own slide handle on first use."""
 
-    def __init__(self, sample: Sample, coords: np.ndarray, tile_px: int, tile_mpp: float, start: int = 0):
-        self.sample, self.coords, self.tile_px, self.tile_mpp, self.start = sample, coords, tile_px, tile_mpp, start
+    def __init__(self, sample: Sample, coords: np.ndarray, tile_px: int, tile_mpp: float, start: int = 0, exact: bool = False):
+        self.sample, self.coords, self.tile_px, self.tile_mpp, self.start, self.exact = sample, coords, tile_px, tile_mpp, start, exact
         self._reader: Any = None
 
     def __len__(self) -> int:
@@ -65,7 +71,7 @@ class SlideTiles(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self._reader is None:
-            self._reader = open_reader(self.sample, self.tile_mpp, self.tile_px)
+            self._reader = open_reader(self.sample, self.tile_mpp, self.tile_px, self.exact)
         x, y = self.coords[self.start + index]
         return torch.from_numpy(self._reader.read(int(x), int(y)))
 
@@ -73,12 +79,12 @@ class SlideTiles(Dataset):
         return {**self.__dict__, "_reader": None}
 
 
-def open_reader(sample: Sample, mpp: float, tile_px: int) -> Any:
+def open_reader(sample: Sample, mpp: float, tile_px: int, exact: bool = False) -> Any:
     """The fastest reader for this slide (decoding stored JPEG tiles once where possible)."""
     from pathwsi.slide import Slide
     from pathwsi.tile_reader import open_tile_reader
 
-    return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px)
+    return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px, exact=exact)
 
 
 def _stain_record(tiles_meta: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -86,10 +92,11 @@ def _stain_record(tiles_meta: dict[str, Any], keys: tuple[str, ...]) -> dict[str
     return {k: stain[k] for k in keys} if stain else None
 
 
-def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str) -> str:
-    """A hash of everything that shapes the features: tiles, stain parameters, model weights, dtype."""
+def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str, reader: str) -> str:
+    """A hash of everything that shapes the features: tiles, reader, stain parameters, model weights, dtype."""
     shaping = {
         "tile": tiles_meta.get("tile"),
+        "reader": reader,
         "stain": _stain_record(tiles_meta, ("params", "target")),
         "models": {m.spec.name: {**asdict(m.spec), "weights_sha256": m.weights_sha256} for m in models},
         "dtype": dtype,
@@ -112,7 +119,8 @@ def store_attrs(sample: Sample, tiles_meta: dict[str, Any], models: list[Backbon
         "models": {m.spec.name: m.provenance() for m in models},
         "warnings": warnings,
         "pathwsi_version": __version__,
-        "config_hash": settings_hash(tiles_meta, models, settings.dtype),
+        "reader": settings.reader,
+        "config_hash": settings_hash(tiles_meta, models, settings.dtype, settings.reader),
     }))
 
 
@@ -130,7 +138,7 @@ def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tile
     stain = StainFit.from_json(tiles_meta["stain"])
     tile = tiles_meta["tile"]
     loader = DataLoader(
-        SlideTiles(sample, tiles, tile["px"], tile["mpp"], start),
+        SlideTiles(sample, tiles, tile["px"], tile["mpp"], start, exact=settings.reader == "exact"),
         batch_size=settings.batch_size,
         num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",

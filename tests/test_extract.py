@@ -44,19 +44,28 @@ def models(device="cpu"):
     return [build_backbone(spec, device=device) for spec in SPECS]
 
 
-def test_store_matches_features_computed_directly(tiled, tmp_path):
+@pytest.mark.parametrize("reader", ["fast", "exact"])
+def test_store_matches_features_computed_directly(tiled, tmp_path, reader):
+    """Features of tiles read as `features.reader` says (exact: OpenSlide's read_region itself)."""
+    from dataclasses import replace
+
+    from pathwsi.slide import Slide
+    from pathwsi.tile_reader import open_tile_reader
+
     sample, coords, fractions, meta = tiled
     nets = models()
-    extract_slide(sample, coords, fractions, meta, nets, SETTINGS, tmp_path / "s.zarr")
+    extract_slide(sample, coords, fractions, meta, nets, replace(SETTINGS, reader=reader), tmp_path / "s.zarr")
     store = open_store(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.coords(), coords)
     np.testing.assert_allclose(store.group["tissue"][:], fractions)
-    from pathwsi.slide import Slide
-
     fit = StainFit.from_json(meta["stain"])
     picked = [0, len(coords) // 2, len(coords) - 1]
     with Slide(sample.path) as slide:
-        tiles = np.stack([slide.read_region(*coords[i], 224, 224, 0.5) for i in picked])
+        if reader == "exact":
+            tiles = np.stack([slide.read_region(*coords[i], 224, 224, 0.5) for i in picked])
+        else:
+            with open_tile_reader(slide, 0.5, 224) as fast:
+                tiles = np.stack([fast.read(*coords[i]) for i in picked])
     normalized = torch.from_numpy(normalize_array(tiles, fit.params, fit.target)).permute(0, 3, 1, 2)
     for model in nets:
         with torch.inference_mode():
@@ -64,8 +73,31 @@ def test_store_matches_features_computed_directly(tiled, tmp_path):
         stored = store.features(model.spec.name)[picked].astype(np.float32)
         np.testing.assert_allclose(stored, expected, rtol=2e-2, atol=2e-3)
     attrs = store.attrs
+    assert attrs["reader"] == reader
     assert attrs["models"]["small_a"]["untrained"] is True and len(attrs["warnings"]) == 2
     assert attrs["stain"]["status"] == "fitted" and attrs["tile"]["mpp"] == 0.5
+
+
+def test_the_dataset_reads_with_the_reader_asked_for(tiled):
+    from pathwsi.extract import SlideTiles
+    from pathwsi.slide import Slide
+
+    sample, coords, _, _ = tiled
+    with Slide(sample.path) as slide:
+        openslide_tile = slide.read_region(*coords[0], 224, 224, 0.5)
+    exact, fast = SlideTiles(sample, coords, 224, 0.5, exact=True)[0].numpy(), SlideTiles(sample, coords, 224, 0.5)[0].numpy()
+    np.testing.assert_array_equal(exact, openslide_tile)
+    assert 0 < np.abs(fast.astype(int) - openslide_tile).mean() < 1.5  # the DCT half-scale decode: close, not equal
+
+
+def test_the_reader_setting_is_part_of_the_config_hash(tiled):
+    from pathwsi.extract import settings_hash
+
+    _, _, _, meta = tiled
+    nets = models()
+    assert settings_hash(meta, nets, "float16", "fast") != settings_hash(meta, nets, "float16", "exact")
+    with pytest.raises(ValueError, match="features.reader 'dct' is not one of"):
+        ExtractSettings(reader="dct")
 
 
 def test_every_model_sees_the_same_normalized_batch(tiled, tmp_path):

@@ -11,7 +11,8 @@ rule features:
     params:
         sample=slide_record,
         backbones=CONFIG["models"]["backbones"],  # models.allow_network says how, not what: read from the config
-        dtype=CONFIG["features"]["dtype"],  # the only features key that changes results; the rest come from the config
+        dtype=CONFIG["features"]["dtype"],  # dtype and reader change results; the other features keys come from the config
+        reader=CONFIG["features"]["reader"],
     log:
         "logs/features/{slide_id}.log",
     conda:

@@ -18,6 +18,6 @@ run_feature_job(
     Path(snakemake.output.store),
     Path(snakemake.output.timings),
     models,
-    ExtractSettings(**{**run_settings, "dtype": snakemake.params.dtype}),
+    ExtractSettings(**{**run_settings, "dtype": snakemake.params.dtype, "reader": snakemake.params.reader}),
     threads=snakemake.threads,
 )
