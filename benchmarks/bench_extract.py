@@ -14,8 +14,8 @@
 The slide is the one of benchmarks/bench_reader.py (written once to benchmarks/.cache/).
 Models use untrained weights: speed does not depend on the weights.
 
-    python benchmarks/bench_extract.py [--tiles 192] [--batch 32] [--workers N] [--cudnn-benchmark] [--skip-memory]
-    GPU: python benchmarks/bench_extract.py --tiles 20480 --batch 256 --workers 12 --skip-memory
+    python benchmarks/bench_extract.py [--tiles 192] [--batch 32] [--workers N] [--reader fast|exact] [--compile] [--cudnn-benchmark] [--skip-memory]
+    GPU: python benchmarks/bench_extract.py --tiles 61440 --batch 256 --workers 14 --skip-memory
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=192, help="tiles for the pipeline-efficiency run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on the CPU, 4 on CUDA)")
+    parser.add_argument("--reader", choices=["fast", "exact"], default="fast", help="features.reader (pathwsi.tile_reader)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (alone and in the pipeline)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--skip-memory", action="store_true")
@@ -119,9 +120,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     workers = args.workers or (1 if device.type == "cpu" else 4)
     print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} torch threads'}; "
-          f"torch {torch.__version__}; {workers} reader workers; cudnn.benchmark {args.cudnn_benchmark}; torch.compile {args.compile}")
+          f"torch {torch.__version__}; {workers} reader workers ({args.reader} reader); cudnn.benchmark {args.cudnn_benchmark}; torch.compile {args.compile}")
     models = [build_backbone(ModelSpec(name), device=device) for name in ("imgnet", "ftx_stand_in")]
-    settings = ExtractSettings(batch_size=args.batch, chunk_tiles=max(512, args.batch), num_workers=workers, device=str(device), compile=args.compile)
+    settings = ExtractSettings(batch_size=args.batch, chunk_tiles=max(512, args.batch), num_workers=workers, device=str(device), compile=args.compile, reader=args.reader)
     alone = models_alone([replace(m, net=torch.compile(m.net)) for m in models] if args.compile else models, args.batch, max(2, args.tiles // args.batch), device)
     timings = pipeline(slide, models, args.tiles, settings)
     end_to_end = timings["tiles_per_s"]

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go (a lent GPU's time is short): the CUDA tests, then
-# benchmark 4 of issue 5 (bench_extract end to end on the GPU), without and with cudnn.benchmark.
+# benchmark 4 of issue 5 (bench_extract end to end on the GPU) with the fast and the exact reader.
 # Each step is time-boxed; logs go to $1 (default gpu_logs/). The pathwsi checkout must be the
 # working directory and `python3` must import pathwsi's dependencies.
 #
 #     bash benchmarks/gpu_checks.sh [LOG_DIR]      # TILES, BATCH, WORKERS override the benchmark's size
 set -uo pipefail
 logs=${1:-gpu_logs}
-tiles=${TILES:-20480} batch=${BATCH:-256} workers=${WORKERS:-12}
+tiles=${TILES:-61440} batch=${BATCH:-256} workers=${WORKERS:-14}
 mkdir -p "$logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$logs/gpu.txt"
@@ -18,6 +18,6 @@ slide=$!
 timeout 300 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -m cuda \
     tests/test_models.py tests/test_extract.py tests/test_stain_torch.py tests/test_finetune.py 2>&1 | tee "$logs/pytest_cuda.txt"
 wait "$slide" || { cat "$logs/slide.txt"; exit 1; }
-for flag in "" --cudnn-benchmark; do
-    timeout 240 python3 benchmarks/bench_extract.py --tiles "$tiles" --batch "$batch" --workers "$workers" --skip-memory $flag 2>&1 | tee "$logs/bench_extract${flag:+_cudnn}.txt"
+for reader in fast exact; do
+    timeout 240 python3 benchmarks/bench_extract.py --tiles "$tiles" --batch "$batch" --workers "$workers" --reader "$reader" --skip-memory 2>&1 | tee "$logs/bench_extract_$reader.txt"
 done
