@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def compute_options(scheduler: DaskScheduler) -> Iterator[dict[str, Any]]:
             log.info("dask: local cluster in this process, dashboard %s", client.dashboard_link)
             yield {"scheduler": client}
         return
+    if scheduler.address.endswith(".json") and not Path(scheduler.address).is_file():  # Client would wait for it forever
+        raise SchedulerError(f"aggregate.scheduler_address '{scheduler.address}': no such scheduler file; start the cluster first (docs/cluster.md) or fix the path")
     try:
         timeout = f"{scheduler.connect_timeout_s}s"
         client = Client(scheduler_file=scheduler.address, timeout=timeout) if scheduler.address.endswith(".json") else Client(scheduler.address, timeout=timeout)

@@ -219,7 +219,7 @@ def _mark(device: torch.device) -> Any:
     if device.type != "cuda":
         return time.perf_counter()
     event = torch.cuda.Event(enable_timing=True)
-    event.record()
+    event.record(torch.cuda.current_stream(device))  # the stream the batch's work is queued on (cuda:N too)
     return event
 
 

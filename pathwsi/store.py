@@ -161,7 +161,8 @@ def open_store(path: Path) -> FeatureStore:
         hint = " (an unfinished run left a .partial store: rerun the workflow to resume it)" if partial_path(path).exists() else ""
         raise StoreError(f"{path}: no feature store here{hint}")
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        # absolute: arrays sent to a remote dask cluster's workers must not depend on their directory
+        group = zarr.open_group(str(path.resolve()), mode="r", zarr_format=3)
     except (FileNotFoundError, ValueError) as err:
         raise StoreError(f"{path}: not a Zarr v3 group ({err})") from err
     if group.attrs.get("schema") != SCHEMA:

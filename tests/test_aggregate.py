@@ -121,7 +121,25 @@ def test_distributed_scheduler_gives_the_local_result(cohort, tmp_path, how):
     pd.testing.assert_frame_equal(result.patients["imgnet"], local.patients["imgnet"])
 
 
-def test_an_unreachable_cluster_is_a_clear_error(cohort):
+def test_an_unreachable_cluster_is_a_clear_error(cohort, tmp_path):
     entries, _ = cohort
     with pytest.raises(SchedulerError, match="scheduler_address 'tcp://127.0.0.1:9'.*no dask scheduler answers"):
         aggregate_cohort(entries, ["imgnet"], ["mean"], DaskScheduler("distributed", "tcp://127.0.0.1:9", connect_timeout_s=1))
+    missing = str(tmp_path / "scheduler.json")  # dask's Client would wait for it forever
+    with pytest.raises(SchedulerError, match="no such scheduler file"):
+        aggregate_cohort(entries, ["imgnet"], ["mean"], DaskScheduler("distributed", missing, connect_timeout_s=1))
+
+
+def test_store_arrays_do_not_depend_on_the_working_directory(cohort, tmp_path, monkeypatch):
+    """A remote dask worker unpickles the arrays elsewhere; relative store roots would read zeros there."""
+    import pickle
+
+    from pathwsi.store import open_store
+
+    entries, tiles = cohort
+    monkeypatch.chdir(entries[0].store.parent)
+    array = open_store(Path(entries[0].store.name)).features("imgnet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(array))[:], tiles[entries[0].slide_id]["imgnet"].astype(array.dtype))
