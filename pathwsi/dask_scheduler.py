@@ -50,11 +50,11 @@ def compute_options(scheduler: DaskScheduler) -> Iterator[dict[str, Any]]:
             log.info("dask: local cluster in this process, dashboard %s", client.dashboard_link)
             yield {"scheduler": client}
         return
-    if scheduler.address.endswith(".json") and not Path(scheduler.address).is_file():  # Client would wait for it forever
+    where = {"scheduler_file": scheduler.address} if scheduler.address.endswith(".json") else {"address": scheduler.address}
+    if "scheduler_file" in where and not Path(scheduler.address).is_file():  # Client would wait for it forever
         raise SchedulerError(f"aggregate.scheduler_address '{scheduler.address}': no such scheduler file; start the cluster first (docs/cluster.md) or fix the path")
     try:
-        timeout = f"{scheduler.connect_timeout_s}s"
-        client = Client(scheduler_file=scheduler.address, timeout=timeout) if scheduler.address.endswith(".json") else Client(scheduler.address, timeout=timeout)
+        client = Client(**where, timeout=f"{scheduler.connect_timeout_s}s")
     except (OSError, TimeoutError) as err:
         raise SchedulerError(f"aggregate.scheduler_address '{scheduler.address}': no dask scheduler answers ({err}); start one (docs/cluster.md) or remove the address to use a local cluster") from err
     with client:
