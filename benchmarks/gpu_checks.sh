@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one go (a lent GPU's time is short): the CUDA tests, then
-# benchmark 4 of issue 5 (bench_extract end to end on the GPU) with the fast and the exact reader.
+# Everything that needs a CUDA GPU, in one go (a lent GPU's time is short): the CUDA tests, the
+# per-job start-up with and without the fork server (bench_startup), then benchmark 4 of issue 5
+# (bench_extract end to end on the GPU) with the fast and the exact reader. SKIP_EXTRACT=1 leaves
+# the last out; STARTUP_SLIDES and STARTUP_ROUNDS size bench_startup.
 # Each step is time-boxed; logs go to $1 (default gpu_logs/). The pathwsi checkout must be the
 # working directory and `python3` must import pathwsi's dependencies.
 #
@@ -13,10 +15,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$logs/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())" 2>&1 | tee -a "$logs/gpu.txt"
 # the benchmark slide (a few minutes of rendering) is written while the tests run
-python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_reader import ensure_slide; print(ensure_slide())" >"$logs/slide.txt" 2>&1 &
-slide=$!
+[ -z "${SKIP_EXTRACT:-}" ] && { python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_reader import ensure_slide; print(ensure_slide())" >"$logs/slide.txt" 2>&1 & }
+slide=${!:-}
 timeout 300 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -m cuda \
-    tests/test_models.py tests/test_extract.py tests/test_stain_torch.py tests/test_finetune.py 2>&1 | tee "$logs/pytest_cuda.txt"
+    tests/test_models.py tests/test_extract.py tests/test_stain_torch.py tests/test_finetune.py tests/test_forkserver.py 2>&1 | tee "$logs/pytest_cuda.txt"
+timeout 420 python3 benchmarks/bench_startup.py --slides "${STARTUP_SLIDES:-6}" --rounds "${STARTUP_ROUNDS:-2}" --threads 4 2>&1 | tee "$logs/bench_startup.txt"
+[ -n "${SKIP_EXTRACT:-}" ] && exit 0
 wait "$slide" || { cat "$logs/slide.txt"; exit 1; }
 for reader in fast exact; do
     timeout 240 python3 benchmarks/bench_extract.py --tiles "$tiles" --batch "$batch" --workers "$workers" --reader "$reader" --rounds 1 --skip-memory 2>&1 | tee "$logs/bench_extract_$reader.txt"

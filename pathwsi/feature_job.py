@@ -13,6 +13,7 @@ import torch
 
 from pathwsi.config import Sample
 from pathwsi.extract import ExtractSettings, extract_slide
+from pathwsi.logs import log_to_file
 from pathwsi.models import build_backbone, resolve_device, specs_from_config
 from pathwsi.outputs import write_json
 
@@ -38,3 +39,9 @@ def run_feature_job(sample: Sample, tiles_path: Path, meta_path: Path, store_pat
     write_json(record, timings_path)
     log.info("%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)", sample.slide_id, timings["tiles"], timings.get("tiles_per_s", 0.0), timings["read"], timings["normalize"], timings["model"], timings["write"])
     return record
+
+
+def run_features_job(log: str, sample: dict[str, Any], tiles: str, meta: str, store: str, timings: str, models: dict[str, Any], settings: dict[str, Any], threads: int) -> None:
+    """Rule `features`' job from plain values (what a fork-server request carries): log to `log`, extract the slide."""
+    log_to_file(log)
+    run_feature_job(Sample(**sample), Path(tiles), Path(meta), Path(store), Path(timings), models, ExtractSettings(**settings), threads=threads)

@@ -294,6 +294,7 @@ SETTING_CHANGES = {
     "aggregate.scheduler": {"aggregate": {"scheduler": "synchronous"}},
     "models.allow_network": {"models": {"allow_network": True}},
     "qc.max_px": {"qc": {"max_px": 400}},
+    "fork_server": {"fork_server": False},
     "sheet site": {"sheet": ("s0", "site", "05")},
 }
 
@@ -356,6 +357,7 @@ SETTING_CASES = [
     pytest.param("aggregate.scheduler", NOTHING),
     pytest.param("models.allow_network", NOTHING),
     pytest.param("qc.max_px", NOTHING),
+    pytest.param("fork_server", NOTHING),
 ]
 
 

@@ -52,10 +52,14 @@ def test_dry_run_reports_every_sheet_problem_before_running(tmp_path, slides):
 
 
 @pytest.mark.slow
-def test_workflow_tiles_a_batch_and_isolates_bad_slides(tmp_path, slides):
+@pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "own-process"])
+def test_workflow_tiles_a_batch_and_isolates_bad_slides(tmp_path, slides, fork_server):
     rows = [("fine", slides.svs_025, ""), ("coarse", slides.tiff_05, ""), ("blank", slides.blank, ""),
             ("corrupt", slides.corrupt, ""), ("nompp", slides.no_mpp, ""), ("rescued", slides.no_mpp, "0.5")]
     project = make_project(tmp_path, slides, rows)
+    config = project / "config" / "config.yaml"
+    config.write_text(config.read_text().replace("fork_server: true", f"fork_server: {str(fork_server).lower()}"))
+    assert f"fork_server: {str(fork_server).lower()}" in config.read_text()
     done = snakemake(project, "--cores", "2", "tiles")
     assert done.returncode == 0, done.stdout[-3000:]
     status = {sid: json.loads((project / "results" / "tiles" / f"{sid}.json").read_text())["status"] for sid, _, _ in rows}

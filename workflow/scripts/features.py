@@ -1,23 +1,19 @@
-"""Snakemake entry point of rule `features`: one slide's tiles -> Zarr feature store."""
+"""Snakemake entry point of rule `features`: one slide's tiles -> Zarr feature store (pathwsi.feature_job)."""
 
-from pathlib import Path
+import sys
 
-from pathwsi.config import Sample, validate_config
-from pathwsi.extract import ExtractSettings
-from pathwsi.feature_job import run_feature_job
-from pathwsi.logs import log_to_file
+from pathwsi.config import validate_config
+from pathwsi.forkserver import call
 
-log_to_file(snakemake.log[0])
 config = validate_config(snakemake.config)
-run_settings = {k: v for k, v in config["features"].items() if k != "threads"}  # how, not what: changing them reruns nothing
-models = {"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones}
-run_feature_job(
-    Sample(**snakemake.params.sample),
-    Path(snakemake.input.tiles),
-    Path(snakemake.input.meta),
-    Path(snakemake.output.store),
-    Path(snakemake.output.timings),
-    models,
-    ExtractSettings(**{**run_settings, "dtype": snakemake.params.dtype, "reader": snakemake.params.reader}),
-    threads=snakemake.threads,
-)
+job = {
+    "log": snakemake.log[0],
+    "sample": snakemake.params.sample,
+    **{key: snakemake.input[key] for key in ("tiles", "meta")},
+    **{key: snakemake.output[key] for key in ("store", "timings")},
+    "models": {"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones},
+    # dtype and reader change results (params); the other keys say how, not what: changing them reruns nothing
+    "settings": {**{k: v for k, v in config["features"].items() if k != "threads"}, "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
+    "threads": snakemake.threads,
+}
+sys.exit(call("pathwsi.feature_job:run_features_job", job, use_server=config["fork_server"]))

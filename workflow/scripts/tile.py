@@ -1,15 +1,16 @@
-"""Snakemake entry point of rule `tile`: one slide -> tile table, metadata, QC picture."""
+"""Snakemake entry point of rule `tile`: one slide -> tile table, metadata, QC pictures (pathwsi.tile_slide)."""
 
-from pathlib import Path
+import sys
 
-from pathwsi.config import Sample, validate_config
-from pathwsi.logs import log_to_file
-from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+from pathwsi.config import validate_config
+from pathwsi.forkserver import call
 
-log_to_file(snakemake.log[0])
-tile_slide(
-    Sample(**snakemake.params.sample),
+config = validate_config(snakemake.config)
+job = {
+    "log": snakemake.log[0],
+    "sample": snakemake.params.sample,
     # qc (picture sizes) says how the pictures look, not what the tiles are: changing it reruns nothing
-    TilingJobSettings.from_config({**snakemake.params.settings, "qc": validate_config(snakemake.config)["qc"]}),
-    TilingOutputs(*(Path(snakemake.output[key]) for key in ("tiles", "meta", "qc", "stain_qc"))),
-)
+    "settings": {**snakemake.params.settings, "qc": config["qc"]},
+    "outputs": [snakemake.output[key] for key in ("tiles", "meta", "qc", "stain_qc")],
+}
+sys.exit(call("pathwsi.tile_slide:run_tile_job", job, use_server=config["fork_server"]))

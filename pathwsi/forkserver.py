@@ -1,0 +1,371 @@
+"""A per-node fork server: import pathwsi, torch and timm once, fork a fresh process for each job.
+
+A per-slide job spends 2-13 s importing its libraries before it reads a pixel, often longer than the
+work itself. With the fork server, the first job on a node starts `python -m pathwsi.forkserver`
+(detached); that process imports each job module once, then forks one child per request. Each
+child is a fresh process as far as its job can tell: its own process group, the job's working
+directory, environment and stdin/stdout/stderr (passed over the socket), its own CUDA context (the
+server never touches CUDA). The job (the client) waits for the child's exit status and exits with
+it. A client that is stopped (SIGTERM, SIGINT) or killed takes its child with it; a server that
+dies takes its children with it (PR_SET_PDEATHSIG). The server exits after `IDLE_S` seconds without
+work, and on a SLURM node at the latest when the job that started it ends.
+
+There is one server per user, host, SLURM job, Python and pathwsi source: editing pathwsi's code or
+switching environments starts a new one. Linux only; elsewhere, and with `fork_server: false`, jobs run in
+their own process as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import importlib
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IDLE_S = 300.0  # the server exits after this long without a job
+KILL_GRACE_S = 10.0  # a stopped job's child gets SIGTERM, then SIGKILL after this long
+START_TIMEOUT_S = 180.0  # how long a client waits for a new server's imports
+_LENGTH = struct.Struct("!Q")
+_REPLY = struct.Struct("!cq")  # b"P" + child pid, then b"X" + exit status (negative: killed by that signal)
+_PR_SET_PDEATHSIG = 1
+
+
+class ForkServerError(RuntimeError):
+    """The fork server could not be started or reached, or vanished during a job."""
+
+
+def available() -> bool:
+    """Whether this platform can run the fork server (Linux: fork, Unix sockets, fd passing, prctl)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "send_fds")
+
+
+def call(target: str, kwargs: dict[str, Any], use_server: bool) -> int:
+    """Run `module:function`(**kwargs) in a fork-server child (when `use_server` and available), else here; its exit status."""
+    if use_server and available():
+        return run_forked(target, kwargs)
+    resolve(target)(**kwargs)
+    return 0
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The function named by `module:function` (importing the module)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def socket_path() -> Path:
+    """The server socket of this user, host, SLURM job, Python and pathwsi source, in a private folder of the temp dir."""
+    package = Path(__file__).resolve().parent
+    stamps = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in package.glob("*.py"))
+    job = os.environ.get("SLURM_JOB_ID")  # a SLURM job's server serves that job only (its resources, its lifetime)
+    key = repr((os.getuid(), socket.gethostname(), job, sys.executable, sys.version, str(package), stamps))
+    folder = Path(tempfile.gettempdir()) / f"pathwsi-{os.getuid()}"
+    if len(str(folder)) > 70:  # Unix socket paths are limited to ~107 bytes
+        folder = Path("/tmp") / f"pathwsi-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
+        raise ForkServerError(f"{folder} must belong to you and be private (chmod 700), or set fork_server: false")
+    return folder / f"fork-{hashlib.sha256(key.encode()).hexdigest()[:16]}.sock"
+
+
+# -- the client (a workflow job) -------------------------------------------------------------------------
+
+
+def run_forked(target: str, kwargs: dict[str, Any]) -> int:
+    """Run `module:function`(**kwargs) in a child of this node's fork server, started if needed; its exit status.
+
+    SIGTERM or SIGINT here stops the child (SIGTERM, then SIGKILL) and waits for it to be gone."""
+    with _connect_or_start(socket_path()) as sock:
+        payload = pickle.dumps({"target": target, "kwargs": kwargs, "cwd": os.getcwd(), "env": dict(os.environ)})
+        socket.send_fds(sock, [_LENGTH.pack(len(payload))], [0, 1, 2])
+        sock.sendall(payload)
+        _expect(sock, b"P")
+        stopped_by: list[int] = []
+
+        def stop(signum: int, _frame: Any) -> None:
+            if not stopped_by:
+                stopped_by.append(signum)
+                sock.shutdown(socket.SHUT_WR)  # the server sees EOF and stops the child
+                sock.settimeout(KILL_GRACE_S + 30)
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            status = _expect(sock, b"X")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if stopped_by:
+        return 128 + stopped_by[0]
+    return status if status >= 0 else 128 - status
+
+
+def _expect(sock: socket.socket, kind: bytes) -> int:
+    data = _recv_exactly(sock, _REPLY.size)
+    if len(data) < _REPLY.size:
+        raise ForkServerError(f"the fork server ({sock.getpeername()}) closed the connection before the job finished; see its log beside the socket")
+    got, value = _REPLY.unpack(data)
+    if got != kind:
+        raise ForkServerError(f"unexpected fork server reply {got!r}")
+    return value
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        part = sock.recv(size - len(data))
+        if not part:
+            break
+        data += part
+    return data
+
+
+def _try_connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _connect_or_start(path: Path) -> socket.socket:
+    """A connection to the server at `path`; the first client (under a lock) starts it and waits for its imports."""
+    sock = _try_connect(path)
+    if sock is not None:
+        return sock
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sock = _try_connect(path)
+        if sock is not None:
+            return sock
+        path.unlink(missing_ok=True)  # a server that died without cleaning up
+        log_path = path.with_suffix(".log")
+        with open(log_path, "ab") as log:
+            server = subprocess.Popen([sys.executable, "-m", "pathwsi.forkserver", str(path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=_server_env(), start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            sock = _try_connect(path)
+            if sock is not None:
+                return sock
+            if server.poll() is not None:
+                raise ForkServerError(f"the fork server exited with status {server.returncode} while starting; its log: {log_path}\n{_tail(log_path)}")
+            time.sleep(0.05)
+        server.kill()
+        raise ForkServerError(f"the fork server did not start within {START_TIMEOUT_S:.0f} s; its log: {log_path}")
+
+
+def _server_env() -> dict[str, str]:
+    """The caller's environment, with an absolute PYTHONPATH that starts with this pathwsi (the server runs in /)."""
+    entries = [str(Path(__file__).resolve().parent.parent), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(e) for e in entries if e)}
+
+
+def server_pid(path: Path) -> int | None:
+    """The pid of the server listening at socket `path` (from the pid file beside it), if one is running."""
+    try:
+        return int(path.with_suffix(".pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# -- the server ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Child:
+    conn: socket.socket
+    kill_at: float | None = None  # when SIGKILL follows the SIGTERM of a stopped job
+    peer_gone: bool = field(default=False)
+
+
+class _Server:
+    """Single-threaded (so that fork is safe): one selector over the listening socket, the clients and SIGCHLD."""
+
+    def __init__(self, path: Path, idle_s: float) -> None:
+        self.path = path
+        self.idle_s = idle_s
+        self.children: dict[int, _Child] = {}
+        self.selector = selectors.DefaultSelector()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.with_suffix(".pid").write_text(str(os.getpid()))
+        self.listener.bind(str(path))
+        self.listener.listen(64)
+        self.pid = os.getpid()
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        signal.set_wakeup_fd(self.wake_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD writes to the wakeup pipe
+        self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+        self.selector.register(self.wake_read, selectors.EVENT_READ, self._reap)
+        self.last_busy = time.monotonic()
+
+    def serve(self) -> None:
+        """Run until idle for `idle_s` seconds."""
+        while self.children or time.monotonic() - self.last_busy < self.idle_s:
+            for key, _ in self.selector.select(self._timeout()):
+                key.data(key.fileobj)
+            self._escalate()
+            if self.children:
+                self.last_busy = time.monotonic()
+
+    def close(self) -> None:
+        """Remove the socket and pid file, and stop every child still running."""
+        self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".pid").unlink(missing_ok=True)
+        for pid in self.children:
+            _kill_group(pid, signal.SIGKILL)
+
+    def _timeout(self) -> float:
+        deadlines = [c.kill_at for c in self.children.values() if c.kill_at is not None]
+        if not self.children:
+            deadlines.append(self.last_busy + self.idle_s)
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else 60.0
+
+    def _accept(self, listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        fds: list[int] = []
+        try:
+            header, fds, _, _ = socket.recv_fds(conn, _LENGTH.size, 3)
+            request = pickle.loads(_recv_exactly(conn, _LENGTH.unpack(header)[0]))
+            resolve(request["target"])  # import the job's module here, once, before forking
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_initialized():
+                raise ForkServerError(f"importing {request['target']} initialised CUDA in the fork server; CUDA does not survive fork")
+        except Exception:
+            message = f"pathwsi fork server: the job could not be started:\n{traceback.format_exc()}"
+            print(message, file=sys.stderr, flush=True)
+            if len(fds) == 3:
+                os.write(fds[2], message.encode())  # the job's own stderr
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._become_child(request, fds, conn)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = _Child(conn)
+        self.selector.register(conn, selectors.EVENT_READ, self._client_spoke)
+        _send(conn, b"P", pid)
+        print(f"{time.strftime('%H:%M:%S')} pid {pid}: {request['target']} in {request['cwd']}", flush=True)
+
+    def _client_spoke(self, conn: socket.socket) -> None:
+        """The client closed its side (it was stopped or killed): stop its child."""
+        self.selector.unregister(conn)
+        for pid, child in self.children.items():
+            if child.conn is conn:
+                child.peer_gone = True
+                child.kill_at = time.monotonic() + KILL_GRACE_S
+                _kill_group(pid, signal.SIGTERM)
+
+    def _escalate(self) -> None:
+        for pid, child in self.children.items():
+            if child.kill_at is not None and time.monotonic() >= child.kill_at:
+                _kill_group(pid, signal.SIGKILL)
+                child.kill_at = None
+
+    def _reap(self, _pipe: int) -> None:
+        os.read(self.wake_read, 4096)
+        while self.children:
+            peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if peek is None:
+                return
+            _kill_group(peek.si_pid, signal.SIGKILL)  # leftovers of its group (reader processes), before the pid is freed
+            _, status = os.waitpid(peek.si_pid, 0)
+            child = self.children.pop(peek.si_pid, None)
+            if child is None:
+                continue
+            if not child.peer_gone:
+                self.selector.unregister(child.conn)
+            _send(child.conn, b"X", os.waitstatus_to_exitcode(status))
+            child.conn.close()
+
+    def _become_child(self, request: dict[str, Any], fds: list[int], conn: socket.socket) -> None:
+        """In the forked child: become the job's process, run it, exit with its status. Never returns."""
+        status = 1
+        try:
+            os.setpgid(0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != self.pid:  # the server died before prctl took effect
+                os._exit(1)
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.selector.close()
+            for sock in [self.listener, conn, *(c.conn for c in self.children.values())]:
+                sock.close()  # through the objects, so that no stale fd number is closed later
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+            for target_fd, fd in zip((0, 1, 2), fds):
+                os.dup2(fd, target_fd)
+                os.close(fd)
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            tempfile.tempdir = None  # the job's TMPDIR, not the server's
+            resolve(request["target"])(**request["kwargs"])
+            status = 0
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+
+def _send(conn: socket.socket, kind: bytes, value: int) -> None:
+    try:
+        conn.sendall(_REPLY.pack(kind, value))
+    except OSError:
+        pass  # the client is gone (killed): nobody to tell
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def serve(path: Path, idle_s: float = IDLE_S) -> None:
+    """Serve fork requests at `path` until idle for `idle_s` seconds or sent SIGTERM."""
+    importlib.import_module("torch")  # the slow imports, once, before the socket exists (clients wait for it)
+    importlib.import_module("timm")
+    server = _Server(path, idle_s)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"{time.strftime('%H:%M:%S')} fork server pid {os.getpid()} listening at {path} (exits after {idle_s:.0f} s idle)", flush=True)
+    try:
+        server.serve()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else IDLE_S)

@@ -1,0 +1,188 @@
+"""The fork server (pathwsi.forkserver): jobs run in forked children that already hold torch, with the
+caller's directory, environment, stdio and exit status; stopping or killing either end takes the child down.
+
+Each test client is a real subprocess, as a Snakemake job is. The job itself is a small script run by
+`runpy.run_path` in the child, so that no test code lives in the package. The servers here live in a
+private temp dir (TMPDIR), apart from the one the workflow's jobs use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pathwsi import forkserver
+
+pytestmark = pytest.mark.skipif(not forkserver.available(), reason="the fork server needs Linux")
+
+JOB = textwrap.dedent(
+    """
+    import json, os, sys, time
+    report = {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0), "cwd": os.getcwd(),
+              "torch_already_imported": "torch" in sys.modules, "env": os.environ.get("PATHWSI_TEST_VALUE")}
+    with open(os.environ["PATHWSI_TEST_REPORT"], "w") as out:
+        json.dump(report, out)
+    print("stdout of the job")
+    print("stderr of the job", file=sys.stderr)
+    if os.environ.get("PATHWSI_TEST_CUDA"):
+        import torch
+        print("cuda", torch.ones(2, device="cuda").sum().item())
+    time.sleep(float(os.environ.get("PATHWSI_TEST_SLEEP", "0")))
+    if os.environ.get("PATHWSI_TEST_RAISE"):
+        raise RuntimeError("the job failed on purpose")
+    sys.exit(int(os.environ.get("PATHWSI_TEST_EXIT", "0")))
+    """
+)
+CLIENT = "import sys; from pathwsi.forkserver import run_forked; sys.exit(run_forked('runpy:run_path', {'path_name': sys.argv[1], 'run_name': '__main__'}))"
+
+
+@pytest.fixture(scope="module")
+def private_tmp() -> Iterator[Path]:
+    """A short private TMPDIR (socket paths are limited to ~107 bytes); its server is stopped at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp"))
+    yield folder
+    for sock in folder.glob("pathwsi-*/fork-*.sock"):
+        pid = forkserver.server_pid(sock)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class Client:
+    """One job submitted from a fresh process, as a Snakemake job script does."""
+
+    def __init__(self, tmp: Path, workdir: Path, **env: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "job.py").write_text(JOB)
+        self.report = workdir / "report.json"
+        environment = {**os.environ, "TMPDIR": str(tmp), "PATHWSI_TEST_REPORT": str(self.report), **env}
+        self.process = subprocess.Popen([sys.executable, "-c", CLIENT, "job.py"], cwd=workdir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        out, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out, err
+
+    def started(self, timeout: float = 120) -> dict:
+        """The child's report, once it has written it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.report.exists() and self.report.read_text():
+                return json.loads(self.report.read_text())
+            assert self.process.poll() is None, self.process.communicate()
+            time.sleep(0.05)
+        raise AssertionError("the job did not start")
+
+
+def gone(pid: int, timeout: float = 15) -> bool:
+    """Whether process `pid` has ended (and been reaped) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_jobs_run_in_children_of_one_warm_server_with_the_callers_directory_environment_and_stdio(private_tmp, tmp_path):
+    first = Client(private_tmp, tmp_path / "a", PATHWSI_TEST_VALUE="one")
+    code, out, err = first.finish()
+    assert code == 0, err
+    assert out == "stdout of the job\n" and "stderr of the job" in err
+    a = json.loads(first.report.read_text())
+    assert a["cwd"] == str(tmp_path / "a") and a["env"] == "one"
+    assert a["pgid"] == a["pid"], "the child is not the leader of its own process group"
+
+    second = Client(private_tmp, tmp_path / "b", PATHWSI_TEST_VALUE="two")
+    assert second.finish()[0] == 0
+    b = json.loads(second.report.read_text())
+    assert b["ppid"] == a["ppid"] != first.process.pid, "the second job did not fork from the same server"
+    assert b["torch_already_imported"], "the child had to import torch itself"
+    assert b["cwd"] == str(tmp_path / "b") and b["env"] == "two"
+
+
+@pytest.mark.parametrize("env, expected", [({"PATHWSI_TEST_EXIT": "3"}, 3), ({"PATHWSI_TEST_RAISE": "1"}, 1)])
+def test_the_jobs_exit_status_and_traceback_reach_the_caller(private_tmp, tmp_path, env, expected):
+    code, _, err = Client(private_tmp, tmp_path, **env).finish()
+    assert code == expected
+    if "PATHWSI_TEST_RAISE" in env:
+        assert "RuntimeError: the job failed on purpose" in err
+
+
+@pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 128 + signal.SIGINT), (signal.SIGKILL, -signal.SIGKILL)])
+def test_stopping_or_killing_the_caller_stops_its_child(private_tmp, tmp_path, sig, expected):
+    client = Client(private_tmp, tmp_path, PATHWSI_TEST_SLEEP="600")
+    child = client.started()["pid"]
+    client.process.send_signal(sig)
+    code, _, _ = client.finish(timeout=60)
+    assert code == expected
+    assert gone(child), f"the child {child} outlived its caller ({sig!r})"
+
+
+def test_a_dead_server_takes_its_children_with_it_and_the_caller_says_so(tmp_path):
+    tmp = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp"))
+    try:
+        client = Client(tmp, tmp_path, PATHWSI_TEST_SLEEP="600")
+        report = client.started()
+        os.kill(report["ppid"], signal.SIGKILL)
+        code, _, err = client.finish(timeout=60)
+        assert code == 1 and "closed the connection before the job finished" in err
+        assert gone(report["pid"]), "the child outlived its server"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_an_idle_server_exits_and_removes_its_socket(tmp_path):
+    path = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp")) / "s.sock"
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "pathwsi.forkserver", str(path), "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = server.communicate(timeout=120)
+        assert server.returncode == 0, out
+        assert "listening" in out and not path.exists() and not path.with_suffix(".pid").exists()
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_another_python_or_pathwsi_source_gets_its_own_server(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    here = forkserver.socket_path()
+    monkeypatch.setattr(sys, "executable", "/another/python")
+    assert forkserver.socket_path() != here and forkserver.socket_path().parent == here.parent
+
+
+def test_without_the_server_the_job_runs_in_this_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHWSI_TEST_REPORT", str(tmp_path / "report.json"))
+    (tmp_path / "job.py").write_text(JOB)
+    with pytest.raises(SystemExit) as stop:
+        forkserver.call("runpy:run_path", {"path_name": str(tmp_path / "job.py"), "run_name": "__main__"}, use_server=False)
+    assert stop.value.code == 0
+    assert json.loads((tmp_path / "report.json").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_forked_child_gets_its_own_working_cuda(private_tmp, tmp_path):
+    """The server imports torch but never initialises CUDA, so each child can (CUDA does not survive fork)."""
+    for name in ("a", "b"):
+        code, out, err = Client(private_tmp, tmp_path / name, PATHWSI_TEST_CUDA="1").finish()
+        assert code == 0 and "cuda 2.0" in out, err
+
+
+def test_a_job_that_cannot_be_started_says_why_on_its_own_stderr(private_tmp):
+    client = "from pathwsi.forkserver import run_forked; run_forked('pathwsi.no_such_module:main', {})"
+    done = subprocess.run([sys.executable, "-c", client], env={**os.environ, "TMPDIR": str(private_tmp)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "the job could not be started" in done.stderr and "No module named 'pathwsi.no_such_module'" in done.stderr
