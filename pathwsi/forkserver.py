@@ -17,18 +17,21 @@ their own process as before.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
 import importlib
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -41,7 +44,8 @@ IDLE_S = 300.0  # the server exits after this long without a job
 KILL_GRACE_S = 10.0  # a stopped job's child gets SIGTERM, then SIGKILL after this long
 START_TIMEOUT_S = 180.0  # how long a client waits for a new server's imports
 _LENGTH = struct.Struct("!Q")
-_REPLY = struct.Struct("!cq")  # b"P" + child pid, then b"X" + exit status (negative: killed by that signal)
+_REPLY = struct.Struct("!cq")  # b"P" + child pid, then b"X" + exit status (negative: killed by that signal); b"E": not started
+_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}  # held back across fork until the child has its own handlers
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,6 +76,7 @@ def socket_path() -> Path:
     """The server socket of this user, host, SLURM job, Python and pathwsi source, in a private folder of the temp dir."""
     package = Path(__file__).resolve().parent
     stamps = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in package.glob("*.py"))
+    stamps.append(("site-packages", Path(sysconfig.get_paths()["purelib"]).stat().st_mtime_ns))  # changes when packages are (un)installed
     job = os.environ.get("SLURM_JOB_ID")  # a SLURM job's server serves that job only (its resources, its lifetime)
     key = repr((os.getuid(), socket.gethostname(), job, sys.executable, sys.version, str(package), stamps))
     folder = Path(tempfile.gettempdir()) / f"pathwsi-{os.getuid()}"
@@ -90,44 +95,88 @@ def run_forked(target: str, kwargs: dict[str, Any]) -> int:
     """Run `module:function`(**kwargs) in a child of this node's fork server, started if needed; its exit status.
 
     SIGTERM or SIGINT here stops the child (SIGTERM, then SIGKILL) and waits for it to be gone."""
-    with _connect_or_start(socket_path()) as sock:
-        payload = pickle.dumps({"target": target, "kwargs": kwargs, "cwd": os.getcwd(), "env": dict(os.environ)})
-        socket.send_fds(sock, [_LENGTH.pack(len(payload))], [0, 1, 2])
-        sock.sendall(payload)
-        _expect(sock, b"P")
-        stopped_by: list[int] = []
+    path = socket_path()
+    request = pickle.dumps({
+        "target": target, "kwargs": kwargs, "cwd": os.getcwd(), "env": dict(os.environ),
+        "affinity": sorted(os.sched_getaffinity(0)), "umask": _current_umask(),
+    })  # fmt: skip
+    for attempt in (1, 2):  # a server that was just exiting (idle) closes the connection unanswered: ask a new one
+        with _connect_or_start(path) as sock:
+            socket.send_fds(sock, [_LENGTH.pack(len(request))], _stdio())
+            sock.sendall(request)
+            kind, _ = _reply(sock, path, allow_eof=attempt == 1)
+            if kind == b"E":
+                return 1  # the server wrote why on our stderr
+            if kind == b"P":
+                return _wait_for_child(sock, path)
+            if kind:
+                raise ForkServerError(f"unexpected fork server reply {kind!r}")
+    raise AssertionError("unreachable: the second attempt raises at EOF")
 
-        def stop(signum: int, _frame: Any) -> None:
-            if not stopped_by:
-                stopped_by.append(signum)
-                sock.shutdown(socket.SHUT_WR)  # the server sees EOF and stops the child
-                sock.settimeout(KILL_GRACE_S + 30)
 
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            status = _expect(sock, b"X")
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+def _wait_for_child(sock: socket.socket, path: Path) -> int:
+    """The child's exit status; on SIGTERM/SIGINT, have the server stop it and wait (bounded) until it has."""
+    stopped_by: list[int] = []
+
+    def stop(signum: int, _frame: Any) -> None:
+        if not stopped_by:
+            stopped_by.append(signum)
+            sock.shutdown(socket.SHUT_WR)  # the server sees EOF and stops the child
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = None
+        while not select.select([sock], [], [], 1.0)[0]:
+            if stopped_by and deadline is None:
+                deadline = time.monotonic() + KILL_GRACE_S + 30
+            if deadline is not None and time.monotonic() > deadline:
+                raise ForkServerError(f"the fork server did not confirm that the stopped job ended; its log: {path.with_suffix('.log')}")
+        _, status = _reply(sock, path, allow_eof=False)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stopped_by:
         return 128 + stopped_by[0]
     return status if status >= 0 else 128 - status
 
 
-def _expect(sock: socket.socket, kind: bytes) -> int:
+def _reply(sock: socket.socket, path: Path, allow_eof: bool) -> tuple[bytes, int]:
+    """The server's next reply; (b"", 0) at EOF when `allow_eof`, else an error that points at the server's log."""
     data = _recv_exactly(sock, _REPLY.size)
-    if len(data) < _REPLY.size:
-        raise ForkServerError(f"the fork server ({sock.getpeername()}) closed the connection before the job finished; see its log beside the socket")
-    got, value = _REPLY.unpack(data)
-    if got != kind:
-        raise ForkServerError(f"unexpected fork server reply {got!r}")
-    return value
+    if len(data) == _REPLY.size:
+        kind, value = _REPLY.unpack(data)
+        return kind, value
+    if allow_eof and not data:
+        return b"", 0
+    log = path.with_suffix(".log")
+    raise ForkServerError(f"the fork server closed the connection before the job finished (it failed or was stopped); its log: {log}\n{_tail(log)}")
+
+
+def _stdio() -> list[int]:
+    """This process's stdin, stdout and stderr, /dev/null for any that is closed."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            fds.append(os.open(os.devnull, os.O_RDWR))
+    return fds
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
-        part = sock.recv(size - len(data))
+        try:
+            part = sock.recv(size - len(data))
+        except ConnectionResetError:
+            break
         if not part:
             break
         data += part
@@ -145,7 +194,10 @@ def _try_connect(path: Path) -> socket.socket | None:
 
 
 def _connect_or_start(path: Path) -> socket.socket:
-    """A connection to the server at `path`; the first client (under a lock) starts it and waits for its imports."""
+    """A connection to the server at `path`; the first client (under a lock) starts it and waits until it listens.
+
+    The server listens before its slow imports, so the lock is held for well under a second; requests
+    wait in the socket's backlog until the imports are done."""
     sock = _try_connect(path)
     if sock is not None:
         return sock
@@ -156,6 +208,8 @@ def _connect_or_start(path: Path) -> socket.socket:
             return sock
         path.unlink(missing_ok=True)  # a server that died without cleaning up
         log_path = path.with_suffix(".log")
+        if log_path.exists() and log_path.stat().st_size > 2**20:
+            log_path.replace(log_path.with_suffix(".log.old"))
         with open(log_path, "ab") as log:
             server = subprocess.Popen([sys.executable, "-m", "pathwsi.forkserver", str(path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=_server_env(), start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -204,13 +258,13 @@ class _Server:
     def __init__(self, path: Path, idle_s: float) -> None:
         self.path = path
         self.idle_s = idle_s
+        self.pid = os.getpid()
         self.children: dict[int, _Child] = {}
         self.selector = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        path.with_suffix(".pid").write_text(str(os.getpid()))
         self.listener.bind(str(path))
         self.listener.listen(64)
-        self.pid = os.getpid()
+        path.with_suffix(".pid").write_text(str(self.pid))
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
         signal.set_wakeup_fd(self.wake_write)
@@ -252,35 +306,50 @@ class _Server:
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_initialized():
                 raise ForkServerError(f"importing {request['target']} initialised CUDA in the fork server; CUDA does not survive fork")
+            pid = self._fork(request, fds, conn)
         except Exception:
             message = f"pathwsi fork server: the job could not be started:\n{traceback.format_exc()}"
             print(message, file=sys.stderr, flush=True)
             if len(fds) == 3:
-                os.write(fds[2], message.encode())  # the job's own stderr
-            for fd in fds:
-                os.close(fd)
+                _write_quietly(fds[2], message)  # the job's own stderr
+            _send(conn, b"E", 0)
             conn.close()
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            self._become_child(request, fds, conn)
-        for fd in fds:
-            os.close(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
         self.children[pid] = _Child(conn)
         self.selector.register(conn, selectors.EVENT_READ, self._client_spoke)
         _send(conn, b"P", pid)
         print(f"{time.strftime('%H:%M:%S')} pid {pid}: {request['target']} in {request['cwd']}", flush=True)
 
+    def _fork(self, request: dict[str, Any], fds: list[int], conn: socket.socket) -> int:
+        """Fork the job's child (which never returns from here); its pid."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)  # no server handler may run in the child
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    self._become_child(request, fds, conn)
+                finally:
+                    os._exit(1)  # nothing in the child may ever return into the server's loop
+            with contextlib.suppress(OSError):  # the child may have done it, or be gone already
+                os.setpgid(pid, pid)  # here too, so that a stop right after the fork reaches its group
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+        return pid
+
     def _client_spoke(self, conn: socket.socket) -> None:
         """The client closed its side (it was stopped or killed): stop its child."""
-        self.selector.unregister(conn)
         for pid, child in self.children.items():
-            if child.conn is conn:
+            if child.conn is conn and not child.peer_gone:
+                self.selector.unregister(conn)
                 child.peer_gone = True
                 child.kill_at = time.monotonic() + KILL_GRACE_S
                 _kill_group(pid, signal.SIGTERM)
+                return  # not found: the child was reaped (and its connection closed) in this same round
 
     def _escalate(self) -> None:
         for pid, child in self.children.items():
@@ -305,39 +374,66 @@ class _Server:
             child.conn.close()
 
     def _become_child(self, request: dict[str, Any], fds: list[int], conn: socket.socket) -> None:
-        """In the forked child: become the job's process, run it, exit with its status. Never returns."""
+        """In the forked child: become the job's process and run it; exits with its status."""
+        os.setpgid(0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.pid:  # the server died before prctl took effect
+            os._exit(1)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _BLOCKED)
+        self.selector.close()
+        for sock in [self.listener, conn, *(c.conn for c in self.children.values())]:
+            sock.close()  # through the objects, so that no stale fd number is closed later
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+        for target_fd, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target_fd)
+            os.close(fd)
+        _take_on(request)
         status = 1
         try:
-            os.setpgid(0, 0)
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != self.pid:  # the server died before prctl took effect
-                os._exit(1)
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGCHLD, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.selector.close()
-            for sock in [self.listener, conn, *(c.conn for c in self.children.values())]:
-                sock.close()  # through the objects, so that no stale fd number is closed later
-            os.close(self.wake_read)
-            os.close(self.wake_write)
-            for target_fd, fd in zip((0, 1, 2), fds):
-                os.dup2(fd, target_fd)
-                os.close(fd)
-            os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
-            tempfile.tempdir = None  # the job's TMPDIR, not the server's
             resolve(request["target"])(**request["kwargs"])
             status = 0
-        except SystemExit as stop:
-            status = stop.code if isinstance(stop.code, int) else 1
+        except SystemExit as stop:  # as Python itself would exit: None is 0, a message is printed and is 1
+            if stop.code is None or isinstance(stop.code, int):
+                status = stop.code or 0
+            else:
+                _write_quietly(2, f"{stop.code}\n")
         except BaseException:
             traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass  # a closed or full stdout must not change the status, nor escape into the server's code
+        os._exit(status)
+
+
+def _take_on(request: dict[str, Any]) -> None:
+    """Make this child look like the job's own process: directory, environment, CPUs, umask, thread pools."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    tempfile.tempdir = None  # the job's TMPDIR, not the server's
+    os.sched_setaffinity(0, request["affinity"])
+    os.umask(request["umask"])
+    threads = request["env"].get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:  # the BLAS/OpenMP pools read it when they were loaded: in the server
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(int(threads))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))
+
+
+def _write_quietly(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode())
+    except OSError:
+        pass
 
 
 def _send(conn: socket.socket, kind: bytes, value: int) -> None:
@@ -356,12 +452,12 @@ def _kill_group(pid: int, sig: int) -> None:
 
 def serve(path: Path, idle_s: float = IDLE_S) -> None:
     """Serve fork requests at `path` until idle for `idle_s` seconds or sent SIGTERM."""
-    importlib.import_module("torch")  # the slow imports, once, before the socket exists (clients wait for it)
-    importlib.import_module("timm")
-    server = _Server(path, idle_s)
+    server = _Server(path, idle_s)  # listening at once: the first requests wait in the backlog during the imports
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"{time.strftime('%H:%M:%S')} fork server pid {os.getpid()} listening at {path} (exits after {idle_s:.0f} s idle)", flush=True)
     try:
+        importlib.import_module("torch")  # the slow imports, once
+        importlib.import_module("timm")
+        print(f"{time.strftime('%H:%M:%S')} fork server pid {os.getpid()} listening at {path} (exits after {idle_s:.0f} s idle)", flush=True)
         server.serve()
     finally:
         server.close()

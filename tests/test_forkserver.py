@@ -8,6 +8,7 @@ private temp dir (TMPDIR), apart from the one the workflow's jobs use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,9 +31,17 @@ JOB = textwrap.dedent(
     """
     import json, os, sys, time
     report = {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0), "cwd": os.getcwd(),
-              "torch_already_imported": "torch" in sys.modules, "env": os.environ.get("PATHWSI_TEST_VALUE")}
+              "torch_already_imported": "torch" in sys.modules, "env": os.environ.get("PATHWSI_TEST_VALUE"),
+              "affinity": sorted(os.sched_getaffinity(0)), "umask": os.umask(0)}
+    if os.environ.get("PATHWSI_TEST_THREADS"):
+        import threadpoolctl, torch
+        report["torch_threads"] = torch.get_num_threads()
+        report["pool_threads"] = sorted({pool["num_threads"] for pool in threadpoolctl.threadpool_info()})
     with open(os.environ["PATHWSI_TEST_REPORT"], "w") as out:
         json.dump(report, out)
+    if os.environ.get("PATHWSI_TEST_IGNORE_TERM"):
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print("stdout of the job")
     print("stderr of the job", file=sys.stderr)
     if os.environ.get("PATHWSI_TEST_CUDA"):
@@ -41,33 +50,41 @@ JOB = textwrap.dedent(
     time.sleep(float(os.environ.get("PATHWSI_TEST_SLEEP", "0")))
     if os.environ.get("PATHWSI_TEST_RAISE"):
         raise RuntimeError("the job failed on purpose")
-    sys.exit(int(os.environ.get("PATHWSI_TEST_EXIT", "0")))
+    if os.environ.get("PATHWSI_TEST_FLOOD"):
+        print("x" * 1_000_000)  # into a pipe nobody reads any more
+    code = os.environ.get("PATHWSI_TEST_EXIT", "0")
+    sys.exit(None if code == "none" else int(code) if code.isdigit() else code)
     """
 )
 CLIENT = "import sys; from pathwsi.forkserver import run_forked; sys.exit(run_forked('runpy:run_path', {'path_name': sys.argv[1], 'run_name': '__main__'}))"
 
 
-@pytest.fixture(scope="module")
-def private_tmp() -> Iterator[Path]:
+def server_dir() -> Iterator[Path]:
     """A short private TMPDIR (socket paths are limited to ~107 bytes); its server is stopped at the end."""
     folder = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp"))
     yield folder
     for sock in folder.glob("pathwsi-*/fork-*.sock"):
-        pid = forkserver.server_pid(sock)
-        if pid:
-            os.kill(pid, signal.SIGTERM)
+        if pid := forkserver.server_pid(sock):
+            with contextlib.suppress(ProcessLookupError):  # a test may have killed it
+                os.kill(pid, signal.SIGTERM)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+private_tmp = pytest.fixture(scope="module")(server_dir)  # one server shared by the tests of this module
+fresh_tmp = pytest.fixture(server_dir)  # a test's own server, started by that test
 
 
 class Client:
     """One job submitted from a fresh process, as a Snakemake job script does."""
 
-    def __init__(self, tmp: Path, workdir: Path, **env: str) -> None:
+    def __init__(self, tmp: Path, workdir: Path, cpus: set[int] | None = None, **env: str | None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "job.py").write_text(JOB)
         self.report = workdir / "report.json"
-        environment = {**os.environ, "TMPDIR": str(tmp), "PATHWSI_TEST_REPORT": str(self.report), **env}
-        self.process = subprocess.Popen([sys.executable, "-c", CLIENT, "job.py"], cwd=workdir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        merged = {**os.environ, "TMPDIR": str(tmp), "PATHWSI_TEST_REPORT": str(self.report), **env}
+        environment = {key: value for key, value in merged.items() if value is not None}
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.process = subprocess.Popen([sys.executable, "-c", CLIENT, "job.py"], cwd=workdir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
 
     def finish(self, timeout: float = 120) -> tuple[int, str, str]:
         out, err = self.process.communicate(timeout=timeout)
@@ -113,12 +130,53 @@ def test_jobs_run_in_children_of_one_warm_server_with_the_callers_directory_envi
     assert b["cwd"] == str(tmp_path / "b") and b["env"] == "two"
 
 
-@pytest.mark.parametrize("env, expected", [({"PATHWSI_TEST_EXIT": "3"}, 3), ({"PATHWSI_TEST_RAISE": "1"}, 1)])
-def test_the_jobs_exit_status_and_traceback_reach_the_caller(private_tmp, tmp_path, env, expected):
+@pytest.mark.parametrize(
+    "env, expected, message",
+    [
+        ({"PATHWSI_TEST_EXIT": "3"}, 3, ""),
+        ({"PATHWSI_TEST_EXIT": "none"}, 0, ""),
+        ({"PATHWSI_TEST_EXIT": "the job says no"}, 1, "the job says no"),
+        ({"PATHWSI_TEST_RAISE": "1"}, 1, "RuntimeError: the job failed on purpose"),
+    ],
+)
+def test_the_jobs_exit_status_and_traceback_reach_the_caller_as_python_would_give_them(private_tmp, tmp_path, env, expected, message):
     code, _, err = Client(private_tmp, tmp_path, **env).finish()
-    assert code == expected
-    if "PATHWSI_TEST_RAISE" in env:
-        assert "RuntimeError: the job failed on purpose" in err
+    assert code == expected and message in err
+
+
+def test_the_child_takes_on_the_callers_cpus_umask_and_thread_count(private_tmp, tmp_path):
+    """The BLAS/OpenMP pools were sized when the server loaded them; each child is resized to its job."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    cpu = min(os.sched_getaffinity(0))
+    old_mask = os.umask(0o027)
+    try:
+        client = Client(private_tmp, tmp_path, PATHWSI_TEST_THREADS="1", OMP_NUM_THREADS="1", cpus={cpu})
+    finally:
+        os.umask(old_mask)
+    assert client.finish()[0] == 0
+    report = json.loads(client.report.read_text())
+    assert report["affinity"] == [cpu] and report["umask"] == 0o027
+    assert report["torch_threads"] == 1 and report["pool_threads"] == [1], report
+
+
+def test_a_job_whose_output_breaks_cannot_harm_the_server_or_other_jobs(fresh_tmp, tmp_path):
+    buffered = {"PYTHONUNBUFFERED": None}  # a server with block-buffered stdout, as on a node without that variable
+    sleeper = Client(fresh_tmp, tmp_path / "sleeper", PATHWSI_TEST_SLEEP="5", **buffered)
+    sleeper.started()
+    broken = Client(fresh_tmp, tmp_path / "broken", PATHWSI_TEST_FLOOD="1", **buffered)
+    broken.process.stdout.close()  # the job's stdout now leads nowhere
+    assert broken.process.wait(timeout=120) != 0
+    assert sleeper.finish()[0] == 0, "the other job was killed"
+    assert list(fresh_tmp.glob("pathwsi-*/fork-*.sock")), "the server lost its socket"
+
+
+def test_clients_starting_at_once_share_one_new_server(fresh_tmp, tmp_path):
+    clients = [Client(fresh_tmp, tmp_path / str(i)) for i in range(3)]
+    assert [c.finish()[0] for c in clients] == [0, 0, 0]
+    assert len({json.loads(c.report.read_text())["ppid"] for c in clients}) == 1
+    (log,) = fresh_tmp.glob("pathwsi-*/fork-*.log")
+    assert log.read_text().count("fork server pid") == 1
 
 
 @pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 128 + signal.SIGINT), (signal.SIGKILL, -signal.SIGKILL)])
@@ -131,17 +189,32 @@ def test_stopping_or_killing_the_caller_stops_its_child(private_tmp, tmp_path, s
     assert gone(child), f"the child {child} outlived its caller ({sig!r})"
 
 
-def test_a_dead_server_takes_its_children_with_it_and_the_caller_says_so(tmp_path):
-    tmp = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp"))
-    try:
-        client = Client(tmp, tmp_path, PATHWSI_TEST_SLEEP="600")
-        report = client.started()
-        os.kill(report["ppid"], signal.SIGKILL)
-        code, _, err = client.finish(timeout=60)
-        assert code == 1 and "closed the connection before the job finished" in err
-        assert gone(report["pid"]), "the child outlived its server"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def test_a_stopped_caller_waits_idle_until_a_child_that_ignores_sigterm_is_killed(private_tmp, tmp_path):
+    client = Client(private_tmp, tmp_path, PATHWSI_TEST_SLEEP="600", PATHWSI_TEST_IGNORE_TERM="1")
+    child = client.started()["pid"]
+    client.process.send_signal(signal.SIGTERM)
+    before = cpu_seconds(client.process.pid)
+    time.sleep(3)
+    assert cpu_seconds(client.process.pid) - before < 0.5, "the waiting caller burns CPU"
+    assert client.process.poll() is None, "the caller returned before its child was gone"
+    code, _, _ = client.finish(timeout=forkserver.KILL_GRACE_S + 30)
+    assert code == 128 + signal.SIGTERM
+    assert gone(child)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_dead_server_takes_its_children_with_it_and_the_caller_says_so(fresh_tmp, tmp_path):
+    client = Client(fresh_tmp, tmp_path, PATHWSI_TEST_SLEEP="600")
+    report = client.started()
+    os.kill(report["ppid"], signal.SIGKILL)
+    code, _, err = client.finish(timeout=60)
+    assert code == 1 and "closed the connection before the job finished" in err
+    assert gone(report["pid"]), "the child outlived its server"
 
 
 def test_an_idle_server_exits_and_removes_its_socket(tmp_path):
@@ -182,7 +255,7 @@ def test_every_forked_child_gets_its_own_working_cuda(private_tmp, tmp_path):
 
 
 def test_a_job_that_cannot_be_started_says_why_on_its_own_stderr(private_tmp):
-    client = "from pathwsi.forkserver import run_forked; run_forked('pathwsi.no_such_module:main', {})"
+    client = "import sys; from pathwsi.forkserver import run_forked; sys.exit(run_forked('pathwsi.no_such_module:main', {}))"
     done = subprocess.run([sys.executable, "-c", client], env={**os.environ, "TMPDIR": str(private_tmp)}, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert "the job could not be started" in done.stderr and "No module named 'pathwsi.no_such_module'" in done.stderr
