@@ -1,12 +1,20 @@
-"""Shared fixtures: small synthetic pyramidal slides with known geometry, made once per session."""
+"""Shared fixtures: small synthetic pyramidal slides with known geometry, made once per session, and
+private folders for the fork servers that the tests start."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pathwsi.forkserver import server_pid
 from pathwsi.synthetic import SyntheticTissue, write_slide
 
 TISSUE = SyntheticTissue(900.0, 700.0, seed=11, tissue_cover=0.5, background_band=0.25)
@@ -48,3 +56,47 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def fork_server_dir() -> Iterator[Path]:
+    """A short private folder for fork servers (socket paths are limited to ~107 bytes); its servers are stopped at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        for sock in folder.glob("pathwsi-*/fork-*.sock"):
+            if pid := server_pid(sock):
+                with contextlib.suppress(ProcessLookupError):  # a test may have killed it
+                    os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_fork_servers() -> Iterator[None]:
+    """Workflow runs started by the tests put their fork servers in a private TMPDIR, stopped when the
+    session ends: the tests never use, nor leave behind, a server of the user's own runs."""
+    with fork_server_dir() as folder:
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(folder)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def private_tmp() -> Iterator[Path]:
+    """A TMPDIR whose fork server the tests of one module share."""
+    with fork_server_dir() as folder:
+        yield folder
+
+
+@pytest.fixture
+def fresh_tmp() -> Iterator[Path]:
+    """A TMPDIR whose fork server one test starts itself."""
+    with fork_server_dir() as folder:
+        yield folder

@@ -8,19 +8,14 @@ apt reachable, or SLURM and munge already installed, and snakemake-executor-plug
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pathwsi.forkserver import server_pid
 from pathwsi.synthetic import SyntheticTissue, write_slide
 from slurm_cluster import ROOT, slurm_cluster, snakemake_on_slurm, write_project  # noqa: F401 (fixture)
 
@@ -96,12 +91,11 @@ def test_slurm_profile_groups_slide_jobs(tmp_path, small_slides):
 
 
 @pytest.mark.slow
-def test_tiles_and_features_run_through_slurm_in_group_jobs(tmp_path, small_slides, slurm_cluster):
+def test_tiles_and_features_run_through_slurm_in_group_jobs(tmp_path, small_slides, slurm_cluster, fresh_tmp):
     """3 tile jobs become ONE SLURM job (group `tiling`); the features job is a SLURM job holding a (fake) GPU."""
     slides = {k: small_slides[k] for k in ("s0", "s1", "s2")}
     project = write_project(tmp_path, slides)
-    node_tmp = Path(tempfile.mkdtemp(prefix="pwsl", dir="/tmp"))  # the jobs' TMPDIR: where their fork servers live
-    done = snakemake_on_slurm(project, "tiles", "results/features/s0.zarr", env={"TMPDIR": str(node_tmp)})
+    done = snakemake_on_slurm(project, "tiles", "results/features/s0.zarr", env={"TMPDIR": str(fresh_tmp)})  # where the jobs start their fork servers
     assert done.returncode == 0, done.stdout[-4000:]
     for slide in slides:
         for path in (f"results/tiles/{slide}.parquet", f"results/tiles/{slide}.json", f"results/qc/{slide}.png"):
@@ -119,13 +113,9 @@ def test_tiles_and_features_run_through_slurm_in_group_jobs(tmp_path, small_slid
     assert all(f"tile:slide_id={s}" in log for s in slides)  # the three slides ran inside that one SLURM job
 
     # one fork server per SLURM job: the three tile jobs forked from the one their group job started
-    servers = {p.name: p.read_text() for p in node_tmp.glob("pathwsi-*/fork-*.log")}
+    servers = {p.name: p.read_text() for p in fresh_tmp.glob("pathwsi-*/fork-*.log")}
     assert sorted(text.count("fork server pid") for text in servers.values()) == [1, 1], servers
     assert sorted(text.count(": pathwsi.") for text in servers.values()) == [1, 3], servers
-    for sock in node_tmp.glob("pathwsi-*/fork-*.sock"):
-        if pid := server_pid(sock):
-            os.kill(pid, signal.SIGTERM)
-    shutil.rmtree(node_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -3,12 +3,11 @@ caller's directory, environment, stdio and exit status; stopping or killing eith
 
 Each test client is a real subprocess, as a Snakemake job is. The job itself is a small script run by
 `runpy.run_path` in the child, so that no test code lives in the package. The servers here live in a
-private temp dir (TMPDIR), apart from the one the workflow's jobs use.
+private temp dir (TMPDIR, fixtures in conftest.py), apart from the one the workflow runs of the tests use.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,21 +55,6 @@ JOB = textwrap.dedent(
     """
 )
 CLIENT = "import sys; from pathwsi.forkserver import run_forked; sys.exit(run_forked('runpy:run_path', {'path_name': sys.argv[1], 'run_name': '__main__'}))"
-
-
-def server_dir() -> Iterator[Path]:
-    """A short private TMPDIR (socket paths are limited to ~107 bytes); its server is stopped at the end."""
-    folder = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp"))
-    yield folder
-    for sock in folder.glob("pathwsi-*/fork-*.sock"):
-        if pid := forkserver.server_pid(sock):
-            with contextlib.suppress(ProcessLookupError):  # a test may have killed it
-                os.kill(pid, signal.SIGTERM)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-private_tmp = pytest.fixture(scope="module")(server_dir)  # one server shared by the tests of this module
-fresh_tmp = pytest.fixture(server_dir)  # a test's own server, started by that test
 
 
 class Client:
