@@ -217,8 +217,14 @@ def killed(reference, tmp_path_factory) -> Killed:
     first = Background(project, "--cores", "2", "--rerun-incomplete", TARGET, log_name="resumed")
     try:
         wait_until(lambda: "rule features:" in first.output, first)
-        second = snakemake(project, "--cores", "2", TARGET)
-        still_running = first.process.poll() is None
+        # Paused, so that the first run is surely still running when the second one checks the lock
+        # (with the fork server the resumed run can end within the second run's start-up).
+        first.signal_group(signal.SIGSTOP)
+        try:
+            second = snakemake(project, "--cores", "2", TARGET)
+            still_running = first.process.poll() is None
+        finally:
+            first.signal_group(signal.SIGCONT)
         resumed = first.wait(300)
     finally:
         first.kill_all()
