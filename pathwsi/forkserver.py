@@ -10,9 +10,9 @@ it. A client that is stopped (SIGTERM, SIGINT) or killed takes its child with it
 dies takes its children with it (PR_SET_PDEATHSIG). The server exits after `IDLE_S` seconds without
 work, and on a SLURM node at the latest when the job that started it ends.
 
-There is one server per user, host, SLURM job, Python and pathwsi source: editing pathwsi's code or
-switching environments starts a new one. Linux only; elsewhere, and with `fork_server: false`, jobs run in
-their own process as before.
+There is one server per user, host, SLURM job, Python, pathwsi source and set of installed packages:
+editing pathwsi's code, installing a package or switching environments starts a new one. Linux only;
+elsewhere, and with `fork_server: false`, jobs run in their own process as before.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 IDLE_S = 300.0  # the server exits after this long without a job
 KILL_GRACE_S = 10.0  # a stopped job's child gets SIGTERM, then SIGKILL after this long
-START_TIMEOUT_S = 180.0  # how long a client waits for a new server's imports
+START_TIMEOUT_S = 180.0  # how long a client waits for its child to be forked (a new server's imports included)
 _LENGTH = struct.Struct("!Q")
 _REPLY = struct.Struct("!cq")  # b"P" + child pid, then b"X" + exit status (negative: killed by that signal); b"E": not started
 _BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}  # held back across fork until the child has its own handlers
@@ -102,9 +102,11 @@ def run_forked(target: str, kwargs: dict[str, Any]) -> int:
     })  # fmt: skip
     for attempt in (1, 2):  # a server that was just exiting (idle) closes the connection unanswered: ask a new one
         with _connect_or_start(path) as sock:
+            sock.settimeout(START_TIMEOUT_S)
             socket.send_fds(sock, [_LENGTH.pack(len(request))], _stdio())
             sock.sendall(request)
             kind, _ = _reply(sock, path, allow_eof=attempt == 1)
+            sock.settimeout(None)
             if kind == b"E":
                 return 1  # the server wrote why on our stderr
             if kind == b"P":
@@ -142,7 +144,10 @@ def _wait_for_child(sock: socket.socket, path: Path) -> int:
 
 def _reply(sock: socket.socket, path: Path, allow_eof: bool) -> tuple[bytes, int]:
     """The server's next reply; (b"", 0) at EOF when `allow_eof`, else an error that points at the server's log."""
-    data = _recv_exactly(sock, _REPLY.size)
+    try:
+        data = _recv_exactly(sock, _REPLY.size)
+    except TimeoutError:
+        raise ForkServerError(f"the fork server did not start the job within {START_TIMEOUT_S:.0f} s; its log: {path.with_suffix('.log')}") from None
     if len(data) == _REPLY.size:
         kind, value = _REPLY.unpack(data)
         return kind, value
