@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = "import json, sys; from pathwsi.forkserver import call; sys.exit(call(sys.argv[1], json.load(open(sys.argv[2])), use_server=sys.argv[3] == '1'))"
-TARGETS = {"tile": "pathwsi.tile_slide:run_tile_job", "features": "pathwsi.feature_job:run_features_job"}
+TARGETS = {"tile": "pathwsi.tile_slide:run_request", "features": "pathwsi.feature_job:run_request"}
 
 
 def make_slides(folder: Path, count: int) -> list[dict]:
@@ -84,15 +83,6 @@ def work_seconds(stage: str, request: dict) -> float:
     return json.loads(Path(request["timings"]).read_text())["seconds"]["total"]
 
 
-def stop_servers(tmp: Path) -> None:
-    from pathwsi.forkserver import server_pid
-
-    for sock in tmp.glob("pathwsi-*/fork-*.sock"):
-        pid = server_pid(sock)
-        if pid:
-            os.kill(pid, signal.SIGTERM)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", type=int, default=8)
@@ -103,6 +93,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pathwsi.config import validate_config
+    from pathwsi.forkserver import stop_servers
 
     config = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     for entry in config["models"]["backbones"].values():

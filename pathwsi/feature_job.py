@@ -41,7 +41,7 @@ def run_feature_job(sample: Sample, tiles_path: Path, meta_path: Path, store_pat
     return record
 
 
-def run_features_job(log: str, sample: dict[str, Any], tiles: str, meta: str, store: str, timings: str, models: dict[str, Any], settings: dict[str, Any], threads: int) -> None:
+def run_request(log: str, sample: dict[str, Any], tiles: str, meta: str, store: str, timings: str, models: dict[str, Any], settings: dict[str, Any], threads: int) -> None:
     """Rule `features`' job from plain values (what a fork-server request carries): log to `log`, extract the slide."""
     log_to_file(log)
     run_feature_job(Sample(**sample), Path(tiles), Path(meta), Path(store), Path(timings), models, ExtractSettings(**settings), threads=threads)

@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,7 @@ def _wait_for_child(sock: socket.socket, path: Path) -> int:
             if stopped_by and deadline is None:
                 deadline = time.monotonic() + KILL_GRACE_S + 30
             if deadline is not None and time.monotonic() > deadline:
-                raise ForkServerError(f"the fork server did not confirm that the stopped job ended; its log: {path.with_suffix('.log')}")
+                raise _failure(path, "did not confirm that the stopped job ended")
         _, status = _reply(sock, path, allow_eof=False)
     finally:
         for sig, handler in previous.items():
@@ -147,14 +147,13 @@ def _reply(sock: socket.socket, path: Path, allow_eof: bool) -> tuple[bytes, int
     try:
         data = _recv_exactly(sock, _REPLY.size)
     except TimeoutError:
-        raise ForkServerError(f"the fork server did not start the job within {START_TIMEOUT_S:.0f} s; its log: {path.with_suffix('.log')}") from None
+        raise _failure(path, f"did not start the job within {START_TIMEOUT_S:.0f} s") from None
     if len(data) == _REPLY.size:
         kind, value = _REPLY.unpack(data)
         return kind, value
     if allow_eof and not data:
         return b"", 0
-    log = path.with_suffix(".log")
-    raise ForkServerError(f"the fork server closed the connection before the job finished (it failed or was stopped); its log: {log}\n{_tail(log)}")
+    raise _failure(path, "closed the connection before the job finished (it failed or was stopped)")
 
 
 def _stdio() -> list[int]:
@@ -223,10 +222,10 @@ def _connect_or_start(path: Path) -> socket.socket:
             if sock is not None:
                 return sock
             if server.poll() is not None:
-                raise ForkServerError(f"the fork server exited with status {server.returncode} while starting; its log: {log_path}\n{_tail(log_path)}")
+                raise _failure(path, f"exited with status {server.returncode} while starting")
             time.sleep(0.05)
         server.kill()
-        raise ForkServerError(f"the fork server did not start within {START_TIMEOUT_S:.0f} s; its log: {log_path}")
+        raise _failure(path, f"did not start within {START_TIMEOUT_S:.0f} s")
 
 
 def _server_env() -> dict[str, str]:
@@ -235,16 +234,19 @@ def _server_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(e) for e in entries if e)}
 
 
-def server_pid(path: Path) -> int | None:
-    """The pid of the server listening at socket `path` (from the pid file beside it), if one is running."""
-    try:
-        return int(path.with_suffix(".pid").read_text())
-    except (OSError, ValueError):
-        return None
+def stop_servers(tmpdir: Path) -> None:
+    """Stop (SIGTERM) every server of this user whose socket lies under temp dir `tmpdir` (tests, benchmarks)."""
+    for sock in tmpdir.glob(f"pathwsi-{os.getuid()}/fork-*.sock"):
+        with contextlib.suppress(OSError, ValueError):  # no pid file, or that server is gone already
+            os.kill(int(sock.with_suffix(".pid").read_text()), signal.SIGTERM)
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+def _failure(path: Path, what: str) -> ForkServerError:
+    """An error saying what the server at socket `path` did wrong, with the end of its log."""
+    log = path.with_suffix(".log")
+    with contextlib.suppress(OSError):
+        return ForkServerError(f"the fork server {what}; its log: {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+    return ForkServerError(f"the fork server {what}; it left no log at {log}")
 
 
 # -- the server ------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 class _Child:
     conn: socket.socket
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM of a stopped job
-    peer_gone: bool = field(default=False)
+    peer_gone: bool = False
 
 
 class _Server:
@@ -348,13 +350,13 @@ class _Server:
 
     def _client_spoke(self, conn: socket.socket) -> None:
         """The client closed its side (it was stopped or killed): stop its child."""
-        for pid, child in self.children.items():
-            if child.conn is conn and not child.peer_gone:
-                self.selector.unregister(conn)
-                child.peer_gone = True
-                child.kill_at = time.monotonic() + KILL_GRACE_S
-                _kill_group(pid, signal.SIGTERM)
-                return  # not found: the child was reaped (and its connection closed) in this same round
+        pid = next((pid for pid, child in self.children.items() if child.conn is conn and not child.peer_gone), None)
+        if pid is None:
+            return  # the child was reaped, and its connection closed, earlier in this same round
+        self.selector.unregister(conn)
+        self.children[pid].peer_gone = True
+        self.children[pid].kill_at = time.monotonic() + KILL_GRACE_S
+        _kill_group(pid, signal.SIGTERM)
 
     def _escalate(self) -> None:
         for pid, child in self.children.items():

@@ -106,7 +106,7 @@ def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutpu
     return meta
 
 
-def run_tile_job(log: str, sample: dict[str, Any], settings: dict[str, Any], outputs: list[str]) -> None:
+def run_request(log: str, sample: dict[str, Any], settings: dict[str, Any], outputs: list[str]) -> None:
     """Rule `tile`'s job from plain values (what a fork-server request carries): log to `log`, tile the slide."""
     log_to_file(log)
     tile_slide(Sample(**sample), TilingJobSettings.from_config(settings), TilingOutputs(*map(Path, outputs)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pathwsi.forkserver import server_pid
+from pathwsi.forkserver import stop_servers
 from pathwsi.synthetic import SyntheticTissue, write_slide
 
 TISSUE = SyntheticTissue(900.0, 700.0, seed=11, tissue_cover=0.5, background_band=0.25)
@@ -65,10 +64,7 @@ def fork_server_dir() -> Iterator[Path]:
     try:
         yield folder
     finally:
-        for sock in folder.glob("pathwsi-*/fork-*.sock"):
-            if pid := server_pid(sock):
-                with contextlib.suppress(ProcessLookupError):  # a test may have killed it
-                    os.kill(pid, signal.SIGTERM)
+        stop_servers(folder)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -16,4 +16,4 @@ job = {
     "settings": {**{k: v for k, v in config["features"].items() if k != "threads"}, "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
     "threads": snakemake.threads,
 }
-sys.exit(call("pathwsi.feature_job:run_features_job", job, use_server=config["fork_server"]))
+sys.exit(call("pathwsi.feature_job:run_request", job, use_server=config["fork_server"]))

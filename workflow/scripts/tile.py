@@ -13,4 +13,4 @@ job = {
     "settings": {**snakemake.params.settings, "qc": config["qc"]},
     "outputs": [snakemake.output[key] for key in ("tiles", "meta", "qc", "stain_qc")],
 }
-sys.exit(call("pathwsi.tile_slide:run_tile_job", job, use_server=config["fork_server"]))
+sys.exit(call("pathwsi.tile_slide:run_request", job, use_server=config["fork_server"]))
