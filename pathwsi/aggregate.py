@@ -144,18 +144,24 @@ def _open_usable(entry: SlideEntry, models: list[str]) -> tuple[FeatureStore | N
 
 
 def _model_provenance(usable: dict[str, FeatureStore], models: list[str]) -> dict[str, Any]:
-    """Each model's provenance, which must be the same in every store (no mixing of weights)."""
+    """Each model's provenance, whose network must be the same in every store (no mixing of
+    architectures, weights, input sizes or input normalization)."""
     provenance: dict[str, Any] = {}
     for model in models:
-        by_weights: dict[str, list[str]] = {}
+        by_network: dict[str, list[str]] = {}
         for slide, store in usable.items():
             record = store.attrs["models"][model]
-            by_weights.setdefault(str(record.get("weights_sha256")), []).append(slide)
+            by_network.setdefault(_network(record), []).append(slide)
             provenance.setdefault(model, record)
-        if len(by_weights) > 1:
-            groups = "; ".join(f"weights {sha[:12]}: {', '.join(s[:3])}{' ...' if len(s) > 3 else ''}" for sha, s in by_weights.items())
-            raise AggregateError(f"model '{model}': the cohort's stores were made with different weights ({groups}); rerun the features of the stale slides")
+        if len(by_network) > 1:
+            groups = "; ".join(f"{network}: {', '.join(s[:3])}{' ...' if len(s) > 3 else ''}" for network, s in by_network.items())
+            raise AggregateError(f"model '{model}': the cohort's stores were made with different networks ({groups}); rerun the features of the stale slides")
     return provenance
+
+
+def _network(record: dict[str, Any]) -> str:
+    """What makes a model's features comparable between stores, as one readable string."""
+    return f"arch {record.get('arch')} weights {str(record.get('weights_sha256'))[:12]} input {record.get('input_px')} px mean {record.get('mean')} std {record.get('std')}"
 
 
 @dataclass(frozen=True)

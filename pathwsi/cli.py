@@ -1,5 +1,5 @@
 """The `pathwsi` command: demo cohort, config checks, single-slide tiling, stain normalization of
-image folders, Keras weight conversion, fine-tuning, the tissue experiment, feature-store inspection,
+image folders, ImageNet weights and Keras weight conversion, fine-tuning, the tissue experiment, feature-store inspection,
 and the TCGA importers (expression, mutations, sample sheet)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pathwsi import __version__
-from pathwsi.config import ConfigError
+from pathwsi.config import FTX_WEIGHTS, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     tile.add_argument("--results", type=Path, default=Path("results"))
     tile.set_defaults(run=_tile)
 
-    convert = commands.add_parser("convert-keras", help="convert a Keras Xception .h5/.keras weight file to timm legacy_xception safetensors")
+    weights = commands.add_parser("weights", help="write real ImageNet Xception weights (IMGNET-2048) to a local .safetensors, from Keras's published file or timm (docs/keras_convert.md)")
+    sources = weights.add_subparsers(dest="source", required=True)
+    keras_source = sources.add_parser("keras", help="convert Keras's published xception_weights_tf_dim_ordering_tf_kernels_notop.h5 (MD5-checked): the paper's weights")
+    keras_source.add_argument("src", type=Path, help="the .h5 you downloaded")
+    keras_source.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.imgnet.weights)")
+    timm_source = sources.add_parser("timm", help="timm's legacy_xception.tf_in1k (ported from Keras), fetched into torch's hub cache unless --offline")
+    timm_source.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.imgnet.weights)")
+    timm_source.add_argument("--offline", action="store_true", help="only take the file from torch's hub cache; never download")
+    weights.set_defaults(run=_weights)
+
+    convert = commands.add_parser("convert-keras", help="convert a Keras Xception .h5/.keras weight file (e.g. a fine-tuned model) to safetensors for keras_xception")
     convert.add_argument("src", type=Path, help="Keras file: official ImageNet notop .h5, a full-model .h5, or a .keras archive")
     convert.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.<name>.weights)")
     convert.set_defaults(run=_convert_keras)
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     finetune.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     finetune.add_argument("--train-dir", type=Path, help="class sub-folders of tiles (default: finetune.train_dir)")
     finetune.add_argument("--val-dir", type=Path, help="validation tiles (default: finetune.val_dir, else a seeded split)")
-    finetune.add_argument("--out", type=Path, default=Path("results/models/ftx.safetensors"), help="the FTX weights file")
+    finetune.add_argument("--out", type=Path, default=Path(FTX_WEIGHTS), help="the FTX weights file")
     finetune.add_argument("--workdir", type=Path, default=Path("results/finetune"), help="checkpoint, metrics and summary; a rerun resumes from its checkpoint")
     finetune.add_argument("--device", default="auto")
     finetune.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
@@ -210,6 +220,18 @@ def _convert_keras(args: argparse.Namespace) -> int:
     except KerasConversionError as err:
         return _error(err)
     print(report.summary())
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from pathwsi.imagenet_weights import WeightsSourceError, from_keras, from_timm
+    from pathwsi.keras_convert import KerasConversionError
+
+    try:
+        written = from_keras(args.src, args.dst) if args.source == "keras" else from_timm(args.dst, offline=args.offline)
+    except (WeightsSourceError, KerasConversionError) as err:
+        return _error(err)
+    print(written.summary())
     return 0
 
 

@@ -16,6 +16,7 @@ import yaml
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "workflow" / "schemas"
 REQUIRED_COLUMNS = ("cohort", "slide_id", "patient_id", "path")
 OPTIONAL_COLUMNS = ("mpp", "site")
+FTX_WEIGHTS = "results/models/ftx.safetensors"  # what rule finetune writes
 
 
 class ConfigError(Exception):
@@ -187,6 +188,20 @@ def _duplicate_problems(body: list[list[str]], header: list[str]) -> list[str]:
     return problems
 
 
+def _fine_tuned_arch_problems(config: dict[str, Any]) -> list[str]:
+    """A backbone that reads the fine-tuned weights must name the architecture they are trained in (the base's)."""
+    backbones, base = config["models"]["backbones"], config["finetune"]["base"]
+    if base not in backbones:
+        return []
+    arch = backbones[base]["arch"]
+    return [
+        f"key 'models.backbones.{name}.arch': '{entry['arch']}', but its weights {FTX_WEIGHTS} are fine-tuned from "
+        f"finetune.base '{base}' of architecture '{arch}'; give both the same arch (keras_xception for the paper's network)"
+        for name, entry in backbones.items()
+        if entry["weights"] == FTX_WEIGHTS and entry["arch"] != arch
+    ]
+
+
 def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> list[str]:
     """Raise ConfigError listing every key that names something missing (a target table that is not a
     file, a compared or fine-tuned model that is not a backbone); return warnings for `targets.cohorts`
@@ -208,6 +223,7 @@ def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> lis
         missing = [n for n in names if n not in backbones]
         if missing:
             problems.append(f"key '{key}': {missing} not among models.backbones ({', '.join(sorted(backbones))})")
+    problems += _fine_tuned_arch_problems(config)
     if problems:
         raise ConfigError("config", problems)
     return warnings

@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from pathwsi import __version__
-from pathwsi.models import BN_EPS_KEY, Backbone, ModelSpec, build_backbone, load_weights, resolve_device, save_weights, specs_from_config
+from pathwsi.config import FTX_WEIGHTS
+from pathwsi.models import ARCH_KEY, BN_EPS_KEY, Backbone, ModelSpec, build_backbone, load_weights, resolve_device, save_weights, specs_from_config
 from pathwsi.outputs import write_json
 
 log = logging.getLogger(__name__)
@@ -612,7 +613,7 @@ def _export(
     eps = next((m.eps for m in model.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
     metadata = {
         "format": WEIGHTS_FORMAT,
-        "arch": spec.arch,
+        ARCH_KEY: spec.arch,
         "input_px": spec.input_px,
         "base": base,
         "untrained_base": spec.untrained,
@@ -652,7 +653,7 @@ def _export(
 def run_finetune(
     config: dict[str, Any],
     *,
-    out_path: Path = Path("results/models/ftx.safetensors"),
+    out_path: Path = Path(FTX_WEIGHTS),
     workdir: Path = Path("results/finetune"),
     train_dir: Path | None = None,
     val_dir: Path | None = None,

@@ -1,4 +1,5 @@
-"""Import Keras Xception weights into timm's `legacy_xception` layout, with h5py only (no TensorFlow).
+"""Import Keras Xception weights into the `keras_xception` / timm `legacy_xception` layout (the same
+weight names), with h5py only (no TensorFlow).
 
 Reads the official Keras ImageNet file, a Keras 2 `model.save(...h5)` of a fine-tuned model (Xception
 flat or nested as one layer), or a Keras 3 `.keras` archive; writes safetensors whose metadata carries
@@ -21,10 +22,9 @@ import h5py
 import numpy as np
 import torch
 
+from pathwsi.architectures import KERAS_BN_EPS, LEGACY_XCEPTION
 from pathwsi.models import file_sha256, save_weights
 
-ARCH = "legacy_xception"
-KERAS_BN_EPS = 1e-3
 CONVERTED_BY = "pathwsi convert-keras"
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 # Variables per layer kind, in the order Keras stores them, and their number of dimensions.
@@ -79,7 +79,7 @@ class ConversionReport:
         skipped = ", ".join(self.skipped_layers) or "none"
         return (
             f"converted a Keras {self.keras_format} file (sha256 {self.source_sha256}) into {self.n_tensors} tensors "
-            f"of timm {ARCH}, BatchNorm eps {KERAS_BN_EPS}\n"
+            f"of Xception (keras_xception; timm legacy_xception names), BatchNorm eps {KERAS_BN_EPS}\n"
             f"output sha256: {self.dst_sha256}\n"
             f"skipped layers (not Xception): {skipped}"
         )
@@ -110,8 +110,9 @@ NAMED_SLOTS = {slot.keras: slot for slot in SLOTS if slot.named}
 SHORTCUT_SLOTS = {slot.shape_key: slot for slot in SLOTS if not slot.named}
 
 
-def convert_keras(src: Path, dst: Path) -> ConversionReport:
-    """Convert a Keras Xception weight file (.h5 or .keras) into a timm `legacy_xception` safetensors file."""
+def convert_keras(src: Path, dst: Path, provenance: dict[str, str] | None = None) -> ConversionReport:
+    """Convert a Keras Xception weight file (.h5 or .keras) into a safetensors file for `keras_xception`;
+    `provenance` adds to the file's metadata."""
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise KerasConversionError(f"'{dst}': the output must be a .safetensors file")
@@ -126,7 +127,7 @@ def convert_keras(src: Path, dst: Path) -> ConversionReport:
         raise KerasConversionError(f"'{src}': cannot be read as a Keras weight file ({type(err).__name__}: {err})") from err
     source_sha256 = file_sha256(src)
     metadata = {"bn_eps": str(KERAS_BN_EPS), "source_file": src.name, "source_sha256": source_sha256,
-                "converted_by": CONVERTED_BY, "keras_format": keras_format}
+                "converted_by": CONVERTED_BY, "keras_format": keras_format, **(provenance or {})}
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst_sha256 = save_weights(state, dst, metadata)
     return ConversionReport(len(state), skipped, source_sha256, dst_sha256, keras_format)
@@ -318,9 +319,9 @@ def _timm_arrays(slot: Slot, arrays: tuple[np.ndarray, ...]) -> dict[str, np.nda
 
 
 def _reference_shapes() -> dict[str, tuple[int, ...]]:
-    """timm's `legacy_xception` state dict shapes, without classifier (built on the meta device: no memory)."""
+    """timm's `legacy_xception` state dict shapes (keras_xception's too), without classifier (built on the meta device: no memory)."""
     import timm
 
     with torch.device("meta"):
-        net = timm.create_model(ARCH, pretrained=False, num_classes=0)
+        net = timm.create_model(LEGACY_XCEPTION, pretrained=False, num_classes=0)
     return {key: tuple(value.shape) for key, value in net.state_dict().items()}

@@ -18,12 +18,15 @@ from typing import Any
 
 import torch
 
+from pathwsi.architectures import KERAS_XCEPTION, create_network, has_fixed_bn_eps, set_batchnorm_eps
+
 log = logging.getLogger(__name__)
 UNTRAINED = "untrained"
 HUB = "hub"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.")
 BN_EPS_KEY = "bn_eps"
+ARCH_KEY = "arch"  # in a weight file's metadata: the architecture it was trained in (fine-tuned files)
 
 
 class DeviceError(ValueError):
@@ -51,7 +54,7 @@ class ModelSpec:
     """One backbone as the config names it (config section `models.backbones.<name>`)."""
 
     name: str
-    arch: str = "legacy_xception"
+    arch: str = KERAS_XCEPTION  # pathwsi.architectures: keras_xception, or a timm name such as legacy_xception
     weights: str = UNTRAINED  # a .safetensors / .pth path, "hub" (timm's hub cache), or "untrained"
     input_px: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # Keras-style scaling to [-1, 1]
@@ -75,9 +78,7 @@ class Backbone:
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float in [0, 255] -> normalized float32 at the model's input size."""
-        x = batch.float()
-        if x.shape[-1] != self.spec.input_px or x.shape[-2] != self.spec.input_px:
-            x = torch.nn.functional.interpolate(x, size=(self.spec.input_px,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        x = resize_tiles(batch.float(), self.spec.input_px)
         mean = torch.tensor(self.spec.mean, device=x.device).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(self.spec.std, device=x.device).view(1, 3, 1, 1) * 255.0
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
@@ -91,6 +92,14 @@ class Backbone:
         return record
 
 
+def resize_tiles(x: torch.Tensor, px: int) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, px, px), bilinear with half-pixel centres: `tf.image.resize(..., "bilinear")`
+    when enlarging, and `tf.image.resize(..., "bilinear", antialias=True)` when shrinking (no aliasing)."""
+    if x.shape[-2:] == (px, px):
+        return x
+    return torch.nn.functional.interpolate(x, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
+
+
 def specs_from_config(models_config: dict[str, Any]) -> dict[str, ModelSpec]:
     """ModelSpecs from a validated config's `models.backbones` mapping, in config order."""
     return {
@@ -100,29 +109,28 @@ def specs_from_config(models_config: dict[str, Any]) -> dict[str, ModelSpec]:
 
 
 def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str | torch.device = "cpu") -> Backbone:
-    """Create the timm architecture without its classifier and load the spec's weights."""
-    import timm
-
+    """Create the architecture without its classifier and load the spec's weights."""
     if spec.weights == HUB:
         if not allow_network:
             raise WeightsError(
                 f"model '{spec.name}': weights 'hub' need network access, which the config does not allow. "
-                "Give a local weights file (models.backbones.<name>.weights: path/to/file.safetensors), "
+                "Give a local weights file (models.backbones.<name>.weights: path/to/file.safetensors; `pathwsi weights` writes one), "
                 "or set models.allow_network: true."
             )
-        net = timm.create_model(spec.arch, pretrained=True, num_classes=0)
+        net = create_network(spec.arch, pretrained=True)
         digest = state_dict_sha256(net.state_dict())
     elif spec.untrained:
         warnings.warn(f"model '{spec.name}' uses UNTRAINED weights (seed {spec.seed}); its features are not meaningful", stacklevel=2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            net = timm.create_model(spec.arch, pretrained=False, num_classes=0)
+            net = create_network(spec.arch)
         digest = state_dict_sha256(net.state_dict())
     else:
-        net = timm.create_model(spec.arch, pretrained=False, num_classes=0)
+        net = create_network(spec.arch)
         state, metadata = load_weights(Path(spec.weights), spec.name)
+        _check_trained_arch(metadata, spec)
         _load_into(net, state, spec)
-        if BN_EPS_KEY in metadata:
+        if BN_EPS_KEY in metadata and not has_fixed_bn_eps(spec.arch):
             set_batchnorm_eps(net, float(metadata[BN_EPS_KEY]))
         digest = file_sha256(Path(spec.weights))
     net.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last too (prepare)
@@ -172,11 +180,14 @@ def _load_into(net: torch.nn.Module, state: dict[str, torch.Tensor], spec: Model
         )
 
 
-def set_batchnorm_eps(net: torch.nn.Module, eps: float) -> None:
-    """Keras BatchNormalization uses eps 1e-3 where PyTorch uses 1e-5."""
-    for module in net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eps = eps
+def _check_trained_arch(metadata: dict[str, str], spec: ModelSpec) -> None:
+    """A fine-tuned file names the architecture it was trained in; it must be the one the config names."""
+    trained = metadata.get(ARCH_KEY)
+    if trained is not None and trained != spec.arch:
+        raise WeightsError(
+            f"model '{spec.name}': '{spec.weights}' was trained as architecture '{trained}', but models.backbones.{spec.name}.arch "
+            f"is '{spec.arch}'; set arch: {trained}, or fine-tune again from a base of architecture '{spec.arch}'"
+        )
 
 
 def file_sha256(path: Path) -> str:

@@ -15,11 +15,11 @@ from pathwsi.store import open_writer, partial_path
 DIM = 6
 
 
-def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk: int = 4, weights: str = "aaa", finish: bool = True) -> Path:
+def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk: int = 4, weights: str = "aaa", finish: bool = True, arch: str = "keras_xception") -> Path:
     """A pathwsi store holding the given tile features (all chunks written)."""
     n = len(next(iter(features.values())))
     attrs = {"slide_id": path.stem, "patient_id": patient, "cohort": "c", "tiling_status": "ok" if n else "no_tissue",
-             "tiling_reason": None if n else "no tissue found", "models": {m: {"weights_sha256": weights, "warning": "UNTRAINED"} for m in features}}
+             "tiling_reason": None if n else "no tissue found", "models": {m: {"arch": arch, "weights_sha256": weights, "warning": "UNTRAINED"} for m in features}}
     writer = open_writer(path, np.zeros((n, 2), np.int64), np.ones(n, np.float32), {m: DIM for m in features}, attrs, chunk, "float32")
     for index in range(writer.n_chunks):
         start, end = index * chunk, writer.chunk_end(index)
@@ -88,10 +88,15 @@ def test_written_tables_read_back(cohort, tmp_path):
     assert "p1\t2\t13" in outputs.patients.read_text()
 
 
-def test_mixed_weights_are_refused(tmp_path):
+@pytest.mark.parametrize(("field", "values", "shown"), [
+    ("weights", ["old", "new"], "weights old"),
+    ("arch", ["keras_xception", "legacy_xception"], "arch legacy_xception"),
+])
+def test_stores_of_different_networks_are_refused(tmp_path, field, values, shown):
     rng = np.random.default_rng(1)
-    entries = [SlideEntry(f"s{i}", f"p{i}", write_store(tmp_path / f"s{i}.zarr", {"ftx": rng.normal(size=(5, DIM))}, f"p{i}", weights=w)) for i, w in enumerate(["old", "new"])]
-    with pytest.raises(AggregateError, match="different weights"):
+    entries = [SlideEntry(f"s{i}", f"p{i}", write_store(tmp_path / f"s{i}.zarr", {"ftx": rng.normal(size=(5, DIM))}, f"p{i}", **{field: value}))
+               for i, value in enumerate(values)]
+    with pytest.raises(AggregateError, match=f"'ftx'.*different networks.*{shown}"):
         aggregate_cohort(entries, ["ftx"], ["mean"])
 
 

@@ -147,3 +147,14 @@ def test_cross_references_name_missing_tables_and_models(tmp_path, slide_file):
     config["targets"]["cohorts"] = {"elsewhere": {"mutations": "x.tsv"}}
     config["predict"]["compare"] = ["ftx", "imgnet"]
     assert "no such cohort" in check_cross_references(config, samples)[0]
+
+
+def test_the_fine_tuned_model_must_name_its_base_architecture(slide_file):
+    samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
+    config = validate_config({"targets": {"cohorts": {}}, "models": {"backbones": {
+        "imgnet": {"arch": "keras_xception", "weights": "untrained"},
+        "ftx": {"arch": "legacy_xception", "weights": "results/models/ftx.safetensors"}}}})
+    with pytest.raises(ConfigError, match="'models.backbones.ftx.arch': 'legacy_xception'.*finetune.base 'imgnet' of architecture 'keras_xception'"):
+        check_cross_references(config, samples)
+    config["models"]["backbones"]["ftx"]["arch"] = "keras_xception"
+    assert check_cross_references(config, samples) == []

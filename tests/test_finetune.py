@@ -25,7 +25,7 @@ from pathwsi.finetune import (
     stratified_split,
     trainable_blocks,
 )
-from pathwsi.models import ModelSpec, build_backbone
+from pathwsi.models import ModelSpec, WeightsError, build_backbone
 from pathwsi.tissue_tiles import write_tile_set
 
 pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
@@ -132,6 +132,10 @@ def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base):
     assert json.loads(meta["base"])["weights_sha256"] == base.weights_sha256 and meta["untrained_base"] == "true"
     assert json.loads(meta["classes"])[0] == "ADI" and json.loads(meta["settings"])["step2"]["unfreeze_from"] == "block12"
     assert summary["best"]["step"] in (1, 2) and summary["weights_sha256"] == ftx.weights_sha256
+    assert meta["arch"] == "keras_xception" == json.loads(meta["base"])["arch"]  # FTX is the fine-tuned Keras-exact network
+    assert {m.eps for m in ftx.net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    with pytest.raises(WeightsError, match="trained as architecture 'keras_xception'.*arch is 'legacy_xception'"):
+        build_backbone(ModelSpec("ftx", arch="legacy_xception", weights=str(folder / "ftx.safetensors"), input_px=64))
     lines = (work / "metrics.tsv").read_text().splitlines()
     header = lines[0].split("\t")
     assert len(lines) == 1 + 3 and {"train_loss", "val_loss", "val_acc", "val_acc_ADI", "val_acc_TUM"} <= set(header)

@@ -51,22 +51,32 @@ def test_xception_bf16_on_cuda_matches_float32_on_cpu(untrained):
     assert cosine.min() > 0.99, cosine
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_weights_from_a_file_load_exactly_and_name_their_sha256(untrained, tmp_path, suffix):
+@pytest.mark.parametrize(("arch", "suffix", "eps"), [
+    ("keras_xception", ".safetensors", 1e-3), ("keras_xception", ".pth", 1e-3),  # Keras's network: its own eps
+    ("legacy_xception", ".safetensors", 1e-3), ("legacy_xception", ".pth", 1e-5),  # timm's: the file's bn_eps, else 1e-5
+])
+def test_weights_from_a_file_load_exactly_and_name_their_sha256(untrained, tmp_path, arch, suffix, eps):
     path = tmp_path / f"w{suffix}"
     state = {**untrained.net.state_dict(), "fc.weight": torch.zeros(9, 2048), "fc.bias": torch.zeros(9)}
     if suffix == ".safetensors":
         save_weights(state, path, {"bn_eps": "0.001"})
     else:
         torch.save(state, path)
-    loaded = build_backbone(ModelSpec("ftx", weights=str(path)))
+    loaded = build_backbone(ModelSpec("ftx", arch=arch, weights=str(path)))
     for key, value in untrained.net.state_dict().items():
         torch.testing.assert_close(loaded.net.state_dict()[key], value)
     import hashlib
 
     assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    expected_eps = 1e-3 if suffix == ".safetensors" else 1e-5
-    assert all(m.eps == expected_eps for m in loaded.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert all(m.eps == eps for m in loaded.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_a_file_trained_as_another_architecture_is_refused(untrained, tmp_path):
+    path = tmp_path / "ftx.safetensors"
+    save_weights(untrained.net.state_dict(), path, {"arch": "legacy_xception"})
+    with pytest.raises(WeightsError, match="'ftx'.*trained as architecture 'legacy_xception'.*arch is 'keras_xception'"):
+        build_backbone(ModelSpec("ftx", weights=str(path)))
+    assert build_backbone(ModelSpec("ftx", arch="legacy_xception", weights=str(path))).spec.arch == "legacy_xception"
 
 
 def test_missing_or_mismatched_weights_are_clear_errors(untrained, tmp_path):
@@ -96,3 +106,4 @@ def test_config_defaults_match_model_spec_defaults():
             assert (list(getattr(spec, field.name)) if isinstance(default, list) else getattr(spec, field.name)) == default
     specs = specs_from_config(validate_config({})["models"])
     assert list(specs) == ["imgnet", "ftx"] and specs["imgnet"].untrained and specs["ftx"].weights.endswith("ftx.safetensors")
+    assert {s.arch for s in specs.values()} == {"keras_xception"} == {ModelSpec("x").arch}

@@ -1,0 +1,68 @@
+"""A workflow run whose `imgnet` is a converted Keras file stores what `keras_xception` computes on the
+slide's normalized tiles: the features job uses the file, the architecture and the resize it is given."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import timm
+import torch
+
+from pathwsi.cli import main
+from pathwsi.config import Sample
+from pathwsi.extract import SlideTiles
+from pathwsi.models import ModelSpec, build_backbone
+from pathwsi.stain import StainFit
+from pathwsi.stain_torch import normalize_batch
+from pathwsi.store import open_store
+from test_keras_convert import keras_layers, write_weights_h5
+from workflow_project import Row, make_project, snakemake
+
+INPUT_PX = 96  # the 64 px tiles enlarged; two of the four stride-2 pools then see even inputs
+
+
+def keras_file(folder: Path) -> Path:
+    """A Keras-layout notop .h5 of a seeded Xception with non-trivial BatchNorm."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        net = timm.create_model("legacy_xception", pretrained=False, num_classes=0)
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.data.uniform_(0.5, 1.5)
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return write_weights_h5(folder / "xception_notop.h5", keras_layers(net, first_auto=1))
+
+
+@pytest.mark.slow
+def test_stored_imgnet_features_are_the_modules_output(tmp_path, slides):
+    weights = tmp_path / "imgnet.safetensors"
+    assert main(["convert-keras", str(keras_file(tmp_path)), str(weights)]) == 0
+    backbones = {"imgnet": {"arch": "keras_xception", "weights": str(weights), "input_px": INPUT_PX},
+                 "ftx": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 1}}
+    project = make_project(tmp_path / "project", [Row("c1", "s1", "p1", slides.svs_025)], {"models": {"backbones": backbones}})
+    done = snakemake(project, "--cores", "2", "results/features/s1.zarr")
+    assert done.returncode == 0, done.stdout[-3000:]
+
+    store = open_store(project / "results" / "features" / "s1.zarr")
+    assert store.attrs["models"]["imgnet"]["arch"] == "keras_xception"
+    meta = json.loads((project / "results" / "tiles" / "s1.json").read_text())
+    table = pq.read_table(project / "results" / "tiles" / "s1.parquet")
+    coords = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)
+    tiles = SlideTiles(Sample("c1", "s1", "p1", str(slides.svs_025)), coords, meta["tile"]["px"], meta["tile"]["mpp"])
+    batch = torch.stack([tiles[i] for i in range(len(tiles))]).permute(0, 3, 1, 2)
+    stain = StainFit.from_json(meta["stain"])
+    normalized = normalize_batch(batch, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8)
+    model = build_backbone(ModelSpec("imgnet", weights=str(weights), input_px=INPUT_PX))
+    with torch.inference_mode():
+        expected = model.net(model.prepare(normalized)).numpy()
+    stored = store.features("imgnet")[:]
+    assert stored.shape == expected.shape and len(stored) > 20
+    np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    timm_net = build_backbone(ModelSpec("imgnet", arch="legacy_xception", weights=str(weights), input_px=INPUT_PX)).net
+    with torch.inference_mode():  # the check can tell the architectures apart
+        assert not np.allclose(timm_net(model.prepare(normalized)).numpy(), stored, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
