@@ -14,7 +14,7 @@
 The slide is the one of benchmarks/bench_reader.py (written once to benchmarks/.cache/).
 Models use untrained weights: speed does not depend on the weights.
 
-    python benchmarks/bench_extract.py [--tiles 192] [--rounds 3] [--batch 32] [--workers N] [--reader fast|exact] [--compile] [--cudnn-benchmark] [--skip-memory]
+    python benchmarks/bench_extract.py [--tiles 192] [--rounds 3] [--batch 32] [--workers N] [--reader fast|exact] [--arch keras_xception|legacy_xception] [--compile] [--cudnn-benchmark] [--skip-memory]
     GPU: python benchmarks/bench_extract.py --tiles 61440 --batch 256 --workers 14 --skip-memory
 """
 
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (alone and in the pipeline)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--rounds", type=int, default=3, help="alternate models-alone and pipeline runs this many times; medians")
+    parser.add_argument("--arch", default="keras_xception", help="models.backbones.*.arch of both models (default: keras_xception)")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     slide = ensure_slide()
@@ -123,7 +124,7 @@ def main() -> None:
     workers = args.workers or (1 if device.type == "cpu" else 4)
     print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} torch threads'}; "
           f"torch {torch.__version__}; {workers} reader workers ({args.reader} reader); cudnn.benchmark {args.cudnn_benchmark}; torch.compile {args.compile}")
-    models = [build_backbone(ModelSpec(name), device=device) for name in ("imgnet", "ftx_stand_in")]
+    models = [build_backbone(ModelSpec(name, arch=args.arch), device=device) for name in ("imgnet", "ftx_stand_in")]
     settings = ExtractSettings(batch_size=args.batch, chunk_tiles=max(512, args.batch), num_workers=workers, device=str(device), compile=args.compile, reader=args.reader)
     alone_models = [replace(m, net=torch.compile(m.net)) for m in models] if args.compile else models
     rounds = []  # interleaved, so that load from other processes falls on both alike
@@ -134,7 +135,7 @@ def main() -> None:
     end_to_end = timings["tiles_per_s"]
     label = "4. CUDA" if device.type == "cuda" else "1. CPU"
     goal = "GPU goal >= 2,000 tiles/s end to end" if device.type == "cuda" else "CPU target >= 90 %"
-    print(f"{label}: two Xceptions (legacy_xception, 224 px, batch {args.batch}), {args.tiles} tiles read from the 40x JPEG SVS, median of {args.rounds} interleaved rounds:")
+    print(f"{label}: two Xceptions ({args.arch}, 224 px, batch {args.batch}), {args.tiles} tiles read from the 40x JPEG SVS, median of {args.rounds} interleaved rounds:")
     print(f"   models alone on random tensors : {alone:8.1f} tiles/s (each tile through both models)")
     print(f"   pipeline end to end            : {end_to_end:8.1f} tiles/s  = {end_to_end / alone:.0%} of models alone ({goal})")
     print("   all rounds (alone / pipeline tiles/s): " + ", ".join(f"{a:.1f} / {t['tiles_per_s']:.1f}" for a, t in rounds))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, in one go (a lent GPU's time is short): the CUDA tests, the
-# per-job start-up with and without the fork server (bench_startup), then benchmark 4 of issue 5
+# Keras-exact vs timm Xception forward passes (bench_architectures), the per-job start-up with and
+# without the fork server (bench_startup), then benchmark 4 of issue 5
 # (bench_extract end to end on the GPU) with the fast and the exact reader. SKIP_EXTRACT=1 leaves
 # the last out; STARTUP_SLIDES and STARTUP_ROUNDS size bench_startup.
 # Each step is time-boxed; logs go to $1 (default gpu_logs/). The pathwsi checkout must be the
@@ -19,6 +20,7 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.
 slide=${!:-}
 timeout 300 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rs -m cuda \
     tests/test_models.py tests/test_extract.py tests/test_stain_torch.py tests/test_finetune.py tests/test_forkserver.py 2>&1 | tee "$logs/pytest_cuda.txt"
+timeout 120 python3 benchmarks/bench_architectures.py --batch 256 --batches 8 2>&1 | tee "$logs/bench_architectures.txt"
 timeout 420 python3 benchmarks/bench_startup.py --slides "${STARTUP_SLIDES:-6}" --rounds "${STARTUP_ROUNDS:-2}" --threads 4 2>&1 | tee "$logs/bench_startup.txt"
 [ -n "${SKIP_EXTRACT:-}" ] && exit 0
 wait "$slide" || { cat "$logs/slide.txt"; exit 1; }

@@ -50,11 +50,18 @@ def test_another_keras_file_is_refused_with_the_expected_md5(imagenet_like, tmp_
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
 
 
-def test_timm_weights_come_from_torchs_hub_cache(imagenet_like, tmp_path, monkeypatch):
+@pytest.fixture
+def planted_cache(imagenet_like, tmp_path, monkeypatch) -> Path:
+    """torch's hub cache holding the stand-in as timm's legacy_xception.tf_in1k file."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = tmp_path / "torch" / "hub" / "checkpoints" / TIMM_FILE
     cached.parent.mkdir(parents=True)
     torch.save(imagenet_like.state_dict(), cached)
+    return cached
+
+
+def test_timm_weights_come_from_torchs_hub_cache(imagenet_like, planted_cache, tmp_path):
+    cached = planted_cache
     written = from_timm(tmp_path / "imgnet.safetensors", offline=True)
     state, metadata = load_weights(written.path)
     assert written.sha256 == file_sha256(written.path) and not any(k.startswith("fc.") for k in state)
@@ -63,6 +70,12 @@ def test_timm_weights_come_from_torchs_hub_cache(imagenet_like, tmp_path, monkey
     backbone = build_backbone(ModelSpec("imgnet", weights=str(written.path)))
     assert {m.eps for m in backbone.net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     assert torch.equal(backbone.net.state_dict()["conv4.pointwise.weight"], imagenet_like.state_dict()["conv4.pointwise.weight"])
+
+
+def test_hub_weights_load_timms_port_into_keras_xception(imagenet_like, planted_cache):
+    backbone = build_backbone(ModelSpec("imgnet", weights="hub"), allow_network=True)
+    assert backbone.spec.arch == "keras_xception" and {m.eps for m in backbone.net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    assert torch.equal(backbone.net.state_dict()["block12.skip.weight"], imagenet_like.state_dict()["block12.skip.weight"])
 
 
 def test_offline_without_the_cached_file_says_where_to_put_it(tmp_path, monkeypatch, capsys):
