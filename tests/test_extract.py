@@ -100,6 +100,21 @@ def test_the_reader_setting_is_part_of_the_config_hash(tiled):
         ExtractSettings(reader="dct")
 
 
+def test_the_architecture_is_part_of_the_provenance_and_config_hash(tiled, tmp_path):
+    """One weights file run as Keras's Xception or as timm's gives different features: never the same hash."""
+    from pathwsi.extract import settings_hash, store_attrs
+    from pathwsi.models import save_weights
+
+    _, _, _, meta = tiled
+    weights = tmp_path / "w.safetensors"
+    save_weights(build_backbone(ModelSpec("imgnet", arch="legacy_xception")).net.state_dict(), weights, {})
+    keras, timm_port = (build_backbone(ModelSpec("imgnet", arch=arch, weights=str(weights))) for arch in ("keras_xception", "legacy_xception"))
+    assert keras.weights_sha256 == timm_port.weights_sha256
+    assert settings_hash(meta, [keras], "float16", "fast") != settings_hash(meta, [timm_port], "float16", "fast")
+    sample = tiled[0]
+    assert store_attrs(sample, meta, [keras], SETTINGS)["models"]["imgnet"]["arch"] == "keras_xception"
+
+
 def test_every_model_sees_the_same_normalized_batch(tiled, tmp_path):
     sample, coords, fractions, meta = tiled
     twin = [build_backbone(SPECS[0]), build_backbone(ModelSpec("twin", arch="test_resnet", input_px=64, seed=1))]

@@ -158,11 +158,10 @@ def write_keras3_layers(container: h5py.Group, layers: list[KLayer], nested: dic
 # --- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def original() -> torch.nn.Module:
+def seeded_xception(seed: int) -> torch.nn.Module:
     """A seeded random legacy_xception with non-trivial BatchNorm parameters and statistics."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         net = timm.create_model("legacy_xception", pretrained=False, num_classes=0)
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -171,6 +170,11 @@ def original() -> torch.nn.Module:
                 module.running_mean.normal_(0.0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
     return net.eval()
+
+
+@pytest.fixture(scope="module")
+def original() -> torch.nn.Module:
+    return seeded_xception(3)
 
 
 @pytest.fixture(scope="module")

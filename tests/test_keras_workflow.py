@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import timm
 import torch
 
 from pathwsi.cli import main
@@ -19,7 +18,7 @@ from pathwsi.models import ModelSpec, build_backbone
 from pathwsi.stain import StainFit
 from pathwsi.stain_torch import normalize_batch
 from pathwsi.store import open_store
-from test_keras_convert import keras_layers, write_weights_h5
+from test_keras_convert import keras_layers, seeded_xception, write_weights_h5
 from workflow_project import Row, make_project, snakemake
 
 INPUT_PX = 96  # the 64 px tiles enlarged; two of the four stride-2 pools then see even inputs
@@ -27,15 +26,7 @@ INPUT_PX = 96  # the 64 px tiles enlarged; two of the four stride-2 pools then s
 
 def keras_file(folder: Path) -> Path:
     """A Keras-layout notop .h5 of a seeded Xception with non-trivial BatchNorm."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(11)
-        net = timm.create_model("legacy_xception", pretrained=False, num_classes=0)
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.data.uniform_(0.5, 1.5)
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return write_weights_h5(folder / "xception_notop.h5", keras_layers(net, first_auto=1))
+    return write_weights_h5(folder / "xception_notop.h5", keras_layers(seeded_xception(11), first_auto=1))
 
 
 @pytest.mark.slow
