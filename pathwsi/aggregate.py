@@ -26,7 +26,7 @@ import pandas as pd
 
 from pathwsi.dask_scheduler import DaskScheduler, compute_options
 from pathwsi.outputs import write_frame, write_json, write_table
-from pathwsi.store import FeatureStore, StoreError, open_store
+from pathwsi.store import FeatureStore, StoreError, open_store, verify_store
 
 log = logging.getLogger(__name__)
 QUANTILE_BLOCK = 128  # features per block when a quantile needs every tile of a feature
@@ -85,17 +85,51 @@ def feature_columns(statistics: list[str], dim: int) -> list[str]:
 
 
 def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: DaskScheduler = DaskScheduler()) -> CohortFeatures:
-    """Slide- and patient-level features of every model from the cohort's usable stores, computed by `scheduler`."""
+    """Slide- and patient-level features of every model from the cohort's usable stores (their readable
+    tiles), computed by `scheduler`. A store whose chunks fail their checksum while being read is verified,
+    named and left out, and the rest computed again."""
     statistics = check_statistics(statistics)
     usable, rows = _usable_stores(entries, models)
     provenance = _model_provenance(usable, models)
+    patient_of = {e.slide_id: e.patient_id for e in entries}
+    try:
+        slides, patients = _reduce(usable, patient_of, models, statistics, scheduler)
+    except Exception:  # a chunk that fails its checksum or does not decode: which stores are damaged?
+        damaged = {slide: problems for slide, entry in usable.items() if (problems := verify_store(entry.store.path))}
+        if not damaged:
+            raise
+        for row in rows:
+            if row[0] in damaged:
+                row[2:] = ["left_out", f"{usable[row[0]].store.path}: damaged store: {'; '.join(damaged[row[0]][:3])}; delete it and rerun the workflow to extract the slide again", 0]
+                log.warning("slide %s left out: %s", row[0], row[3])
+        usable = {slide: entry for slide, entry in usable.items() if slide not in damaged}
+        slides, patients = _reduce(usable, patient_of, models, statistics, scheduler)
+    slide_table = pd.DataFrame(rows, columns=["slide_id", "patient_id", "status", "reason", "n_tiles"])
+    used = slide_table[slide_table.status == "used"]
+    patient_table = used.groupby("patient_id", sort=True).agg(n_slides=("slide_id", "size"), n_tiles=("n_tiles", "sum")).reset_index()
+    return CohortFeatures(slides, patients, slide_table, patient_table, {"statistics": statistics, "models": provenance})
+
+
+@dataclass(frozen=True)
+class UsableStore:
+    """A store that aggregation reads, and which of its tiles (None: all; else the readable tiles' indices)."""
+
+    store: FeatureStore
+    tiles: np.ndarray | None
+
+    def features(self, model: str) -> da.Array:
+        array = da.from_zarr(self.store.features(model))
+        return array if self.tiles is None else array[self.tiles]
+
+
+def _reduce(usable: dict[str, UsableStore], patient_of: dict[str, str], models: list[str], statistics: list[str], scheduler: DaskScheduler) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """Per model, the slide and patient feature tables."""
     slides: dict[str, pd.DataFrame] = {}
     patients: dict[str, pd.DataFrame] = {}
-    patient_of = {e.slide_id: e.patient_id for e in entries}
     patient_ids = sorted({patient_of[s] for s in usable})
     with compute_options(scheduler) as options:
         for model in models:
-            arrays = {slide: da.from_zarr(store.features(model)) for slide, store in usable.items()}
+            arrays = {slide: entry.features(model) for slide, entry in usable.items()}
             dim = next(iter(arrays.values())).shape[1] if arrays else 0
             per_slide = [reduce_tiles(arrays[s], statistics) for s in usable]
             per_patient = [reduce_tiles(da.concatenate([arrays[s] for s in usable if patient_of[s] == p]), statistics) for p in patient_ids]
@@ -103,10 +137,7 @@ def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: l
             columns = feature_columns(statistics, dim)
             slides[model] = _frame(slide_values, list(usable), "slide_id", columns)
             patients[model] = _frame(patient_values, patient_ids, "patient_id", columns)
-    slide_table = pd.DataFrame(rows, columns=["slide_id", "patient_id", "status", "reason", "n_tiles"])
-    used = slide_table[slide_table.status == "used"]
-    patient_table = used.groupby("patient_id", sort=True).agg(n_slides=("slide_id", "size"), n_tiles=("n_tiles", "sum")).reset_index()
-    return CohortFeatures(slides, patients, slide_table, patient_table, {"statistics": statistics, "models": provenance})
+    return slides, patients
 
 
 def _frame(values: list[np.ndarray], ids: list[str], index: str, columns: list[str]) -> pd.DataFrame:
@@ -114,19 +145,36 @@ def _frame(values: list[np.ndarray], ids: list[str], index: str, columns: list[s
     return pd.DataFrame(matrix, index=pd.Index(ids, name=index), columns=columns)
 
 
-def _usable_stores(entries: list[SlideEntry], models: list[str]) -> tuple[dict[str, FeatureStore], list[list[Any]]]:
-    """Complete, non-empty stores holding every model, by slide id; and a status row per slide."""
-    usable: dict[str, FeatureStore] = {}
+def _usable_stores(entries: list[SlideEntry], models: list[str]) -> tuple[dict[str, UsableStore], list[list[Any]]]:
+    """Complete stores with readable tiles and every model, by slide id; and a status row per slide
+    (slide, patient, used / left_out, reason, tiles used)."""
+    usable: dict[str, UsableStore] = {}
     rows: list[list[Any]] = []
     for entry in entries:
         store, reason = _open_usable(entry, models)
-        n_tiles = int(store.attrs.get("n_tiles", 0)) if store else 0
         if store is None:
             log.warning("slide %s left out: %s", entry.slide_id, reason)
-        else:
-            usable[entry.slide_id] = store
-        rows.append([entry.slide_id, entry.patient_id, "used" if store else "left_out", reason, n_tiles])
+            rows.append([entry.slide_id, entry.patient_id, "left_out", reason, 0])
+            continue
+        readable = store.readable()
+        unreadable = store.attrs.get("unreadable_tiles") or {}
+        if not readable.any():
+            reason = f"none of its {len(readable)} tiles could be read ({_first_unreadable(unreadable)})"
+            log.warning("slide %s left out: %s", entry.slide_id, reason)
+            rows.append([entry.slide_id, entry.patient_id, "left_out", reason, 0])
+            continue
+        partial = not readable.all()
+        if partial:
+            reason = f"{len(readable) - int(readable.sum())} of {len(readable)} tiles could not be read and are left out ({_first_unreadable(unreadable)})"
+            log.warning("slide %s: %s", entry.slide_id, reason)
+        usable[entry.slide_id] = UsableStore(store, np.flatnonzero(readable) if partial else None)
+        rows.append([entry.slide_id, entry.patient_id, "used", reason, int(readable.sum())])
     return usable, rows
+
+
+def _first_unreadable(record: dict[str, Any]) -> str:
+    tiles = record.get("tiles") or []
+    return f"first at level-0 ({tiles[0]['x']}, {tiles[0]['y']}): {tiles[0]['reason']}" if tiles else "no reason recorded"
 
 
 def _open_usable(entry: SlideEntry, models: list[str]) -> tuple[FeatureStore | None, str]:
@@ -143,14 +191,14 @@ def _open_usable(entry: SlideEntry, models: list[str]) -> tuple[FeatureStore | N
     return store, ""
 
 
-def _model_provenance(usable: dict[str, FeatureStore], models: list[str]) -> dict[str, Any]:
+def _model_provenance(usable: dict[str, UsableStore], models: list[str]) -> dict[str, Any]:
     """Each model's provenance, whose network must be the same in every store (no mixing of
     architectures, weights, input sizes or input normalization)."""
     provenance: dict[str, Any] = {}
     for model in models:
         by_network: dict[str, list[str]] = {}
-        for slide, store in usable.items():
-            record = store.attrs["models"][model]
+        for slide, entry in usable.items():
+            record = entry.store.attrs["models"][model]
             by_network.setdefault(_network(record), []).append(slide)
             provenance.setdefault(model, record)
         if len(by_network) > 1:

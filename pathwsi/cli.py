@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     experiment.add_argument("--jobs", type=int, default=1, help="parallel cross-validation fits")
     experiment.set_defaults(run=_tissue_experiment)
 
-    inspect = commands.add_parser("inspect", help="print a feature store's schema, counts, provenance and whether it is complete and valid")
+    inspect = commands.add_parser("inspect", help="print a feature store's schema, counts, provenance and whether it is complete and valid (--verify: every byte)")
     inspect.add_argument("store", type=Path, help="results/features/<slide_id>.zarr")
+    inspect.add_argument("--verify", action="store_true", help="check every byte of the store against its manifest (SHA-256 per file)")
     inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
     inspect.set_defaults(run=_inspect)
 
@@ -189,11 +190,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from pathwsi.store import describe
 
-    report = describe(args.store)
+    report = describe(args.store, verify=args.verify)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['path']}: {'valid and complete' if report['valid'] else 'NOT usable'}")
+        print(f"{report['path']}: {('verified: every file matches its manifest' if report.get('verified') else 'valid and complete') if report['valid'] else 'NOT usable'}")
         for problem in [report.get("problem"), *report.get("problems", [])]:
             if problem:
                 print(f"  problem: {problem}")
@@ -207,6 +208,10 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"  tiles {attrs.get('tile')}; stain {(attrs.get('stain') or {}).get('status')}; pathwsi {attrs.get('pathwsi_version')}; config hash {str(attrs.get('config_hash'))[:12]}")
             for name, model in attrs.get("models", {}).items():
                 print(f"  model {name}: {model['arch']} weights {model['weights']} sha256 {model['weights_sha256'][:12]} input {model['input_px']} px {model['precision']}")
+            unreadable = attrs.get("unreadable_tiles") or {}
+            if unreadable.get("count"):
+                first = unreadable["tiles"][0]
+                print(f"  {unreadable['count']} tile(s) could not be read (features NaN, left out); first at level-0 ({first['x']}, {first['y']}): {first['reason']}")
             for warning in attrs.get("warnings", []):
                 print(f"  WARNING: {warning}")
     return 0 if report["valid"] else 1

@@ -21,6 +21,7 @@ import numpy as np
 from pathwsi.demo_targets import write_demo_targets
 from pathwsi.synthetic import SyntheticTissue, write_slide
 from pathwsi.tissue_tiles import write_tile_set
+from pathwsi.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = ("cohort", "slide_id", "patient_id", "path", "mpp", "site")
@@ -96,9 +97,8 @@ def sheet_text(slides: tuple[DemoSlide, ...] = DEMO_SLIDES, slide_dir: str = "de
 def write_demo_slide(spec: DemoSlide, slide_dir: Path) -> Path:
     """Render and write one demo slide (atomically)."""
     target = slide_dir / spec.file_name
-    partial = target.with_name(f".{spec.file_name}.partial")
-    write_slide(partial, spec.tissue(), spec.mpp, spec.fmt, record_mpp=spec.mpp_in_file)
-    partial.replace(target)
+    with atomic_path(target) as temporary:
+        write_slide(temporary, spec.tissue(), spec.mpp, spec.fmt, record_mpp=spec.mpp_in_file)
     return target
 
 

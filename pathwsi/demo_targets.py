@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pathwsi.outputs import write_text
+
 PLANTED_EXPRESSION = {"PTPRC": 1.6, "CD3E": 1.4, "CD8A": 1.2, "GZMB": 1.0, "MS4A1": 0.8}  # gene: slope per z
 NOISE_EXPRESSION = ("FOXP3", "CD68", "CD163", "KLRD1", "TPSAB1", "CEACAM3", "XCL1", "CD19")
 EXPRESSION_NOISE = 0.5  # SD of the log2 noise
@@ -73,9 +75,7 @@ def write_demo_targets(folder: Path, density: dict[str, float]) -> tuple[Path, P
     for name, (genes, values) in (("expression.tsv", expression_table(density)), ("mutations.tsv", mutation_table(density))):
         rows = ["\t".join(["patient_id", *genes])] + ["\t".join([p, *(f"{v:g}" for v in row)]) for p, row in zip(patients, values)]
         path = folder / name
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text("\n".join(rows) + "\n")
-        partial.replace(path)
+        write_text("\n".join(rows) + "\n", path)
         paths.append(path)
     return paths[0], paths[1]
 

@@ -39,8 +39,7 @@ from scipy import stats
 from pathwsi import __version__
 from pathwsi.cv_splits import make_splits, split_groups, write_splits
 from pathwsi.linear_models import center_gram, logistic_loo, ridge_loo, standardized_gram
-from pathwsi.outputs import write_json
-from pathwsi.outputs import write_frame
+from pathwsi.outputs import write_frame, write_json, write_text
 from pathwsi.tissue_experiment import paired_test
 
 log = logging.getLogger(__name__)
@@ -458,9 +457,7 @@ def run_evaluation(
     write_frame(pd.concat(repeats, ignore_index=True), out_dir / "repeats.tsv", sep="\t")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(summary, out_dir / "summary.json")
-    partial = out_dir / "summary.md.partial"
-    partial.write_text(summary_markdown(summary))
-    partial.replace(out_dir / "summary.md")
+    write_text(summary_markdown(summary), out_dir / "summary.md")
     return summary
 
 

@@ -32,7 +32,7 @@ from pathwsi.config import Sample
 from pathwsi.models import PRECISIONS, Backbone
 from pathwsi.stain import StainFit
 from pathwsi.stain_torch import normalize_batch
-from pathwsi.store import open_writer
+from pathwsi.store import StoreWriter, open_writer
 
 log = logging.getLogger(__name__)
 READERS = ("fast", "exact")
@@ -69,11 +69,19 @@ class SlideTiles(Dataset):
     def __len__(self) -> int:
         return len(self.coords) - self.start
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        """The tile, and "" or why it could not be read (then the tile is blank and its features are not used)."""
+        from pathwsi.slide import SlideError
+
         if self._reader is None:
             self._reader = open_reader(self.sample, self.tile_mpp, self.tile_px, self.exact)
         x, y = self.coords[self.start + index]
-        return torch.from_numpy(self._reader.read(int(x), int(y)))
+        try:
+            return torch.from_numpy(self._reader.read(int(x), int(y))), ""
+        except SlideError as err:  # a damaged tile of the file: record it, go on with the others
+            log.warning("%s: tile at level-0 (%d, %d) cannot be read; it is left out: %s", self.sample.slide_id, x, y, err)
+            self._reader = None  # OpenSlide handles stay in an error state: the next tile opens the slide anew
+            return torch.zeros((self.tile_px, self.tile_px, 3), dtype=torch.uint8), str(err)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}
@@ -125,10 +133,18 @@ def store_attrs(sample: Sample, tiles_meta: dict[str, Any], models: list[Backbon
 
 
 def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, store_path: Path) -> dict[str, float]:
-    """Extract and store the features of one slide's tiles; resumes a killed run. Returns timings."""
-    device = next(models[0].net.parameters()).device
+    """Extract and store the features of one slide's tiles; resumes a killed run; tiles that cannot be
+    read are recorded in the store and left out. Returns timings."""
     writer = open_writer(store_path, tiles, fractions, {m.spec.name: m.feature_dim for m in models}, store_attrs(sample, tiles_meta, models, settings), settings.aligned_chunk, settings.dtype)
-    start = writer.first_pending_tile
+    try:
+        return _extract(sample, tiles, tiles_meta, models, settings, writer)
+    finally:
+        writer.close()
+
+
+def _extract(sample: Sample, tiles: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, writer: StoreWriter) -> dict[str, float]:
+    device = next(models[0].net.parameters()).device
+    start = writer.n_tiles if writer.already_complete else writer.first_pending_tile
     timings = {"read": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
     if start == len(tiles):
         writer.finish()
@@ -146,6 +162,7 @@ def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tile
     )
     nets = {m.spec.name: (torch.compile(m.net) if settings.compile else m.net) for m in models}
     pending: dict[str, list[np.ndarray]] = {m.spec.name: [] for m in models}
+    unreadable: dict[int, str] = {}  # tile index -> why, in the chunk being gathered
     chunk_index, done = writer.chunks_done, start
     started = time.perf_counter()
     with ThreadPoolExecutor(1) as write_pool, tqdm(total=len(tiles), initial=start, unit="tile", desc=sample.slide_id, disable=None) as progress:
@@ -153,21 +170,22 @@ def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tile
 
         def collect(batch: Launched) -> None:
             """Wait for one launched batch's features, then queue each finished chunk for writing."""
-            nonlocal done, chunk_index, pending, last
+            nonlocal done, chunk_index, pending, unreadable, last
             for name, values in batch.wait(timings).items():
                 pending[name].append(values)
+            unreadable.update({done + i: reason for i, reason in enumerate(batch.unreadable) if reason})
             done += batch.size
             progress.update(batch.size)
             if done == writer.chunk_end(chunk_index):  # batches never straddle chunks: chunks hold whole batches
-                last = _submit(write_pool, writer, chunk_index, pending, timings, last)
-                pending = {name: [] for name in pending}
+                last = _submit(write_pool, writer, chunk_index, pending, unreadable, timings, last)
+                pending, unreadable = {name: [] for name in pending}, {}
                 chunk_index += 1
 
         previous: Launched | None = None
         waited = time.perf_counter()
-        for batch in loader:
+        for batch, reasons in loader:
             timings["read"] += time.perf_counter() - waited
-            launched = _launch(batch, stain, models, nets, device)
+            launched = _launch(batch, list(reasons), stain, models, nets, device)
             if previous is not None:  # the GPU already has the next batch queued while we wait here
                 collect(previous)
             previous = launched
@@ -187,6 +205,7 @@ class Launched:
     """One batch whose normalization, models and copy back to the host are queued on the device."""
 
     size: int
+    unreadable: list[str]  # per tile: "" or why it could not be read
     features: dict[str, torch.Tensor]  # host tensors, filled asynchronously on CUDA
     marks: list[Any]  # CUDA events (or perf_counter times on the CPU): start, normalized, each model done
 
@@ -199,7 +218,7 @@ class Launched:
         return {name: values.numpy() for name, values in self.features.items()}
 
 
-def _launch(batch: torch.Tensor, stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device) -> Launched:
+def _launch(batch: torch.Tensor, unreadable: list[str], stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device) -> Launched:
     """Queue the batch's normalization (once) and every model on it, and the copy of the features back."""
     marks = [_mark(device)]
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
@@ -211,7 +230,7 @@ def _launch(batch: torch.Tensor, stain: StainFit, models: list[Backbone], nets: 
         with torch.inference_mode(), autocast:
             features[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().to("cpu", non_blocking=True)
     marks.append(_mark(device))
-    return Launched(len(batch), features, marks)
+    return Launched(len(batch), unreadable, features, marks)
 
 
 def _mark(device: torch.device) -> Any:
@@ -227,13 +246,13 @@ def _seconds(begin: Any, end: Any) -> float:
     return begin.elapsed_time(end) / 1000 if isinstance(begin, torch.cuda.Event) else end - begin
 
 
-def _submit(pool: ThreadPoolExecutor, writer: Any, index: int, pending: dict[str, list[np.ndarray]], timings: dict[str, float], last: Future | None) -> Future:
+def _submit(pool: ThreadPoolExecutor, writer: Any, index: int, pending: dict[str, list[np.ndarray]], unreadable: dict[int, str], timings: dict[str, float], last: Future | None) -> Future:
     """Queue chunk `index` for writing after the previous one (one writer thread keeps the order)."""
     arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
 
     def write() -> None:
         clock = time.perf_counter()
-        writer.write_chunk(index, arrays)
+        writer.write_chunk(index, arrays, unreadable)
         timings["write"] += time.perf_counter() - clock
 
     if last is not None:

@@ -16,8 +16,10 @@ from pathwsi.extract import ExtractSettings, extract_slide
 from pathwsi.logs import log_to_file
 from pathwsi.models import build_backbone, resolve_device, specs_from_config
 from pathwsi.outputs import write_json
+from pathwsi.store import open_store
 
 log = logging.getLogger(__name__)
+SHOWN_IN_TIMINGS = 5  # unreadable tiles listed in the timings record (the store lists more)
 
 
 def run_feature_job(sample: Sample, tiles_path: Path, meta_path: Path, store_path: Path, timings_path: Path, models_config: dict[str, Any], settings: ExtractSettings, threads: int = 1) -> dict[str, Any]:
@@ -35,7 +37,11 @@ def run_feature_job(sample: Sample, tiles_path: Path, meta_path: Path, store_pat
     if meta["status"] != "ok":
         log.warning("%s: tiling status %s (%s); writing an empty feature store", sample.slide_id, meta["status"], meta.get("reason"))
     timings = extract_slide(sample, coords, fractions, meta, models, settings, store_path)
-    record = {"slide_id": sample.slide_id, "device": str(device), "models": [m.spec.name for m in models], "seconds": {k: round(v, 3) for k, v in timings.items()}}
+    unreadable = open_store(store_path).attrs["unreadable_tiles"]
+    record = {"slide_id": sample.slide_id, "device": str(device), "models": [m.spec.name for m in models], "seconds": {k: round(v, 3) for k, v in timings.items()},
+              "unreadable_tiles": {"count": unreadable["count"], "tiles": unreadable["tiles"][:SHOWN_IN_TIMINGS]}}
+    if unreadable["count"]:
+        log.warning("%s: %d of %d tiles could not be read and are left out (listed in the store's attrs and the run summary)", sample.slide_id, unreadable["count"], len(coords))
     write_json(record, timings_path)
     log.info("%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)", sample.slide_id, timings["tiles"], timings.get("tiles_per_s", 0.0), timings["read"], timings["normalize"], timings["model"], timings["write"])
     return record

@@ -40,7 +40,7 @@ from PIL import Image
 from pathwsi import __version__
 from pathwsi.config import FTX_WEIGHTS
 from pathwsi.models import ARCH_KEY, BN_EPS_KEY, Backbone, ModelSpec, build_backbone, load_weights, resolve_device, save_weights, specs_from_config
-from pathwsi.outputs import write_json
+from pathwsi.outputs import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
@@ -542,10 +542,8 @@ def _fingerprint(settings: FinetuneSettings, backbone: Backbone, train: Labelled
 
 def _save_checkpoint(workdir: Path, fingerprint: str, model: TileClassifier, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
     """Write the checkpoint atomically (tensors and plain Python values only)."""
-    path = workdir / CHECKPOINT
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": asdict(progress)}, partial)
-    partial.replace(path)
+    with atomic_path(workdir / CHECKPOINT) as temporary:
+        torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": asdict(progress)}, temporary)
 
 
 def _resume(workdir: Path, fingerprint: str, model: TileClassifier, restart: bool, device: torch.device) -> _State:
@@ -575,9 +573,7 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]], classes: tuple[str, .
     """metrics.tsv, rewritten whole (atomically) from the rows so far."""
     columns = ["step", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", *(f"val_acc_{c}" for c in classes), "train_images_per_s", "seconds"]
     lines = ["\t".join(columns)] + ["\t".join(_cell(row[c]) for c in columns) for row in rows]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    partial.replace(path)
+    write_text("\n".join(lines) + "\n", path)
 
 
 def _cell(value: Any) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pathwsi.architectures import KERAS_XCEPTION, create_network, has_fixed_bn_eps, set_batchnorm_eps
+from pathwsi.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 UNTRAINED = "untrained"
@@ -161,9 +162,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     """Write a state dict as safetensors with JSON-able metadata, atomically; return its SHA-256."""
     from safetensors.torch import save_file
 
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(partial), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    partial.replace(path)
+    with atomic_path(path) as temporary:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     return file_sha256(path)
 
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from pathwsi.outputs import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -111,7 +113,6 @@ def _save(figure: Figure, path: Path) -> None:
     """PNG, atomically."""
     import matplotlib.pyplot as plt
 
-    partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, dpi=110, format="png")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
-    partial.replace(path)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pathwsi.outputs import atomic_path
+
 MASK_TINT = np.array([0, 170, 80], np.float32)
 TILE_OUTLINE = (20, 60, 220)
 
@@ -39,6 +41,5 @@ def message_card(title: str, message: str, width: int = 640) -> Image.Image:
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Write a PNG through a temporary name so a crash never leaves a half-written file."""
-    partial = path.with_name(path.name + ".partial")
-    image.save(partial, format="PNG")
-    partial.replace(path)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")

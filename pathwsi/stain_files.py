@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pathwsi.outputs import atomic_path
 from pathwsi.stain import StainFit, StainParams, StainSettings, fit_slide
 from pathwsi.stain_torch import normalize_batch
 
@@ -133,9 +134,8 @@ def _write_image(rgb: np.ndarray, path: Path) -> None:
     """Save in the format of the file name, under a temporary name first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = PIL_FORMATS[path.suffix.lower()]
-    partial = path.with_name(path.name + ".partial")
-    Image.fromarray(rgb).save(partial, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    partial.replace(path)
+    with atomic_path(path) as temporary:
+        Image.fromarray(rgb).save(temporary, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
 
 
 def _fit_line(relative: Path, fit: StainFit) -> str:

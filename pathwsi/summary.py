@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from pathwsi.outputs import write_frame
+from pathwsi.outputs import write_frame, write_text
 
-SLIDE_COLUMNS = ["cohort", "slide_id", "patient_id", "status", "reason", "tiles", "mpp", "mpp_source", "stain", "aggregate",
+SLIDE_COLUMNS = ["cohort", "slide_id", "patient_id", "status", "reason", "tiles", "unreadable_tiles", "mpp", "mpp_source", "stain", "aggregate",
                  "tile_s", "features_s", "read_s", "normalize_s", "model_s", "write_s", "tiles_per_s", "device"]
 
 
@@ -26,13 +26,18 @@ def slide_row(sample: dict[str, Any], tiles_meta: Path, timings: Path | None) ->
     row: dict[str, Any] = {
         "cohort": sample["cohort"], "slide_id": sample["slide_id"], "patient_id": sample["patient_id"],
         "status": meta["status"], "reason": meta.get("reason") or "",
-        "tiles": (meta.get("counts") or {}).get("kept", 0),
+        "tiles": (meta.get("counts") or {}).get("kept", 0), "unreadable_tiles": 0,
         "mpp": (meta.get("mpp") or {}).get("value"), "mpp_source": (meta.get("mpp") or {}).get("source"),
         "stain": stain.get("status", "") + (f" ({stain['reason']})" if stain.get("reason") else ""),
         "tile_s": meta.get("seconds"),
     }
     if timings is not None and timings.is_file():
         record = json.loads(timings.read_text())
+        unreadable = record.get("unreadable_tiles") or {}
+        if unreadable.get("count") and row["status"] == "ok":
+            tiles = ", ".join(f"({t['x']}, {t['y']}): {t['reason']}" for t in unreadable["tiles"])
+            row.update(status="partial", reason=f"{unreadable['count']} of {row['tiles']} tiles could not be read and are left out; level-0 {tiles}")
+        row["unreadable_tiles"] = unreadable.get("count", 0)
         seconds = record.get("seconds", {})
         row.update(features_s=seconds.get("total"), read_s=seconds.get("read"), normalize_s=seconds.get("normalize"),
                    model_s=seconds.get("model"), write_s=seconds.get("write"), tiles_per_s=seconds.get("tiles_per_s"), device=record.get("device"))
@@ -52,6 +57,7 @@ def build_summary(samples: list[dict[str, Any]], results: Path) -> tuple[pd.Data
         patients_used=("patient_id", lambda p: int(p[slides.loc[p.index, "aggregate"] == "used"].nunique())),
         tiles=("tiles", "sum"),
         failed=("status", lambda v: int((v == "failed").sum())),
+        partial=("status", lambda v: int((v == "partial").sum())),
         no_tissue=("status", lambda v: int((v == "no_tissue").sum())),
     ).reset_index()
     return slides, cohorts
@@ -70,10 +76,10 @@ def _aggregate_status(cohorts: list[str], results: Path) -> dict[str, str]:
 
 def summary_markdown(slides: pd.DataFrame, cohorts: pd.DataFrame) -> str:
     """A short human version: per cohort counts, then every slide that failed or was left out."""
-    lines = ["# pathwsi run summary", "", "| cohort | slides | used | left out | patients used | tiles | failed | no tissue |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c.cohort} | {c.slides} | {c.used} | {c.left_out} | {c.patients_used} | {c.tiles} | {c.failed} | {c.no_tissue} |" for c in cohorts.itertuples()]
+    lines = ["# pathwsi run summary", "", "| cohort | slides | used | left out | patients used | tiles | failed | partial | no tissue |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c.cohort} | {c.slides} | {c.used} | {c.left_out} | {c.patients_used} | {c.tiles} | {c.failed} | {c.partial} | {c.no_tissue} |" for c in cohorts.itertuples()]
     problems = slides[(slides["status"] != "ok") | (slides["aggregate"] != "used")]
-    lines += ["", f"## Slides that failed or were left out: {len(problems)}", ""]
+    lines += ["", f"## Slides that failed, lost tiles or were left out: {len(problems)}", ""]
     lines += [f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate}" for r in problems.itertuples(index=False)] or ["none"]
     timed = slides.dropna(subset=["tiles_per_s"])
     if len(timed):
@@ -87,6 +93,4 @@ def write_summary(samples: list[dict[str, Any]], results: Path, out_tsv: Path, o
     slides, cohorts = build_summary(samples, results)
     write_frame(slides, out_tsv, sep="\t")
     write_frame(cohorts, out_cohorts, sep="\t")
-    partial = out_md.with_name(out_md.name + ".partial")
-    partial.write_text(summary_markdown(slides, cohorts))
-    partial.replace(out_md)
+    write_text(summary_markdown(slides, cohorts), out_md)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pathwsi import __version__
-from pathwsi.outputs import write_json
+from pathwsi.outputs import atomic_path, write_json, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -263,9 +263,7 @@ def _write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     def cell(value: Any) -> str:
         return f"{value:.6g}" if isinstance(value, float) else str(value)
 
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("\n".join(["\t".join(header)] + ["\t".join(cell(v) for v in row) for row in rows]) + "\n")
-    partial.replace(path)
+    write_text("\n".join(["\t".join(header)] + ["\t".join(cell(v) for v in row) for row in rows]) + "\n", path)
 
 
 def _std(values: np.ndarray) -> float:
@@ -336,10 +334,9 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{name}{tags[name]}: % of true class", fontsize=9)
-    partial = path.with_name(path.name + ".partial")
-    figure.savefig(partial, dpi=110, format="png")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
-    partial.replace(path)
 
 
 # -- config entry point -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from pathwsi import __version__
+from pathwsi.outputs import atomic_path
 from pathwsi.synthetic import EOSIN, HEMATOXYLIN
 
 log = logging.getLogger(__name__)
@@ -368,16 +369,14 @@ def write_tile_set(out_dir: Path, n_per_class: int, seed: int, tile_px: int = 22
     if out_dir.is_dir() and not force:
         log.info("tile set %s exists; kept", out_dir)
         return out_dir
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    for label in CLASSES:
-        (partial / label).mkdir(parents=True)
-        for i in range(n_per_class):
-            Image.fromarray(render_tile(label, i, seed, tile_px)).save(partial / label / f"{label}-{i}.png", compress_level=1)
-    manifest = {"classes": list(CLASSES), "n_per_class": n_per_class, "seed": seed, "tile_px": tile_px, "field_um": FIELD_UM, "pathwsi_version": __version__}
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    partial.rename(out_dir)
+    with atomic_path(out_dir) as partial:
+        for label in CLASSES:
+            (partial / label).mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(render_tile(label, i, seed, tile_px)).save(partial / label / f"{label}-{i}.png", compress_level=1)
+        manifest = {"classes": list(CLASSES), "n_per_class": n_per_class, "seed": seed, "tile_px": tile_px, "field_um": FIELD_UM, "pathwsi_version": __version__}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
 

@@ -29,6 +29,7 @@ class SlideSet:
     no_mpp: Path  # generic tiled TIFF without any µm/px
     blank: Path  # glass only
     corrupt: Path  # SVS cut short
+    damaged_tiles: Path  # SVS with 4 KiB XOR-ed in the middle of the file: tiles of level 0 that do not decode
     not_a_slide: Path  # text file with a slide's name
 
 
@@ -41,9 +42,14 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> SlideSet:
     blank = write_slide(folder / "blank.svs", SyntheticTissue(600.0, 500.0, seed=2, tissue_cover=0.0), 0.5, "svs")
     corrupt = folder / "corrupt.svs"
     corrupt.write_bytes(svs.read_bytes()[: svs.stat().st_size // 3])
+    damaged = bytearray(svs.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 4096] = bytes(b ^ 0xFF for b in damaged[middle : middle + 4096])
+    damaged_tiles = folder / "damaged.svs"
+    damaged_tiles.write_bytes(bytes(damaged))
     not_a_slide = folder / "notes.svs"
     not_a_slide.write_text("this is not a slide\n")
-    return SlideSet(TISSUE, svs, tiff, no_mpp, blank, corrupt, not_a_slide)
+    return SlideSet(TISSUE, svs, tiff, no_mpp, blank, corrupt, damaged_tiles, not_a_slide)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from pathwsi.store import open_writer, partial_path
 DIM = 6
 
 
-def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk: int = 4, weights: str = "aaa", finish: bool = True, arch: str = "keras_xception") -> Path:
+def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk: int = 4, weights: str = "aaa", finish: bool = True, arch: str = "keras_xception",
+                unreadable: dict[int, str] | None = None) -> Path:
     """A pathwsi store holding the given tile features (all chunks written)."""
     n = len(next(iter(features.values())))
     attrs = {"slide_id": path.stem, "patient_id": patient, "cohort": "c", "tiling_status": "ok" if n else "no_tissue",
@@ -23,7 +24,7 @@ def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk
     writer = open_writer(path, np.zeros((n, 2), np.int64), np.ones(n, np.float32), {m: DIM for m in features}, attrs, chunk, "float32")
     for index in range(writer.n_chunks):
         start, end = index * chunk, writer.chunk_end(index)
-        writer.write_chunk(index, {m: f[start:end] for m, f in features.items()})
+        writer.write_chunk(index, {m: f[start:end] for m, f in features.items()}, {i: r for i, r in (unreadable or {}).items() if start <= i < end})
     return writer.finish() if finish else path
 
 
@@ -148,3 +149,35 @@ def test_store_arrays_do_not_depend_on_the_working_directory(cohort, tmp_path, m
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(array))[:], tiles[entries[0].slide_id]["imgnet"].astype(array.dtype))
+
+
+def test_damaged_stores_are_named_and_left_out_and_the_rest_aggregated(tmp_path):
+    rng = np.random.default_rng(3)
+    tiles = {f"s{i}": {"ftx": rng.normal(size=(10, DIM)).astype(np.float32)} for i in range(3)}
+    entries = [SlideEntry(s, f"p{s}", write_store(tmp_path / f"{s}.zarr", t, f"p{s}")) for s, t in tiles.items()]
+    (tmp_path / "s0.zarr" / "features" / "ftx" / "c" / "1" / "0").unlink()  # a chunk deleted
+    flipped = tmp_path / "s1.zarr" / "features" / "ftx" / "c" / "2" / "0"  # a byte changed: found only when read
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    result = aggregate_cohort(entries, ["ftx"], ["mean"], DaskScheduler("synchronous"))
+    table = result.slide_table.set_index("slide_id")
+    assert list(result.slides["ftx"].index) == ["s2"]
+    assert "s0.zarr: damaged store: features/ftx/c/1/0 is missing" in table.loc["s0", "reason"]
+    assert "s1.zarr: damaged store: features/ftx/c/2/0 has changed" in table.loc["s1", "reason"]
+    assert list(table.status) == ["left_out", "left_out", "used"]
+    np.testing.assert_allclose(result.slides["ftx"].loc["s2"].to_numpy(), tiles["s2"]["ftx"].mean(0), rtol=1e-5)
+
+
+def test_unreadable_tiles_are_left_out_of_the_statistics(tmp_path):
+    features = np.random.default_rng(4).normal(size=(10, DIM)).astype(np.float32)
+    bad = {2: "JPEG tile 7 cannot be decoded", 9: "JPEG tile 12 cannot be decoded"}
+    entries = [SlideEntry("s", "p", write_store(tmp_path / "s.zarr", {"ftx": features}, "p", unreadable=bad)),
+               SlideEntry("none", "q", write_store(tmp_path / "none.zarr", {"ftx": features[:3]}, "q", unreadable={0: "x", 1: "x", 2: "x"}))]
+    result = aggregate_cohort(entries, ["ftx"], ["mean", "max"], DaskScheduler("synchronous"))
+    kept = np.delete(features, list(bad), axis=0)
+    np.testing.assert_allclose(result.slides["ftx"].loc["s"].to_numpy(), np.concatenate([kept.mean(0), kept.max(0)]), rtol=1e-5)
+    table = result.slide_table.set_index("slide_id")
+    assert table.loc["s", "status"] == "used" and table.loc["s", "n_tiles"] == 8
+    assert table.loc["s", "reason"] == "2 of 10 tiles could not be read and are left out (first at level-0 (0, 0): JPEG tile 7 cannot be decoded)"
+    assert table.loc["none", "status"] == "left_out" and table.loc["none", "reason"].startswith("none of its 3 tiles could be read")

@@ -85,9 +85,29 @@ def test_the_dataset_reads_with_the_reader_asked_for(tiled):
     sample, coords, _, _ = tiled
     with Slide(sample.path) as slide:
         openslide_tile = slide.read_region(*coords[0], 224, 224, 0.5)
-    exact, fast = SlideTiles(sample, coords, 224, 0.5, exact=True)[0].numpy(), SlideTiles(sample, coords, 224, 0.5)[0].numpy()
+    exact, fast = SlideTiles(sample, coords, 224, 0.5, exact=True)[0][0].numpy(), SlideTiles(sample, coords, 224, 0.5)[0][0].numpy()
     np.testing.assert_array_equal(exact, openslide_tile)
     assert 0 < np.abs(fast.astype(int) - openslide_tile).mean() < 1.5  # the DCT half-scale decode: close, not equal
+
+
+@pytest.mark.parametrize("reader", ["fast", "exact"])
+def test_tiles_that_cannot_be_decoded_are_recorded_and_the_rest_extracted(slides, tiled, tmp_path, reader):
+    """A damaged JPEG tile met while extracting (tiling read only a sample of level 0) stops neither the slide nor the batch."""
+    from dataclasses import replace
+
+    sample, coords, fractions, meta = tiled
+    settings, nets = replace(SETTINGS, reader=reader), models()
+    extract_slide(sample, coords, fractions, meta, nets, settings, tmp_path / "clean.zarr")
+    damaged = replace(sample, slide_id="damaged", path=str(slides.damaged_tiles))
+    extract_slide(damaged, coords, fractions, meta, nets, settings, tmp_path / "damaged.zarr")
+    clean, store = open_store(tmp_path / "clean.zarr"), open_store(tmp_path / "damaged.zarr")
+    readable, unreadable = store.readable(), store.attrs["unreadable_tiles"]
+    assert 0 < unreadable["count"] == (~readable).sum() < len(coords) // 4
+    first = unreadable["tiles"][0]
+    assert [first["x"], first["y"]] == coords[first["index"]].tolist() and "JPEG tile" in first["reason"] and "cannot be decoded" in first["reason"]
+    for model in ("small_a", "small_b"):
+        assert np.isnan(store.features(model)[:][~readable]).all()
+        np.testing.assert_array_equal(store.features(model)[:][readable], clean.features(model)[:][readable])
 
 
 def test_the_reader_setting_is_part_of_the_config_hash(tiled):

@@ -399,7 +399,7 @@ def test_new_weights_rebuild_the_stores_that_need_them_and_the_aggregates_never_
     assert open_store(features / "s2.zarr").attrs["models"]["ftx"]["weights_sha256"] == sha
     assert json.loads((project / "results" / "aggregate" / "b" / "provenance.json").read_text())["models"]["ftx"]["weights_sha256"] == sha
     assert dry_run(project) == expected_jobs(features=COHORT_A, aggregate=["a"])  # cohort a: still stale, all of it
-    with pytest.raises(AggregateError, match="different weights"):  # and stores of both weights are never combined
+    with pytest.raises(AggregateError, match="different networks"):  # and stores of both weights are never combined
         aggregate_cohort([SlideEntry("s0", "x", features / "s0.zarr"), SlideEntry("s2", "y", features / "s2.zarr")], ["imgnet", "ftx"], ["mean"])
 
     write_weights(weights, seed=6)  # the same file name, new weights

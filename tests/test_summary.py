@@ -45,7 +45,20 @@ def test_written_summary_files(tmp_path):
     write_summary(SAMPLES, results, results / "summary.tsv", results / "summary_cohorts.tsv", results / "summary.md")
     assert len(pd.read_csv(results / "summary.tsv", sep="\t")) == 4
     markdown = (results / "summary.md").read_text()
-    assert "| c1 | 3 | 1 | 2 | 1 | 40 | 1 | 1 |" in markdown
+    assert "| c1 | 3 | 1 | 2 | 1 | 40 | 1 | 0 | 1 |" in markdown
     assert "`broken` (c1): failed; slide 'broken': file is corrupt" in markdown
     assert "4.0 tiles/s" in markdown
-    assert "## Slides that failed or were left out: 2" in markdown and "`good`" not in markdown and "`other`" not in markdown
+    assert "## Slides that failed, lost tiles or were left out: 2" in markdown and "`good`" not in markdown and "`other`" not in markdown
+
+
+def test_a_slide_with_unreadable_tiles_is_partial_and_named_with_its_tiles(tmp_path):
+    results = make_results(tmp_path)
+    record = {"device": "cpu", "seconds": {"total": 2.0, "tiles_per_s": 5.0},
+              "unreadable_tiles": {"count": 2, "tiles": [{"index": 3, "x": 448, "y": 896, "reason": "JPEG tile 17 cannot be decoded"}, {"index": 4, "x": 896, "y": 896, "reason": "JPEG tile 18 cannot be decoded"}]}}
+    (results / "features" / "other.timings.json").write_text(json.dumps(record))
+    write_summary(SAMPLES, results, results / "summary.tsv", results / "summary_cohorts.tsv", results / "summary.md")
+    row = pd.read_csv(results / "summary.tsv", sep="\t", keep_default_na=False).set_index("slide_id").loc["other"]
+    assert row.status == "partial" and row.unreadable_tiles == 2
+    markdown = (results / "summary.md").read_text()
+    assert "`other` (c2): partial; 2 of 10 tiles could not be read and are left out; level-0 (448, 896): JPEG tile 17 cannot be decoded, (896, 896)" in markdown
+    assert "| c2 | 1 | 1 | 0 | 1 | 10 | 0 | 1 | 0 |" in markdown
