@@ -39,12 +39,14 @@ from PIL import Image
 
 from pathwsi import __version__
 from pathwsi.config import FTX_WEIGHTS
+from pathwsi.locks import hold_exclusive
 from pathwsi.models import ARCH_KEY, BN_EPS_KEY, Backbone, ModelSpec, build_backbone, load_weights, resolve_device, save_weights, specs_from_config
 from pathwsi.outputs import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 CHECKPOINT, BEST, HEAD, METRICS, SUMMARY = "checkpoint.pt", "best.safetensors", "head.safetensors", "metrics.tsv", "summary.json"
+LOCK = "finetune.lock"  # held by the run that works in the folder (pathwsi.locks)
 CHECKPOINT_FORMAT = "pathwsi.finetune-checkpoint/1"
 WEIGHTS_FORMAT = "pathwsi.ftx/1"
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -384,42 +386,43 @@ def finetune(
     workdir, out_path = Path(workdir), Path(out_path)
     workdir.mkdir(parents=True, exist_ok=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tiles = scan_tile_folder(train_dir)
-    if val_dir is None:
-        train, val = stratified_split(tiles, settings.val_fraction, settings.seed)
-    else:
-        train, val = tiles, scan_tile_folder(val_dir, tiles.classes)
-    log.info("fine-tuning '%s' on %d training and %d validation tiles, classes %s, on %s", spec.name, len(train.files), len(val.files), ", ".join(tiles.classes), device)
+    with contextlib.closing(hold_exclusive(workdir / LOCK, f"fine-tuning folder {workdir}")):  # one run at a time resumes the checkpoint
+        tiles = scan_tile_folder(train_dir)
+        if val_dir is None:
+            train, val = stratified_split(tiles, settings.val_fraction, settings.seed)
+        else:
+            train, val = tiles, scan_tile_folder(val_dir, tiles.classes)
+        log.info("fine-tuning '%s' on %d training and %d validation tiles, classes %s, on %s", spec.name, len(train.files), len(val.files), ", ".join(tiles.classes), device)
 
-    backbone = build_backbone(spec, allow_network=allow_network, device="cpu")
-    model = TileClassifier(backbone.net, backbone.feature_dim, len(tiles.classes), settings.dropout)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed(settings.seed, 0, 0, 2))
-        model.head.reset_parameters()
-    model.to(device).to(memory_format=torch.channels_last)
-    fingerprint = _fingerprint(settings, backbone, train, val)
-    state = _resume(workdir, fingerprint, model, restart, device)
-    _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)  # as of the checkpoint (a failed job's was removed)
-    runner = _Runner(backbone, model, settings, train, val, device, progress, on_batch)
+        backbone = build_backbone(spec, allow_network=allow_network, device="cpu")
+        model = TileClassifier(backbone.net, backbone.feature_dim, len(tiles.classes), settings.dropout)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(settings.seed, 0, 0, 2))
+            model.head.reset_parameters()
+        model.to(device).to(memory_format=torch.channels_last)
+        fingerprint = _fingerprint(settings, backbone, train, val)
+        state = _resume(workdir, fingerprint, model, restart, device)
+        _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)  # as of the checkpoint (a failed job's was removed)
+        runner = _Runner(backbone, model, settings, train, val, device, progress, on_batch)
 
-    for number, step in ((1, settings.step1), (2, settings.step2)):
-        if state.progress.step > number or step.epochs == 0:
-            continue
-        if state.progress.step < number:
-            state.progress = replace(state.progress, step=number, epoch=0, stopped=False, stale=0, best={"val_loss": math.inf})
-            state.optimizer = None
-        blocks = trainable_blocks(backbone.net, step.unfreeze_from, f"finetune.step{number}")
-        optimizer = make_optimizer(set_trainable(model, blocks, step.train_batchnorm), step)
-        if state.optimizer is not None:
-            optimizer.load_state_dict(state.optimizer)
-        while state.progress.epoch < step.epochs and not state.progress.stopped:
-            epoch = state.progress.epoch + 1
-            row = runner.epoch(number, step, epoch, optimizer, blocks)
-            _record(state.progress, row, settings.early_stopping_patience, model, workdir)
-            state.progress.epoch = epoch
-            _save_checkpoint(workdir, fingerprint, model, optimizer, state.progress)
-            _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)
-    return _export(spec, backbone, model, settings, tiles.classes, train, val, train_dir, val_dir, state.progress, out_path, workdir, started)
+        for number, step in ((1, settings.step1), (2, settings.step2)):
+            if state.progress.step > number or step.epochs == 0:
+                continue
+            if state.progress.step < number:
+                state.progress = replace(state.progress, step=number, epoch=0, stopped=False, stale=0, best={"val_loss": math.inf})
+                state.optimizer = None
+            blocks = trainable_blocks(backbone.net, step.unfreeze_from, f"finetune.step{number}")
+            optimizer = make_optimizer(set_trainable(model, blocks, step.train_batchnorm), step)
+            if state.optimizer is not None:
+                optimizer.load_state_dict(state.optimizer)
+            while state.progress.epoch < step.epochs and not state.progress.stopped:
+                epoch = state.progress.epoch + 1
+                row = runner.epoch(number, step, epoch, optimizer, blocks)
+                _record(state.progress, row, settings.early_stopping_patience, model, workdir)
+                state.progress.epoch = epoch
+                _save_checkpoint(workdir, fingerprint, model, optimizer, state.progress)
+                _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)
+        return _export(spec, backbone, model, settings, tiles.classes, train, val, train_dir, val_dir, state.progress, out_path, workdir, started)
 
 
 class _Runner:

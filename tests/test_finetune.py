@@ -192,3 +192,29 @@ def test_one_bf16_step_on_cuda(tiles, tmp_path):
     lines = (tmp_path / "work" / "metrics.tsv").read_text().splitlines()
     assert len(lines) == 3 and np.isfinite(float(lines[-1].split("\t")[3]))
     assert summary["weights_sha256"]
+
+
+HOLD_LOCK = "import sys, time; from pathlib import Path; from pathwsi.locks import hold_exclusive; h = hold_exclusive(Path(sys.argv[1]), 'test'); print('held', flush=True); time.sleep(600)"
+
+
+def test_a_second_run_in_the_folder_waits_for_the_first(tiles, tmp_path):
+    """A leftover fine-tuning job of a killed run and its rerun never write the same checkpoint at once."""
+    import subprocess
+    import sys
+    import threading
+
+    from pathwsi.finetune import LOCK
+
+    work = tmp_path / "work"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(work / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        run = threading.Thread(target=finetune, args=(SPEC, replace(TINY, step2=replace(TINY.step2, epochs=0)), tiles, None, tmp_path / "ftx.safetensors", work), kwargs={"device": "cpu", "progress": False})
+        run.start()
+        run.join(3)
+        assert run.is_alive() and not (work / CHECKPOINT).exists() and not (tmp_path / "ftx.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run.join(120)
+    assert not run.is_alive() and (tmp_path / "ftx.safetensors").is_file()

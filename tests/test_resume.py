@@ -15,7 +15,9 @@ from a finished run start from a copy of it (mtimes kept), with some outputs rem
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pathwsi.store import verify_store
 from workflow_project import (
     TARGET,
     Background,
@@ -253,6 +256,41 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes(kille
     assert killed.resumed_rc == 0, killed.resumed[-3000:]
     assert killed.untouched_after == killed.untouched_before
     assert_same_results(killed.project, reference, SLIDES, COHORTS)
+
+
+@pytest.mark.slow
+def test_kill_9_of_snakemake_alone_then_the_documented_recovery_keeps_the_store(reference, tmp_path):
+    """`kill -9` of the Snakemake process alone leaves its features job running. The rerun that
+    docs/resume.md describes (--unlock, --rerun-incomplete) starts a second writer of the same store:
+    it waits for the first, which finishes, and keeps its store (it used to crash on the half-written
+    store, after which Snakemake deleted the finished one)."""
+    project = without_cohort_b(reference, tmp_path / "p", tiled=True)
+    run = Background(project, "--cores", "2", TARGET)
+    holder = None
+    try:
+        wait_until(lambda: extracting(project, 2).get("s2"), run)
+        lock = project / "results" / "features" / "s2.zarr.lock"
+        holder = int(lock.read_text().split()[1])  # "pid N on HOST": the process writing the store
+        os.kill(holder, signal.SIGSTOP)  # paused, so that the rerun surely meets it still writing
+        run.signal_main(signal.SIGKILL)
+        run.process.wait(60)
+        assert snakemake(project, "--unlock").returncode == 0
+        rerun = Background(project, "--cores", "2", "--rerun-incomplete", TARGET, log_name="rerun")
+        try:
+            wait_until(lambda: "is being written by pid" in rerun.output, rerun)
+            os.kill(holder, signal.SIGCONT)
+            output = rerun.wait(300)
+        finally:
+            rerun.kill_all()
+    finally:
+        if holder is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(holder, signal.SIGCONT)
+        run.kill_all()
+    assert rerun.process.returncode == 0, output[-3000:]
+    assert "already complete with these settings" in (project / "logs" / "features" / "s2.log").read_text()
+    assert verify_store(project / "results" / "features" / "s2.zarr") == []
+    assert_same_results(project, reference, SLIDES, COHORTS)
 
 
 # -- 3. adding a cohort -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathwsi.store import MANIFEST, PROGRESS, StoreError, describe, open_store, open_writer, partial_path, verify_store
+from pathwsi.store import MANIFEST, PROGRESS, SCHEMA, StoreError, describe, open_store, open_writer, partial_path, verify_store
 
 ATTRS = {"slide_id": "s", "config_hash": "abc"}
 
@@ -166,6 +166,11 @@ def test_a_store_of_an_older_schema_is_refused_with_what_to_do(tmp_path):
     (path / "zarr.json").write_text(json.dumps(metadata))
     with pytest.raises(StoreError, match=r"older pathwsi \(pathwsi.features/1\), without checksums; delete it and rerun"):
         open_store(path)
+
+
+def test_the_features_rule_reruns_stores_of_another_schema():
+    rule = (Path(__file__).resolve().parent.parent / "workflow" / "rules" / "features.smk").read_text()
+    assert f'store_schema="{SCHEMA}"' in rule
 
 
 def test_unreadable_tiles_are_marked_nan_and_listed(tmp_path):
