@@ -126,22 +126,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pathwsi.config import load_config, load_samples
+    from pathwsi.config import check_cross_references, load_config, load_samples
 
     config = load_config(args.config)
     samples = load_samples(config["samples"])
+    for warning in check_cross_references(config, samples):
+        print(f"warning: {warning}", file=sys.stderr)
     cohorts = sorted({s.cohort for s in samples})
     print(f"{args.config}: valid; {len(samples)} slides in {len(cohorts)} cohort(s): {', '.join(cohorts)}")
     return 0
 
 
 def _tile(args: argparse.Namespace) -> int:
-    from pathwsi.config import Sample, load_config
+    from pathwsi.config import Sample, load_config, sample_problems
     from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
 
     config = load_config(args.config)
     slide_id = args.slide_id or args.slide.stem
-    sample = Sample(cohort="-", slide_id=slide_id, patient_id=slide_id, path=str(args.slide), mpp=args.mpp)
+    record = {"cohort": "cli", "slide_id": slide_id, "patient_id": slide_id, "path": str(args.slide), "mpp": args.mpp}
+    problems = sample_problems({k: v for k, v in record.items() if v is not None}, f"--slide-id '{slide_id}'")
+    if problems:
+        raise ConfigError("pathwsi tile", problems)
+    sample = Sample(**record)
+
     meta = tile_slide(sample, TilingJobSettings.from_config(config), TilingOutputs.under(args.results, slide_id))
     return 0 if meta["status"] != "failed" else 1
 

@@ -4,6 +4,7 @@ problem at once, each with the key or row it concerns and what to do about it.""
 from __future__ import annotations
 
 import csv
+import glob
 import math
 from copy import deepcopy
 from dataclasses import dataclass
@@ -51,9 +52,22 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     filled = deepcopy(config)
     _fill_defaults(filled, schema)
     problems = [_describe_config_error(err) for err in jsonschema.Draft202012Validator(schema).iter_errors(filled)]
+    problems = problems or _range_problems(filled)
     if problems:
         raise ConfigError("config", sorted(problems))
     return filled
+
+
+def _range_problems(config: dict[str, Any]) -> list[str]:
+    """Pairs of keys that the schema checks one by one but not together."""
+    tissue = config["tissue"]
+    problems = []
+    if tissue["min_saturation"] > tissue["max_saturation"]:
+        problems.append(f"key 'tissue.min_saturation': {tissue['min_saturation']} is above tissue.max_saturation {tissue['max_saturation']}; the Otsu threshold is clamped to [min, max], so give min <= max")
+    low, high = tissue["pen_hue"]
+    if low >= high:
+        problems.append(f"key 'tissue.pen_hue': [{low}, {high}] is not a range [low, high]; give the lower hue first (blue/green ink: [0.3, 0.64])")
+    return problems
 
 
 def _fill_defaults(instance: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -91,7 +105,7 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
     if not path.is_file():
         raise ConfigError(str(path), ["sample sheet not found; set `samples:` in the config to your sheet, or run `pathwsi demo` for the demo cohort"])
     schema = schema or load_schema("samples")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's UTF-8 byte-order mark is fine
         rows = [row for row in csv.reader(handle, delimiter="\t") if row and not row[0].startswith("#")]
     if not rows:
         raise ConfigError(str(path), ["the sheet is empty; it needs a header row: " + "\t".join(REQUIRED_COLUMNS)])
@@ -100,16 +114,15 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
     if any(column not in header for column in REQUIRED_COLUMNS):
         raise ConfigError(str(path), problems)
     samples: list[Sample] = []
-    validator = jsonschema.Draft202012Validator(schema)
     for line, row in enumerate(body, start=2):
         record, row_problems = _parse_row(header, row, line)
         if row_problems:
             problems += row_problems
             continue
         where = f"row {line} (slide_id '{record.get('slide_id', '?')}')"
-        row_problems += [f"{where}: column '{_column_of(err)}' {err.message}; {_fix_for(_column_of(err))}" for err in validator.iter_errors(record)]
-        if check_files and isinstance(record.get("path"), str) and record["path"] and not Path(record["path"]).is_file():
-            row_problems.append(f"{where}: slide file '{record['path']}' not found; fix the path (relative paths start from the directory you run snakemake in), or run `pathwsi demo` for the demo slides")
+        row_problems += sample_problems(record, where, schema)
+        if check_files and isinstance(record.get("path"), str) and record["path"]:
+            row_problems += _slide_file_problems(Path(record["path"]), where)
         problems += row_problems
         if not row_problems:
             samples.append(Sample(**record))
@@ -119,6 +132,20 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
     if problems:
         raise ConfigError(str(path), problems)
     return samples
+
+
+def _slide_file_problems(path: Path, where: str) -> list[str]:
+    if path.is_dir():
+        return [f"{where}: slide path '{path}' is a directory, not a slide file; give the file itself (for MIRAX, the .mrxs beside its folder)"]
+    if not path.is_file():
+        return [f"{where}: slide file '{path}' not found; fix the path (relative paths start from the directory you run snakemake in), or run `pathwsi demo` for the demo slides"]
+    return []
+
+
+def sample_problems(record: dict[str, Any], where: str, schema: dict[str, Any] | None = None) -> list[str]:
+    """What is wrong with one sample-sheet row (as a dict of its columns), each naming `where` and the column."""
+    validator = jsonschema.Draft202012Validator(schema or load_schema("samples"))
+    return [f"{where}: column '{_column_of(err)}' {err.message}; {_fix_for(_column_of(err))}" for err in validator.iter_errors(record)]
 
 
 def _header_problems(header: list[str]) -> list[str]:
@@ -193,19 +220,39 @@ def _fine_tuned_arch_problems(config: dict[str, Any]) -> list[str]:
     backbones, base = config["models"]["backbones"], config["finetune"]["base"]
     if base not in backbones:
         return []
-    arch = backbones[base]["arch"]
+    default = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"]["properties"]["arch"]["default"]
+    archs = {name: entry.get("arch", default) for name, entry in backbones.items()}
     return [
-        f"key 'models.backbones.{name}.arch': '{entry['arch']}', but its weights {FTX_WEIGHTS} are fine-tuned from "
-        f"finetune.base '{base}' of architecture '{arch}'; give both the same arch (keras_xception for the paper's network)"
+        f"key 'models.backbones.{name}.arch': '{archs[name]}', but its weights {FTX_WEIGHTS} are fine-tuned from "
+        f"finetune.base '{base}' of architecture '{archs[base]}'; give both the same arch (keras_xception for the paper's network)"
         for name, entry in backbones.items()
-        if entry["weights"] == FTX_WEIGHTS and entry["arch"] != arch
+        if entry["weights"] == FTX_WEIGHTS and archs[name] != archs[base]
     ]
 
 
+def _weights_file_problems(config: dict[str, Any]) -> list[str]:
+    """A backbone's weights must be a file that exists, unless rule finetune writes it (or they are untrained / hub)."""
+    return [
+        f"key 'models.backbones.{name}.weights': file '{entry['weights']}' not found; give a .safetensors or .pth file "
+        "(`pathwsi weights` writes ImageNet weights), or 'untrained' for the demo"
+        for name, entry in config["models"]["backbones"].items()
+        if entry["weights"] not in ("untrained", "hub", FTX_WEIGHTS) and not Path(entry["weights"]).is_file()
+    ]
+
+
+def _device_warnings(config: dict[str, Any]) -> list[str]:
+    """CUDA asked for on a machine without an NVIDIA device (without importing torch: this runs at every start)."""
+    if not config["features"]["device"].startswith("cuda") or glob.glob("/dev/nvidia[0-9]*"):
+        return []
+    return [f"key 'features.device': '{config['features']['device']}', but this machine has no NVIDIA GPU (no /dev/nvidia*); "
+            "features jobs that run here will fail (on a cluster, they run on GPU nodes: then this is expected)"]
+
+
 def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> list[str]:
-    """Raise ConfigError listing every key that names something missing (a target table that is not a
-    file, a compared or fine-tuned model that is not a backbone); return warnings for `targets.cohorts`
-    entries whose cohort is not in this sample sheet (they are skipped)."""
+    """Raise ConfigError listing every key that names something missing (a target table or weights file
+    that is not a file, a compared or fine-tuned model that is not a backbone, a fine-tuned model of
+    another architecture than its base); return warnings for `targets.cohorts` entries whose cohort is
+    not in this sample sheet (they are skipped) and for CUDA asked for on a machine without a GPU."""
     cohorts = {s.cohort for s in samples}
     backbones = set(config["models"]["backbones"])
     problems, warnings = [], []
@@ -223,7 +270,7 @@ def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> lis
         missing = [n for n in names if n not in backbones]
         if missing:
             problems.append(f"key '{key}': {missing} not among models.backbones ({', '.join(sorted(backbones))})")
-    problems += _fine_tuned_arch_problems(config)
+    problems += _fine_tuned_arch_problems(config) + _weights_file_problems(config)
     if problems:
         raise ConfigError("config", problems)
-    return warnings
+    return warnings + _device_warnings(config)

@@ -13,7 +13,7 @@ import torch
 
 from pathwsi.config import Sample
 from pathwsi.extract import ExtractSettings, extract_slide
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 from pathwsi.models import build_backbone, resolve_device, specs_from_config
 from pathwsi.outputs import write_json
 from pathwsi.store import open_store
@@ -49,5 +49,5 @@ def run_feature_job(sample: Sample, tiles_path: Path, meta_path: Path, store_pat
 
 def run_request(log: str, sample: dict[str, Any], tiles: str, meta: str, store: str, timings: str, models: dict[str, Any], settings: dict[str, Any], threads: int) -> None:
     """Rule `features`' job from plain values (what a fork-server request carries): log to `log`, extract the slide."""
-    log_to_file(log)
-    run_feature_job(Sample(**sample), Path(tiles), Path(meta), Path(store), Path(timings), models, ExtractSettings(**settings), threads=threads)
+    with job_log(log):
+        run_feature_job(Sample(**sample), Path(tiles), Path(meta), Path(store), Path(timings), models, ExtractSettings(**settings), threads=threads)

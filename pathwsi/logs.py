@@ -1,18 +1,35 @@
-"""Logging for workflow jobs: everything to the job's log file, warnings and errors also to stderr."""
+"""Logging for workflow jobs: everything to the job's log file, warnings and errors also to stderr;
+a job that fails leaves its error and traceback in its own log (`logs/{rule}/{slide}.log`)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def log_to_file(path: str) -> None:
-    """Send INFO and above to `path`, WARNING and above to stderr too."""
+def log_to_file(path: str) -> logging.Handler:
+    """Send INFO and above to `path`, WARNING and above to stderr too; returns the file's handler."""
     to_file = logging.FileHandler(path, mode="w")
     to_file.setFormatter(logging.Formatter(FORMAT))
     to_stderr = logging.StreamHandler(sys.stderr)
     to_stderr.setLevel(logging.WARNING)
     to_stderr.setFormatter(logging.Formatter(FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_stderr], force=True)
+    return to_file
+
+
+@contextmanager
+def job_log(path: str) -> Iterator[None]:
+    """`log_to_file(path)` for the body of a job; the exception that ends it goes into the log file too,
+    with its traceback (stderr shows it once, as Python prints it), and is raised on."""
+    to_file = log_to_file(path)
+    try:
+        yield
+    except BaseException as err:
+        if not (isinstance(err, SystemExit) and not err.code):
+            to_file.handle(logging.LogRecord("pathwsi.job", logging.ERROR, __file__, 0, "the job failed: %s: %s", (type(err).__name__, err), sys.exc_info()))
+        raise

@@ -7,12 +7,15 @@ then resized.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import openslide
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 MPP_TOLERANCE = 0.02  # a level within 2 % of the target µm/px counts as "at least as fine"
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
@@ -39,6 +42,9 @@ class Level:
     height: int
     downsample: float
     mpp: float
+
+
+MPP_DISAGREEMENT = 4.0  # a sheet µm/px this many times off the file's own is a warning
 
 
 def resolve_mpp(properties: dict[str, str], override: float | None, slide_label: str) -> Mpp:
@@ -79,12 +85,23 @@ class Slide:
             ) from err
         self.properties = dict(self._osr.properties)
         self.mpp = resolve_mpp(self.properties, mpp_override, self.label)
+        if mpp_override is not None:
+            self._warn_if_far_from_the_files_mpp(float(mpp_override))
         self.vendor = self.properties.get("openslide.vendor", "unknown")
         self.width, self.height = self._osr.dimensions
         self.levels = [
             Level(i, w, h, float(ds), self.mpp.value * float(ds))
             for i, ((w, h), ds) in enumerate(zip(self._osr.level_dimensions, self._osr.level_downsamples))
         ]
+
+    def _warn_if_far_from_the_files_mpp(self, override: float) -> None:
+        try:
+            own = resolve_mpp(self.properties, None, self.label)
+        except SlideError:
+            return
+        if not 1 / MPP_DISAGREEMENT <= override / own.value <= MPP_DISAGREEMENT:
+            log.warning("slide %s: the sample sheet's mpp %g is %.1fx the file's own %g µm/px (%s); the sheet's value is used. "
+                        "Check the 'mpp' column (0.25 for 40x, 0.5 for 20x) or leave it empty", self.label, override, override / own.value, own.value, own.source)
 
     def __enter__(self) -> Slide:
         return self

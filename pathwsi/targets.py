@@ -84,7 +84,12 @@ def read_table(path: Path, genes: Sequence[str] | None = None, id_column: str | 
     wanted = set(header) - {header[id_at]} if genes is None else set(genes)
     positions = [id_at] + [i for i, h in enumerate(header) if i != id_at and h in wanted]
     with _reading(path):
-        table = _read_columns(path, positions).set_axis([header[i] for i in positions], axis=1)
+        try:
+            table = _read_columns(path, positions).set_axis([header[i] for i in positions], axis=1)
+        except pd.errors.EmptyDataError:
+            table = None
+    if table is None or table.empty:
+        raise TargetError(f"{path}: the table has a header but no rows; add one row per patient")
     raw_ids = table.iloc[:, 0]
     ids = raw_ids.astype(str).str.strip()
     _check_ids(path, ids, raw_ids.isna() | (ids == ""))

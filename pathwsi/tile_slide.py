@@ -22,7 +22,7 @@ from PIL import Image
 
 from pathwsi import __version__
 from pathwsi.config import Sample
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 from pathwsi.outputs import write_json, write_table
 from pathwsi.qc import message_card, save_png, tiles_overview
 from pathwsi.slide import Slide, SlideError
@@ -108,8 +108,8 @@ def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutpu
 
 def run_request(log: str, sample: dict[str, Any], settings: dict[str, Any], outputs: list[str]) -> None:
     """Rule `tile`'s job from plain values (what a fork-server request carries): log to `log`, tile the slide."""
-    log_to_file(log)
-    tile_slide(Sample(**sample), TilingJobSettings.from_config(settings), TilingOutputs(*map(Path, outputs)))
+    with job_log(log):
+        tile_slide(Sample(**sample), TilingJobSettings.from_config(settings), TilingOutputs(*map(Path, outputs)))
 
 
 def _tile(slide: Slide, settings: TilingJobSettings, outputs: TilingOutputs) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -32,3 +32,15 @@ def test_a_damaged_tile_met_while_extracting_is_reported_and_the_run_completes(t
     assert f"`damaged` (c1): partial; {unreadable['count']} of {store.attrs['n_tiles']} tiles could not be read" in markdown
     assert f"({first['x']}, {first['y']}): {first['reason']}" in markdown
     assert "damaged: tile at level-0" in (project / "logs" / "features" / "damaged.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_failing_jobs_error_and_traceback_are_in_its_own_log(tmp_path, slides):
+    junk = tmp_path / "imgnet.safetensors"
+    junk.write_bytes(b"not a weights file")
+    backbones = {"imgnet": {"arch": "test_resnet", "weights": str(junk), "input_px": 64}, "ftx": {"arch": "test_resnet", "weights": "untrained", "input_px": 64}}
+    project = make_project(tmp_path / "project", [Row("c1", "s1", "p1", slides.tiff_05)], {"models": {"backbones": backbones}})
+    done = snakemake(project, "--cores", "1", "results/features/s1.zarr")
+    assert done.returncode != 0
+    log = (project / "logs" / "features" / "s1.log").read_text()
+    assert "ERROR pathwsi.job: the job failed: WeightsError: model 'imgnet': cannot read weights" in log and "Traceback (most recent call last)" in log

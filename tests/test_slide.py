@@ -89,3 +89,13 @@ def test_pixels_outside_the_slide_are_white(slides):
     with Slide(slides.tiff_05) as slide:
         region = slide.read_region(slide.width - 10, slide.height - 10, 40, 40, 0.5)
     assert (region[20:, 20:] == 255).all()
+
+
+def test_a_sheet_mpp_far_from_the_files_own_is_a_warning_naming_the_slide(slides, caplog):
+    with caplog.at_level("WARNING"):
+        with Slide(slides.svs_025, "far", mpp_override=1.5) as slide:
+            assert slide.mpp.value == 1.5  # the sheet still wins
+        with Slide(slides.svs_025, "near", mpp_override=0.5):
+            pass
+    assert [r.getMessage() for r in caplog.records if "far" in r.getMessage() and "6.0x the file's own 0.25" in r.getMessage()]
+    assert not [r for r in caplog.records if "'near'" in r.getMessage()]

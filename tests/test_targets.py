@@ -188,3 +188,10 @@ def test_unreadable_tables_name_the_file(tmp_path):
         read_expression(write(tmp_path / "fake.parquet", "not parquet"))
     with pytest.raises(TargetError, match="empty.tsv: cannot read it"):
         read_expression(write(tmp_path / "empty.tsv", ""))
+
+
+def test_a_table_with_a_header_but_no_rows_says_so(tmp_path):
+    path = tmp_path / "expression.tsv"
+    path.write_text("patient_id\tCD8A\tGZMB\n")
+    with pytest.raises(TargetError, match=r"expression.tsv: the table has a header but no rows; add one row per patient"):
+        read_table(path)

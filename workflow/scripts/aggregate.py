@@ -5,11 +5,11 @@ from pathlib import Path
 from pathwsi.aggregate import AggregateOutputs, SlideEntry, aggregate_cohort, write_cohort
 from pathwsi.config import validate_config
 from pathwsi.dask_scheduler import DaskScheduler
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 
-log_to_file(snakemake.log[0])
-entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
-how = validate_config(snakemake.config)["aggregate"]  # the scheduler says how, not what: changing it reruns nothing
-scheduler = DaskScheduler(how["scheduler"], how["scheduler_address"], workers=snakemake.threads)
-result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler)
-write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))
+with job_log(snakemake.log[0]):
+    entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
+    how = validate_config(snakemake.config)["aggregate"]  # the scheduler says how, not what: changing it reruns nothing
+    scheduler = DaskScheduler(how["scheduler"], how["scheduler_address"], workers=snakemake.threads)
+    result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler)
+    write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))

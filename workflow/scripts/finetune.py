@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 from pathwsi.finetune import run_finetune
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 
-log_to_file(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
-run_finetune(snakemake.params.config, out_path=Path(snakemake.output.weights), workdir=Path(snakemake.output.metrics).parent)
+with job_log(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    run_finetune(snakemake.params.config, out_path=Path(snakemake.output.weights), workdir=Path(snakemake.output.metrics).parent)

@@ -2,15 +2,15 @@
 
 from pathlib import Path
 
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 from pathwsi.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
 
-log_to_file(snakemake.log[0])
-run_predict_job(
-    dict(zip(snakemake.params.models, map(Path, snakemake.input.features))),
-    CohortTargets(**snakemake.params.cohort_targets),
-    TargetSettings(**snakemake.params.targets),
-    settings_from_config(snakemake.params.settings, snakemake.params.seed),
-    snakemake.params.sites,
-    Path(snakemake.output[0]),
-)
+with job_log(snakemake.log[0]):
+    run_predict_job(
+        dict(zip(snakemake.params.models, map(Path, snakemake.input.features))),
+        CohortTargets(**snakemake.params.cohort_targets),
+        TargetSettings(**snakemake.params.targets),
+        settings_from_config(snakemake.params.settings, snakemake.params.seed),
+        snakemake.params.sites,
+        Path(snakemake.output[0]),
+    )

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 from pathwsi.summary import write_summary
 
-log_to_file(snakemake.log[0])
-write_summary(snakemake.params.samples, Path(snakemake.output.slides).parent, Path(snakemake.output.slides), Path(snakemake.output.cohorts), Path(snakemake.output.markdown))
+with job_log(snakemake.log[0]):
+    write_summary(snakemake.params.samples, Path(snakemake.output.slides).parent, Path(snakemake.output.slides), Path(snakemake.output.cohorts), Path(snakemake.output.markdown))

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
-from pathwsi.logs import log_to_file
+from pathwsi.logs import job_log
 from pathwsi.tissue_experiment import run_tissue_experiment_from_config
 
-log_to_file(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
-run_tissue_experiment_from_config(snakemake.params.config, out_dir=Path(snakemake.output.accuracy).parent, jobs=snakemake.threads)
+with job_log(snakemake.log[0]):
+    torch.set_num_threads(snakemake.threads)
+    run_tissue_experiment_from_config(snakemake.params.config, out_dir=Path(snakemake.output.accuracy).parent, jobs=snakemake.threads)
