@@ -144,7 +144,7 @@ def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tile
 
 def _extract(sample: Sample, tiles: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, writer: StoreWriter) -> dict[str, float]:
     device = next(models[0].net.parameters()).device
-    start = writer.n_tiles if writer.already_complete else writer.first_pending_tile
+    start = len(tiles) if writer.already_complete else writer.first_pending_tile
     timings = {"read": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
     if start == len(tiles):
         writer.finish()

@@ -110,6 +110,17 @@ def test_tiles_that_cannot_be_decoded_are_recorded_and_the_rest_extracted(slides
         np.testing.assert_array_equal(store.features(model)[:][readable], clean.features(model)[:][readable])
 
 
+def test_a_complete_store_with_the_same_settings_is_kept_without_reading_a_tile(tiled, tmp_path):
+    """What a second writer finds when the first one it waited for has finished."""
+    sample, coords, fractions, meta = tiled
+    nets = models()
+    extract_slide(sample, coords, fractions, meta, nets, SETTINGS, tmp_path / "s.zarr")
+    written = (tmp_path / "s.zarr" / "manifest.json").stat().st_mtime_ns
+    again = extract_slide(sample, coords, fractions, meta, nets, SETTINGS, tmp_path / "s.zarr")
+    assert again["tiles"] == 0 and again["read"] == 0.0
+    assert (tmp_path / "s.zarr" / "manifest.json").stat().st_mtime_ns == written
+
+
 def test_the_reader_setting_is_part_of_the_config_hash(tiled):
     from pathwsi.extract import settings_hash
 
