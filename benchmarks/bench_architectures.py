@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import models_alone  # noqa: E402  (also silences the UNTRAINED warnings)
 
-from pathwsi.models import ModelSpec, build_backbone  # noqa: E402
+from pathwsi.features.backbones import ModelSpec, build_backbone  # noqa: E402
 
 
 def main() -> None:

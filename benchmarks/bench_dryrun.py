@@ -47,7 +47,7 @@ def slide_id(i: int) -> str:
 
 def write_project(folder: Path, n: int) -> Path:
     """The temporary project: config, sheet of `n` rows, one real slide and n links to it."""
-    from pathwsi.synthetic import SyntheticTissue, write_slide
+    from pathwsi.demo.slides import SyntheticTissue, write_slide
 
     slides = folder / "slides"
     slides.mkdir(parents=True)

@@ -1,5 +1,5 @@
 """What flushing outputs to disk costs: feature stores and small JSON outputs written with the fsyncs
-that make them durable (pathwsi.outputs.FSYNC = True, the default) and without, interleaved in one run
+that make them durable (pathwsi.runtime.outputs.FSYNC = True, the default) and without, interleaved in one run
 on the same disk. A store here is one slide's: --tiles tiles x 2 models x 2,048 float16 features, in
 chunks of 512 tiles, written and published as the features job does (manifest, fsync, rename).
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pathwsi import outputs
-from pathwsi.store import open_writer
+from pathwsi.features.store import open_writer
+from pathwsi.runtime import outputs
 
 CHUNK, DIM = 512, 2048
 

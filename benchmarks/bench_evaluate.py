@@ -1,4 +1,4 @@
-"""Benchmark of the prediction protocol (pathwsi.evaluate) on the CPU.
+"""Benchmark of the prediction protocol (pathwsi.predict.evaluate) on the CPU.
 
 The full protocol on a synthetic cohort: 500 patients × 2048 features per model, 200 expression
 genes and 9 mutations, 5 folds × 50 repeats, two models. Features carry a planted rank-10 signal:
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_info
 
-from pathwsi.evaluate import EvaluationSettings, run_evaluation
+from pathwsi.predict.evaluate import EvaluationSettings, run_evaluation
 
 
 def cohort(patients: int, features: int, genes: int, mutations: int, seed: int = 0) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, pd.DataFrame]:

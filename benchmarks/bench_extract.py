@@ -1,4 +1,4 @@
-"""Benchmarks of the feature-extraction stage (pathwsi.extract), on the CPU or a CUDA GPU.
+"""Benchmarks of the feature-extraction stage (pathwsi.features.extract), on the CPU or a CUDA GPU.
 
 1. Pipeline efficiency: end-to-end tiles/s of `extract_slide` (read each tile once from the JPEG
    slide, Macenko-normalize, both Xceptions, write the Zarr store) vs the two models alone on
@@ -21,8 +21,8 @@ Models use untrained weights: speed does not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import statistics
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reader import ensure_slide  # noqa: E402
 
-from pathwsi.config import Sample  # noqa: E402
-from pathwsi.extract import ExtractSettings, extract_slide  # noqa: E402
-from pathwsi.models import ModelSpec, build_backbone  # noqa: E402
-from pathwsi.stain import StainSettings, default_reference, fit_slide  # noqa: E402
+from pathwsi.features.backbones import ModelSpec, build_backbone  # noqa: E402
+from pathwsi.features.extract import ExtractSettings, extract_slide  # noqa: E402
+from pathwsi.samples import Sample  # noqa: E402
+from pathwsi.stain.macenko import StainSettings, default_reference, fit_slide  # noqa: E402
 
 warnings.filterwarnings("ignore", message="model .* uses UNTRAINED weights")
 GRID, STEP0 = 45, 448  # 45 x 45 tiles of 448 level-0 px (224 px at 0.5 µm/px from 0.25 µm/px)
@@ -54,7 +54,7 @@ def tile_positions(count: int) -> np.ndarray:
 
 def tiles_meta(slide: Path, coords: np.ndarray) -> dict:
     """The tiling metadata extract_slide needs, with a real stain fit from 16 of the tiles."""
-    from pathwsi.slide import Slide
+    from pathwsi.slides.slide import Slide
 
     with Slide(slide) as handle:
         sample = [handle.read_region(x, y, 224, 224, 0.5) for x, y in coords[:16]]
@@ -91,8 +91,8 @@ import json, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, sys.argv[3])
 from bench_extract import pipeline
-from pathwsi.extract import ExtractSettings
-from pathwsi.models import ModelSpec, build_backbone
+from pathwsi.features.extract import ExtractSettings
+from pathwsi.features.backbones import ModelSpec, build_backbone
 from pathlib import Path
 model = build_backbone(ModelSpec("small", arch="test_resnet", input_px=64))
 timings = pipeline(Path(sys.argv[1]), [model], int(sys.argv[2]), ExtractSettings(batch_size=64, chunk_tiles=512, num_workers=1, device="cpu"))
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=192, help="tiles for the pipeline-efficiency run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on the CPU, 4 on CUDA)")
-    parser.add_argument("--reader", choices=["fast", "exact"], default="fast", help="features.reader (pathwsi.tile_reader)")
+    parser.add_argument("--reader", choices=["fast", "exact"], default="fast", help="features.reader (pathwsi.slides.readers)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (alone and in the pipeline)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--rounds", type=int, default=3, help="alternate models-alone and pipeline runs this many times; medians")

@@ -1,6 +1,6 @@
 """Fine-tuning throughput: training images/s of step 1 (frozen backbone, new head) and step 2 (top unfrozen).
 
-The same code as `pathwsi.finetune` (`train_step`, channels_last, bf16 autocast on CUDA) on
+The same code as `pathwsi.finetune.train` (`train_step`, channels_last, bf16 autocast on CUDA) on
 random uint8 batches, so image loading is not measured. CPU always; CUDA too when present
 (its name is printed). Untrained `legacy_xception` weights: speed does not depend on them.
 
@@ -16,8 +16,15 @@ import warnings
 
 import torch
 
-from pathwsi.finetune import StepSettings, TileClassifier, make_optimizer, set_trainable, train_step, trainable_blocks
-from pathwsi.models import ModelSpec, build_backbone
+from pathwsi.features.backbones import ModelSpec, build_backbone
+from pathwsi.finetune.train import (
+    StepSettings,
+    TileClassifier,
+    make_optimizer,
+    set_trainable,
+    train_step,
+    trainable_blocks,
+)
 
 N_CLASSES = 9
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from test_keras_reference import FILES, agreement, pathwsi_features, real_looking_tiles  # noqa: E402
 
-from pathwsi.keras_convert import convert_keras  # noqa: E402
+from pathwsi.features.keras_convert import convert_keras  # noqa: E402
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def ensure_slide() -> Path:
     """Write the benchmark slide once (full-resolution rendering)."""
     if SLIDE.is_file():
         return SLIDE
-    from pathwsi.synthetic import SyntheticTissue, write_slide
+    from pathwsi.demo.slides import SyntheticTissue, write_slide
 
     CACHE.mkdir(exist_ok=True)
     side_um = SIDE_PX * MPP0
@@ -77,8 +77,8 @@ def stored_tiles(points: list[tuple[int, int]], span: int, tile: int = 256) -> l
 
 def child(method: str, path: str) -> dict:
     """One timed run in this (fresh) process."""
-    from pathwsi.slide import Slide
-    from pathwsi.tile_reader import jpeg_level, open_tile_reader
+    from pathwsi.slides.readers import jpeg_level, open_tile_reader
+    from pathwsi.slides.slide import Slide
 
     override = 0.2527 if method == "reader-0.2527" else None
     slide = Slide(path, mpp_override=override)

@@ -1,6 +1,6 @@
 """Stain-normalization throughput: pathwsi (one fit per slide + batched apply) vs torchstain tile by tile.
 
-Tiles: `--tiles` 224-px tiles at 0.5 µm/px from one synthetic H&E slide (pathwsi.synthetic),
+Tiles: `--tiles` 224-px tiles at 0.5 µm/px from one synthetic H&E slide (pathwsi.demo.slides),
 each at least half tissue; rendered once and cached under benchmarks/.cache/.
 pathwsi: `fit_slide` on a seeded sample of `sample_tiles` tiles, then `normalize_batch` over
 all tiles (uint8 in, uint8 out, host tensors in and out). torchstain: the torch backend's
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathwsi.stain import StainFit, StainSettings, default_reference, fit_slide
-from pathwsi.stain_torch import normalize_batch
-from pathwsi.synthetic import SyntheticTissue
+from pathwsi.demo.slides import SyntheticTissue
+from pathwsi.stain.macenko import StainFit, StainSettings, default_reference, fit_slide
+from pathwsi.stain.torch_apply import normalize_batch
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 TILE_UM = 112.0

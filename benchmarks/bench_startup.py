@@ -2,7 +2,7 @@
 
 K small synthetic slides go through the two per-slide jobs, `tile` then `features` (both
 Xceptions, untrained, at --input-px), one job after another as a group job's members run on a
-node. Each job is a fresh `python` process that calls `pathwsi.forkserver.call` exactly as the
+node. Each job is a fresh `python` process that calls `pathwsi.runtime.forkserver.call` exactly as the
 workflow's scripts do (only Snakemake's own script preamble, the same in both modes, is left
 out). Modes:
 
@@ -23,23 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIENT = "import json, sys; from pathwsi.forkserver import call; sys.exit(call(sys.argv[1], json.load(open(sys.argv[2])), use_server=sys.argv[3] == '1'))"
-TARGETS = {"tile": "pathwsi.tile_slide:run_request", "features": "pathwsi.feature_job:run_request"}
+CLIENT = "import pickle, sys; from pathwsi.runtime.forkserver import call; sys.exit(call(pickle.load(open(sys.argv[1], 'rb')), use_server=sys.argv[2] == '1'))"
 
 
 def make_slides(folder: Path, count: int) -> list[dict]:
     """`count` small synthetic SVS slides (0.25 µm/px, JPEG tiles); their sample-sheet rows."""
-    from pathwsi.synthetic import SyntheticTissue, write_slide
+    from pathwsi.demo.slides import SyntheticTissue, write_slide
 
     folder.mkdir(parents=True)
     rows = []
@@ -49,38 +50,39 @@ def make_slides(folder: Path, count: int) -> list[dict]:
     return rows
 
 
-def job_files(config: dict, sample: dict, out: Path) -> dict[str, dict]:
+def job_files(config: dict, sample: dict, out: Path) -> dict[str, Any]:
     """The two jobs' requests for one slide, as workflow/scripts/{tile,features}.py build them."""
+    from pathwsi.features.feature_request import FeatureRequest
+    from pathwsi.samples import Sample
+    from pathwsi.slides.tile_request import TILING_SECTIONS, TileRequest, TilingOutputs
+
     sid = sample["slide_id"]
-    tiles, meta = out / "tiles" / f"{sid}.parquet", out / "tiles" / f"{sid}.json"
-    settings = {key: config[key] for key in ("seed", "tiling", "tissue", "stain", "qc")}
-    tile = {"log": str(out / f"{sid}.tile.log"), "sample": sample, "settings": settings,
-            "outputs": [str(tiles), str(meta), str(out / "qc" / f"{sid}.png"), str(out / "qc" / f"{sid}.stain.png")]}
-    features = {"log": str(out / f"{sid}.features.log"), "sample": sample, "tiles": str(tiles), "meta": str(meta),
-                "store": str(out / "features" / f"{sid}.zarr"), "timings": str(out / "features" / f"{sid}.timings.json"),
-                "models": {"allow_network": False, "backbones": config["models"]["backbones"]},
-                "settings": {k: v for k, v in config["features"].items() if k != "threads"}, "threads": config["features"]["threads"]}
+    outputs = TilingOutputs.under(out, sid)
+    tile = TileRequest(Sample(**sample), {key: config[key] for key in TILING_SECTIONS}, outputs, out / f"{sid}.tile.log")
+    features = FeatureRequest(Sample(**sample), outputs.tiles, outputs.meta, out / "features" / f"{sid}.zarr", out / "features" / f"{sid}.timings.json",
+                              {"allow_network": False, "backbones": config["models"]["backbones"]}, config["features"], config["features"]["threads"],
+                              out / f"{sid}.features.log")
     return {"tile": tile, "features": features}
 
 
-def run_job(stage: str, request: dict, use_server: bool, env: dict[str, str]) -> float:
+def run_job(request: Any, use_server: bool, env: dict[str, str]) -> float:
     """One job as a fresh process; its wall seconds."""
-    path = Path(request["log"]).with_suffix(".json")
+    path = request.log.with_suffix(".request")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(request))
+    path.write_bytes(pickle.dumps(request))
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CLIENT, TARGETS[stage], str(path), "1" if use_server else "0"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CLIENT, str(path), "1" if use_server else "0"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"{stage} job failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{type(request).__name__} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return wall
 
 
-def work_seconds(stage: str, request: dict) -> float:
+def work_seconds(stage: str, request: Any) -> float:
     """The job's own timer: the tiling's `seconds`, or the extraction's `total`."""
     if stage == "tile":
-        return json.loads(Path(request["outputs"][1]).read_text())["seconds"]
-    return json.loads(Path(request["timings"]).read_text())["seconds"]["total"]
+        return json.loads(request.outputs.meta.read_text())["seconds"]
+    return json.loads(request.timings.read_text())["seconds"]["total"]
 
 
 def main() -> None:
@@ -93,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pathwsi.config import validate_config
-    from pathwsi.forkserver import stop_servers
+    from pathwsi.runtime.forkserver import stop_servers
 
     config = validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     for entry in config["models"]["backbones"].values():
@@ -113,15 +115,15 @@ def main() -> None:
                 out = tmp / f"{mode}{round_}"
                 requests = [job_files(config, sample, out) for sample in samples]
                 for stage in ("tile", "features"):
-                    stage_walls = [run_job(stage, r[stage], mode == "fork", env) for r in requests]
+                    stage_walls = [run_job(r[stage], mode == "fork", env) for r in requests]
                     stage_work = [work_seconds(stage, r[stage]) for r in requests]
                     walls.setdefault((mode, stage), []).extend(stage_walls[1:])
                     works.setdefault((mode, stage), []).extend(stage_work[1:])
                     if mode == "fork":
                         first_extra[stage].append(stage_walls[0] - statistics.median(stage_walls[1:]))
                 stop_servers(server_tmp)
-                device = json.loads(Path(requests[0]["features"]["timings"]).read_text())["device"]
-                tiles = [json.loads(Path(r["features"]["timings"]).read_text())["seconds"]["tiles"] for r in requests]
+                device = json.loads(requests[0]["features"].timings.read_text())["device"]
+                tiles = [json.loads(r["features"].timings.read_text())["seconds"]["tiles"] for r in requests]
                 print(f"round {round_ + 1} {mode}: done", file=sys.stderr, flush=True)
 
     print(f"{args.slides} slides ({statistics.median(tiles):.0f} tiles each, median) x {args.rounds} rounds; features: 2 x legacy_xception at {args.input_px} px, device {device}, {args.threads} threads")

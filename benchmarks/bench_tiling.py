@@ -26,9 +26,9 @@ SIDE_PX, MPP = 40_960, 0.25
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from pathwsi.slide import Slide
-from pathwsi.tiling import TileSettings, tile_grid, tissue_fractions
-from pathwsi.tissue import TissueSettings, detect_tissue
+from pathwsi.slides.slide import Slide
+from pathwsi.slides.grid import TileSettings, tile_grid, tissue_fractions
+from pathwsi.slides.tissue_mask import TissueSettings, detect_tissue
 t1 = time.perf_counter()
 settings, tiling = TissueSettings(), TileSettings()
 with Slide(sys.argv[1]) as slide:
@@ -47,7 +47,7 @@ def ensure_slide() -> Path:
     """Write the benchmark slide once."""
     if SLIDE.is_file():
         return SLIDE
-    from pathwsi.synthetic import SyntheticTissue, write_slide
+    from pathwsi.demo.slides import SyntheticTissue, write_slide
 
     CACHE.mkdir(exist_ok=True)
     side_um = SIDE_PX * MPP

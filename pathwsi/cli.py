@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from pathwsi import __version__
-from pathwsi.config import FTX_WEIGHTS, ConfigError
+from pathwsi.config import FTX_WEIGHTS
+from pathwsi.errors import ConfigError, PathwsiError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except ConfigError as err:
-        return _error(err)
+    except PathwsiError as err:  # a user-facing problem: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pathwsi.demo import make_demo
+    from pathwsi.demo.cohort import make_demo
 
     sheet = make_demo(args.out, args.jobs, args.force)
     print(f"demo cohort written; sample sheet: {sheet}")
@@ -126,7 +128,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pathwsi.config import check_cross_references, load_config, load_samples
+    from pathwsi.config import check_cross_references, load_config
+    from pathwsi.samples import load_samples
 
     config = load_config(args.config)
     samples = load_samples(config["samples"])
@@ -138,8 +141,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _tile(args: argparse.Namespace) -> int:
-    from pathwsi.config import Sample, load_config, sample_problems
-    from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+    from pathwsi.config import load_config
+    from pathwsi.samples import Sample, sample_problems
+    from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
 
     config = load_config(args.config)
     slide_id = args.slide_id or args.slide.stem
@@ -155,8 +159,8 @@ def _tile(args: argparse.Namespace) -> int:
 
 def _normalize(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
-    from pathwsi.stain import StainSettings, load_target
-    from pathwsi.stain_files import normalize_files
+    from pathwsi.stain.image_folders import normalize_files
+    from pathwsi.stain.macenko import StainSettings, load_target
 
     config = load_config(args.config)
     settings = StainSettings.from_config(config["stain"])
@@ -167,27 +171,20 @@ def _normalize(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
-    from pathwsi.finetune import FinetuneError, run_finetune
-    from pathwsi.models import DeviceError, WeightsError
+    from pathwsi.finetune.train import run_finetune
 
-    try:
-        summary = run_finetune(load_config(args.config), out_path=args.out, workdir=args.workdir, train_dir=args.train_dir, val_dir=args.val_dir, device=args.device, restart=args.restart)
-    except (FinetuneError, WeightsError, DeviceError) as err:
-        return _error(err)
+    summary = run_finetune(load_config(args.config), out_path=args.out, workdir=args.workdir, train_dir=args.train_dir, val_dir=args.val_dir, device=args.device, restart=args.restart)
+
     print(f"FTX weights: {args.out} (metrics in {args.workdir / 'metrics.tsv'}); best epoch {summary.get('best')}")
     return 0
 
 
 def _tissue_experiment(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
-    from pathwsi.finetune import FinetuneError
-    from pathwsi.models import DeviceError, WeightsError
-    from pathwsi.tissue_experiment import ExperimentError, run_tissue_experiment_from_config
+    from pathwsi.finetune.tissue_experiment import run_tissue_experiment_from_config
 
-    try:
-        run_tissue_experiment_from_config(load_config(args.config), out_dir=args.out, test_dir=args.test_dir, models=args.models, device=args.device, jobs=args.jobs)
-    except (ExperimentError, FinetuneError, WeightsError, DeviceError) as err:
-        return _error(err)
+    run_tissue_experiment_from_config(load_config(args.config), out_dir=args.out, test_dir=args.test_dir, models=args.models, device=args.device, jobs=args.jobs)
+
     print(f"tables and figure in {args.out}")
     return 0
 
@@ -195,7 +192,7 @@ def _tissue_experiment(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from pathwsi.store import describe
+    from pathwsi.features.store import describe
 
     report = describe(args.store, verify=args.verify)
     if args.json:
@@ -225,24 +222,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert_keras(args: argparse.Namespace) -> int:
-    from pathwsi.keras_convert import KerasConversionError, convert_keras
+    from pathwsi.features.keras_convert import convert_keras
 
-    try:
-        report = convert_keras(args.src, args.dst)
-    except KerasConversionError as err:
-        return _error(err)
+    report = convert_keras(args.src, args.dst)
+
     print(report.summary())
     return 0
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from pathwsi.imagenet_weights import WeightsSourceError, from_keras, from_timm
-    from pathwsi.keras_convert import KerasConversionError
+    from pathwsi.features.imagenet_weights import from_keras, from_timm
 
-    try:
-        written = from_keras(args.src, args.dst) if args.source == "keras" else from_timm(args.dst, offline=args.offline)
-    except (WeightsSourceError, KerasConversionError) as err:
-        return _error(err)
+    written = from_keras(args.src, args.dst) if args.source == "keras" else from_timm(args.dst, offline=args.offline)
+
     print(written.summary())
     return 0
 
@@ -252,42 +244,36 @@ def _add_sample_types(parser: argparse.ArgumentParser) -> None:
 
 
 def _import_expression(args: argparse.Namespace) -> int:
-    from pathwsi.targets import TargetError, write_target_table
-    from pathwsi.tcga import import_gdc_expression
+    from pathwsi.predict.targets import write_target_table
+    from pathwsi.predict.tcga import import_gdc_expression
 
-    try:
-        table = import_gdc_expression(args.sample_sheet, args.files_dir, args.value, args.sample_types)
-    except TargetError as err:
-        return _error(err)
+    table = import_gdc_expression(args.sample_sheet, args.files_dir, args.value, args.sample_types)
+
     write_target_table(table, args.out)
     print(f"{args.out}: {table.shape[0]} patients x {table.shape[1]} genes ({args.value})")
     return 0
 
 
 def _import_maf(args: argparse.Namespace) -> int:
-    from pathwsi.targets import TargetError, load_gene_list, write_target_table
-    from pathwsi.tcga import import_maf
+    from pathwsi.predict.targets import load_gene_list, write_target_table
+    from pathwsi.predict.tcga import import_maf
 
     genes = args.genes
-    try:
-        if genes is not None and len(genes) == 1 and Path(genes[0]).is_file():
-            genes = load_gene_list(Path(genes[0]))
-        table = import_maf(args.mafs, genes, args.top, args.sample_types)
-    except TargetError as err:
-        return _error(err)
+    if genes is not None and len(genes) == 1 and Path(genes[0]).is_file():
+        genes = load_gene_list(Path(genes[0]))
+    table = import_maf(args.mafs, genes, args.top, args.sample_types)
+
     write_target_table(table, args.out)
     print(f"{args.out}: {table.shape[0]} patients x {table.shape[1]} genes ({', '.join(table.columns)})")
     return 0
 
 
 def _sheet_from_tcga(args: argparse.Namespace) -> int:
-    from pathwsi.targets import SHOWN_IDS, TargetError
-    from pathwsi.tcga import sheet_from_tcga, write_sample_sheet
+    from pathwsi.predict.targets import SHOWN_IDS
+    from pathwsi.predict.tcga import sheet_from_tcga, write_sample_sheet
 
-    try:
-        samples, skipped = sheet_from_tcga(args.slide_dir, args.cohort, args.sample_types)
-    except TargetError as err:
-        return _error(err)
+    samples, skipped = sheet_from_tcga(args.slide_dir, args.cohort, args.sample_types)
+
     write_sample_sheet(samples, args.out)
     print(f"{args.out}: {len(samples)} slides of {len({s.patient_id for s in samples})} patients; {len(skipped)} skipped")
     for path, reason in skipped[:SHOWN_IDS]:
@@ -295,12 +281,6 @@ def _sheet_from_tcga(args: argparse.Namespace) -> int:
     if len(skipped) > SHOWN_IDS:
         print(f"  ... and {len(skipped) - SHOWN_IDS} more (listed in the log)")
     return 0
-
-
-def _error(err: Exception) -> int:
-    """Print a user-facing error (it names the file, key or folder and the fix); exit status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

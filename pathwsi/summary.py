@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from pathwsi.outputs import write_frame, write_text
+from pathwsi.runtime.outputs import write_frame, write_text
 
 SLIDE_COLUMNS = ["cohort", "slide_id", "patient_id", "status", "reason", "tiles", "unreadable_tiles", "mpp", "mpp_source", "stain", "aggregate",
                  "tile_s", "features_s", "read_s", "normalize_s", "model_s", "write_s", "tiles_per_s", "device"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pathwsi.forkserver import stop_servers
-from pathwsi.synthetic import SyntheticTissue, write_slide
+from pathwsi.demo.slides import SyntheticTissue, write_slide
+from pathwsi.runtime.forkserver import stop_servers
 
 TISSUE = SyntheticTissue(900.0, 700.0, seed=11, tissue_cover=0.5, background_band=0.25)
 

@@ -8,9 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathwsi.aggregate import AggregateError, AggregateOutputs, SlideEntry, aggregate_cohort, check_statistics, read_features, write_cohort
-from pathwsi.dask_scheduler import DaskScheduler, SchedulerError
-from pathwsi.store import open_writer, partial_path
+from pathwsi.features.store import open_writer, partial_path
+from pathwsi.predict.aggregate import (
+    AggregateError,
+    AggregateOutputs,
+    SlideEntry,
+    aggregate_cohort,
+    check_statistics,
+    read_features,
+    write_cohort,
+)
+from pathwsi.runtime.dask_scheduler import DaskScheduler, SchedulerError
 
 DIM = 6
 
@@ -140,7 +148,7 @@ def test_store_arrays_do_not_depend_on_the_working_directory(cohort, tmp_path, m
     """A remote dask worker unpickles the arrays elsewhere; relative store roots would read zeros there."""
     import pickle
 
-    from pathwsi.store import open_store
+    from pathwsi.features.store import open_store
 
     entries, tiles = cohort
     monkeypatch.chdir(entries[0].store.parent)

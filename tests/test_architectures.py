@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pathwsi.architectures import TFSameMaxPool2d, create_network
+from pathwsi.features.architectures import TFSameMaxPool2d, create_network
 
 
 def tf_same_max_pool(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from pathwsi.synthetic import SyntheticTissue, write_slide
 from slurm_cluster import ROOT, slurm_cluster, snakemake_on_slurm, write_project  # noqa: F401 (fixture)
+
+from pathwsi.demo.slides import SyntheticTissue, write_slide
 
 PROFILES = ROOT / "profiles"
 HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pathwsi.config import ConfigError, Sample, check_cross_references, load_config, load_samples, load_schema, validate_config
-from pathwsi.demo import sheet_text
-from pathwsi.stain import StainSettings
-from pathwsi.tiling import TileSettings
-from pathwsi.tissue import TissueSettings
+from pathwsi.config import check_cross_references, load_config, load_schema, validate_config
+from pathwsi.demo.cohort import sheet_text
+from pathwsi.errors import ConfigError
+from pathwsi.samples import Sample, load_samples
+from pathwsi.slides.grid import TileSettings
+from pathwsi.slides.tissue_mask import TissueSettings
+from pathwsi.stain.macenko import StainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "cohort\tslide_id\tpatient_id\tpath\tmpp\tsite\n"

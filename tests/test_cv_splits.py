@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathwsi.cv_splits import make_splits, read_splits, split_groups, write_splits
+from pathwsi.predict.splits import make_splits, read_splits, split_groups, write_splits
 
 
 def groups_of(sizes: list[int]) -> np.ndarray:

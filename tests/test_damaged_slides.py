@@ -7,9 +7,9 @@ import json
 
 import pandas as pd
 import pytest
-
-from pathwsi.store import open_store
 from workflow_project import TARGET, Row, make_project, snakemake
+
+from pathwsi.features.store import open_store
 
 
 @pytest.mark.slow

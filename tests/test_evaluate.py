@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathwsi.evaluate import EvaluationSettings, align, compare, counts, evaluate_task, run_evaluation
+from pathwsi.predict.evaluate import EvaluationSettings, align, compare, counts, evaluate_task, run_evaluation
 
 N, D = 60, 50
 SETTINGS = EvaluationSettings(folds=5, repeats=3, bootstrap=200, compare=("a", "b"))
@@ -111,7 +111,7 @@ def test_a_training_fold_with_one_class_gives_nan_not_a_crash(cohort, caplog):
     rare = mutations[["M0"]].copy()
     rare["ONE"] = 0.0
     rare.iloc[3, 1] = 1.0  # one positive: the fold that tests it trains on negatives only
-    with caplog.at_level(logging.WARNING, logger="pathwsi.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pathwsi.predict.evaluate"):
         result = evaluate_task("mutation", frames(x, x + rng.standard_normal(x.shape)), rare, SETTINGS)
     table = result.tables["a"].set_index("gene")
     assert table.loc["ONE", "failed_folds"] == 3 and table.loc["ONE", "repeats_valid"] == 0 and np.isnan(table.loc["ONE", "auroc_mean"])

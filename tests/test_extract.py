@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pathwsi.config import Sample
-from pathwsi.extract import ExtractSettings, extract_slide
-from pathwsi.models import ModelSpec, build_backbone
-from pathwsi.stain import StainFit, normalize_array
-from pathwsi.store import PROGRESS, open_store, partial_path
-from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+from pathwsi.errors import ConfigError
+from pathwsi.features.backbones import ModelSpec, build_backbone
+from pathwsi.features.extract import ExtractSettings, extract_slide
+from pathwsi.features.store import PROGRESS, open_store, partial_path
+from pathwsi.samples import Sample
+from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
+from pathwsi.stain.macenko import StainFit, normalize_array
 
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
 SPECS = [ModelSpec("small_a", arch="test_resnet", input_px=64, seed=1), ModelSpec("small_b", arch="test_resnet", input_px=64, seed=2)]
@@ -49,8 +50,8 @@ def test_store_matches_features_computed_directly(tiled, tmp_path, reader):
     """Features of tiles read as `features.reader` says (exact: OpenSlide's read_region itself)."""
     from dataclasses import replace
 
-    from pathwsi.slide import Slide
-    from pathwsi.tile_reader import open_tile_reader
+    from pathwsi.slides.readers import open_tile_reader
+    from pathwsi.slides.slide import Slide
 
     sample, coords, fractions, meta = tiled
     nets = models()
@@ -79,8 +80,8 @@ def test_store_matches_features_computed_directly(tiled, tmp_path, reader):
 
 
 def test_the_dataset_reads_with_the_reader_asked_for(tiled):
-    from pathwsi.extract import SlideTiles
-    from pathwsi.slide import Slide
+    from pathwsi.features.extract import SlideTiles
+    from pathwsi.slides.slide import Slide
 
     sample, coords, _, _ = tiled
     with Slide(sample.path) as slide:
@@ -122,19 +123,19 @@ def test_a_complete_store_with_the_same_settings_is_kept_without_reading_a_tile(
 
 
 def test_the_reader_setting_is_part_of_the_config_hash(tiled):
-    from pathwsi.extract import settings_hash
+    from pathwsi.features.extract import settings_hash
 
     _, _, _, meta = tiled
     nets = models()
     assert settings_hash(meta, nets, "float16", "fast") != settings_hash(meta, nets, "float16", "exact")
-    with pytest.raises(ValueError, match="features.reader 'dct' is not one of"):
+    with pytest.raises(ConfigError, match="key 'features.reader': 'dct' is not one of"):
         ExtractSettings(reader="dct")
 
 
 def test_the_architecture_is_part_of_the_provenance_and_config_hash(tiled, tmp_path):
     """One weights file run as Keras's Xception or as timm's gives different features: never the same hash."""
-    from pathwsi.extract import settings_hash, store_attrs
-    from pathwsi.models import save_weights
+    from pathwsi.features.backbones import save_weights
+    from pathwsi.features.extract import settings_hash, store_attrs
 
     _, _, _, meta = tiled
     weights = tmp_path / "w.safetensors"
@@ -166,9 +167,9 @@ CHILD = """
 import json, sys, time, numpy as np, warnings
 warnings.simplefilter("ignore")
 from pathlib import Path
-from pathwsi.config import Sample
-from pathwsi.extract import ExtractSettings, extract_slide
-from pathwsi.models import ModelSpec, build_backbone
+from pathwsi.samples import Sample
+from pathwsi.features.extract import ExtractSettings, extract_slide
+from pathwsi.features.backbones import ModelSpec, build_backbone
 args = json.loads(sys.argv[1])
 nets = [build_backbone(ModelSpec(**spec)) for spec in args["specs"]]
 nets[0].net.register_forward_hook(lambda *a: time.sleep(args["delay"]))

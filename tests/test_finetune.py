@@ -11,22 +11,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pathwsi.finetune import (
+from pathwsi.demo.labelled_tiles import write_tile_set
+from pathwsi.features.backbones import ModelSpec, WeightsError, build_backbone
+from pathwsi.finetune.tilesets import AugmentSettings, FinetuneError, augment, scan_tile_folder, stratified_split
+from pathwsi.finetune.train import (
     CHECKPOINT,
-    AugmentSettings,
-    FinetuneError,
     FinetuneSettings,
     StepSettings,
     TileClassifier,
-    augment,
     finetune,
-    scan_tile_folder,
     set_trainable,
-    stratified_split,
     trainable_blocks,
 )
-from pathwsi.models import ModelSpec, WeightsError, build_backbone
-from pathwsi.tissue_tiles import write_tile_set
 
 pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
 SPEC = ModelSpec("imgnet", input_px=64, seed=1)
@@ -79,7 +75,7 @@ def test_tile_folder_errors_name_the_folder_or_file(tmp_path, tiles):
         scan_tile_folder(tmp_path / "one")
     (tmp_path / "one" / "B" / "broken.tif").write_text("not an image")
     folder = scan_tile_folder(tmp_path / "one")
-    from pathwsi.finetune import read_tile
+    from pathwsi.finetune.tilesets import read_tile
 
     with pytest.raises(FinetuneError, match=r"cannot read tile '.*broken.tif'"):
         read_tile(folder.files[-1], 64)
@@ -194,7 +190,7 @@ def test_one_bf16_step_on_cuda(tiles, tmp_path):
     assert summary["weights_sha256"]
 
 
-HOLD_LOCK = "import sys, time; from pathlib import Path; from pathwsi.locks import hold_exclusive; h = hold_exclusive(Path(sys.argv[1]), 'test'); print('held', flush=True); time.sleep(600)"
+HOLD_LOCK = "import sys, time; from pathlib import Path; from pathwsi.runtime.locks import hold_exclusive; h = hold_exclusive(Path(sys.argv[1]), 'test'); print('held', flush=True); time.sleep(600)"
 
 
 def test_a_second_run_in_the_folder_waits_for_the_first(tiles, tmp_path):
@@ -203,7 +199,7 @@ def test_a_second_run_in_the_folder_waits_for_the_first(tiles, tmp_path):
     import sys
     import threading
 
-    from pathwsi.finetune import LOCK
+    from pathwsi.finetune.train import LOCK
 
     work = tmp_path / "work"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(work / LOCK)], stdout=subprocess.PIPE, text=True)

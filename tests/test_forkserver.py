@@ -1,4 +1,4 @@
-"""The fork server (pathwsi.forkserver): jobs run in forked children that already hold torch, with the
+"""The fork server (pathwsi.runtime.forkserver): jobs run in forked children that already hold torch, with the
 caller's directory, environment, stdio and exit status; stopping or killing either end takes the child down.
 
 Each test client is a real subprocess, as a Snakemake job is. The job itself is a small script run by
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pathwsi import forkserver
+from pathwsi.runtime import forkserver
 
 pytestmark = pytest.mark.skipif(not forkserver.available(), reason="the fork server needs Linux")
 
@@ -54,7 +54,7 @@ JOB = textwrap.dedent(
     sys.exit(None if code == "none" else int(code) if code.isdigit() else code)
     """
 )
-CLIENT = "import sys; from pathwsi.forkserver import run_forked; sys.exit(run_forked('runpy:run_path', {'path_name': sys.argv[1], 'run_name': '__main__'}))"
+CLIENT = "import sys; from pathwsi.runtime.forkserver import Call, run_forked; sys.exit(run_forked(Call('runpy:run_path', {'path_name': sys.argv[1], 'run_name': '__main__'})))"
 
 
 class Client:
@@ -203,7 +203,7 @@ def test_a_dead_server_takes_its_children_with_it_and_the_caller_says_so(fresh_t
 def test_an_idle_server_exits_and_removes_its_socket(tmp_path):
     path = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp")) / "s.sock"
     try:
-        server = subprocess.Popen([sys.executable, "-m", "pathwsi.forkserver", str(path), "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = subprocess.Popen([sys.executable, "-m", "pathwsi.runtime.forkserver", str(path), "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out, _ = server.communicate(timeout=120)
         assert server.returncode == 0, out
         assert "listening" in out and not path.exists() and not path.with_suffix(".pid").exists()
@@ -223,7 +223,7 @@ def test_without_the_server_the_job_runs_in_this_process(tmp_path, monkeypatch):
     monkeypatch.setenv("PATHWSI_TEST_REPORT", str(tmp_path / "report.json"))
     (tmp_path / "job.py").write_text(JOB)
     with pytest.raises(SystemExit) as stop:
-        forkserver.call("runpy:run_path", {"path_name": str(tmp_path / "job.py"), "run_name": "__main__"}, use_server=False)
+        forkserver.call(forkserver.Call("runpy:run_path", {"path_name": str(tmp_path / "job.py"), "run_name": "__main__"}), use_server=False)
     assert stop.value.code == 0
     assert json.loads((tmp_path / "report.json").read_text())["pid"] == os.getpid()
 
@@ -238,7 +238,7 @@ def test_every_forked_child_gets_its_own_working_cuda(private_tmp, tmp_path):
 
 
 def test_a_job_that_cannot_be_started_says_why_on_its_own_stderr(private_tmp):
-    client = "import sys; from pathwsi.forkserver import run_forked; sys.exit(run_forked('pathwsi.no_such_module:main', {}))"
+    client = "import sys; from pathwsi.runtime.forkserver import Call, run_forked; sys.exit(run_forked(Call('pathwsi.no_such_module:main', {})))"
     done = subprocess.run([sys.executable, "-c", client], env={**os.environ, "TMPDIR": str(private_tmp)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "the job could not be started" in done.stderr and "No module named 'pathwsi.no_such_module'" in done.stderr

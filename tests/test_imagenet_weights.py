@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
-from pathwsi import imagenet_weights
-from pathwsi.cli import main
-from pathwsi.imagenet_weights import WeightsSourceError, file_md5, from_keras, from_timm
-from pathwsi.models import ModelSpec, build_backbone, file_sha256, load_weights
 from test_keras_convert import keras_layers, write_weights_h5
+
+from pathwsi.cli import main
+from pathwsi.features import imagenet_weights
+from pathwsi.features.backbones import ModelSpec, build_backbone, file_sha256, load_weights
+from pathwsi.features.imagenet_weights import WeightsSourceError, file_md5, from_keras, from_timm
 
 TIMM_FILE = "xception-43020ad28.pth"  # the name timm's legacy_xception.tf_in1k URL gives the cached file
 

@@ -23,8 +23,8 @@ import timm
 import torch
 from timm.models.xception import SeparableConv2d
 
-from pathwsi.keras_convert import KerasConversionError, convert_keras
-from pathwsi.models import ModelSpec, build_backbone, file_sha256, load_weights, set_batchnorm_eps
+from pathwsi.features.backbones import ModelSpec, build_backbone, file_sha256, load_weights, set_batchnorm_eps
+from pathwsi.features.keras_convert import KerasConversionError, convert_keras
 
 KERAS_VARIABLES = {"Conv2D": ("kernel",), "SeparableConv2D": ("depthwise_kernel", "pointwise_kernel"),
                    "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"), "Dense": ("kernel", "bias")}

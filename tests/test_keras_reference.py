@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from pathwsi.keras_convert import convert_keras
-from pathwsi.models import ModelSpec, build_backbone, load_weights, resize_tiles
-from pathwsi.tissue_tiles import render_tile
+from pathwsi.demo.labelled_tiles import render_tile
+from pathwsi.features.backbones import ModelSpec, build_backbone, load_weights, resize_tiles
+from pathwsi.features.keras_convert import convert_keras
 
 # Not imported here: TensorFlow and torch in one process crash (TensorFlow runs only in the subprocess).
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensorflow") is None,

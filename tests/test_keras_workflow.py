@@ -10,17 +10,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from pathwsi.cli import main
-from pathwsi.config import Sample
-from pathwsi.extract import SlideTiles
-from pathwsi.models import ModelSpec, build_backbone
-from pathwsi.stain import StainFit
-from pathwsi.stain_torch import normalize_batch
-from pathwsi.store import open_store
-from pathwsi.tissue_tiles import CLASSES, render_tile
 from test_keras_convert import keras_layers, seeded_xception, write_weights_h5
 from workflow_project import Row, make_project, snakemake
+
+from pathwsi.cli import main
+from pathwsi.demo.labelled_tiles import CLASSES, render_tile
+from pathwsi.features.backbones import ModelSpec, build_backbone
+from pathwsi.features.extract import SlideTiles
+from pathwsi.features.store import open_store
+from pathwsi.samples import Sample
+from pathwsi.stain.macenko import StainFit
+from pathwsi.stain.torch_apply import normalize_batch
 
 INPUT_PX = 96  # the 64 px tiles enlarged; two of the four stride-2 pools then see even inputs
 

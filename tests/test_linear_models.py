@@ -7,7 +7,15 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
-from pathwsi.linear_models import balanced_weights, center_gram, fit_logistic, logistic_loo, penalty_scale, ridge_loo, standardized_gram
+from pathwsi.predict.linear_models import (
+    balanced_weights,
+    center_gram,
+    fit_logistic,
+    logistic_loo,
+    penalty_scale,
+    ridge_loo,
+    standardized_gram,
+)
 
 FACTORS = np.logspace(-2, 3, 11)
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pathwsi.logs import job_log
+from pathwsi.runtime.logs import job_log
 
 
 def test_the_exception_that_ends_a_job_is_in_its_log(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pathwsi.config import load_schema, validate_config
-from pathwsi.models import ModelSpec, WeightsError, build_backbone, save_weights, specs_from_config
+from pathwsi.features.backbones import ModelSpec, WeightsError, build_backbone, save_weights, specs_from_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
 

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathwsi.demo import lymphocyte_densities
-from pathwsi.demo_targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
-from pathwsi.outputs import write_table
-from pathwsi.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
-from pathwsi.targets import TargetError
+from pathwsi.demo.cohort import lymphocyte_densities
+from pathwsi.demo.targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
+from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
+from pathwsi.predict.targets import TargetError
+from pathwsi.runtime.outputs import write_table
 
 N_FEATURES = 64
 

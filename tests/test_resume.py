@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from pathwsi.store import verify_store
 from workflow_project import (
     TARGET,
     Background,
@@ -50,6 +48,8 @@ from workflow_project import (
     write_sheet,
 )
 
+from pathwsi.features.store import verify_store
+
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
 
 GOOD = ["s0", "s1", "s2"]
@@ -68,7 +68,7 @@ class Cohort:
 
 @pytest.fixture(scope="module")
 def cohort(slides, tmp_path_factory) -> Cohort:
-    from pathwsi.synthetic import SyntheticTissue, write_slide
+    from pathwsi.demo.slides import SyntheticTissue, write_slide
 
     folder = tmp_path_factory.mktemp("resume_slides")
 
@@ -132,7 +132,7 @@ def tiled(project: Path, slides: list[str]) -> set[str]:
 
 def complete_stores(project: Path, slides: list[str]) -> set[str]:
     """Slides with a store at the final path; every such store must be complete and valid."""
-    from pathwsi.store import describe
+    from pathwsi.features.store import describe
 
     found = set()
     for slide in slides:
@@ -347,7 +347,7 @@ def write_weights(path: Path, seed: int) -> Path:
     """A .safetensors file of the test model, seeded."""
     from safetensors.torch import save_file
 
-    from pathwsi.models import ModelSpec, build_backbone
+    from pathwsi.features.backbones import ModelSpec, build_backbone
 
     net = build_backbone(ModelSpec("w", arch="test_resnet", input_px=64, seed=seed)).net
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
@@ -362,7 +362,7 @@ def planned_after(reference, tmp_path_factory) -> dict[str, set[tuple[str, str]]
     sheet), all at once: a dry run neither locks nor writes outputs."""
     import subprocess
 
-    from pathwsi.stain import default_reference
+    from pathwsi.stain.macenko import default_reference
 
     project = copy_of(reference, tmp_path_factory.mktemp("settings") / "p")
     target = default_reference().to_json()
@@ -421,9 +421,9 @@ def test_editing_a_slides_site_reruns_no_tiling_or_extraction(planned_after):
 def test_new_weights_rebuild_the_stores_that_need_them_and_the_aggregates_never_mix(reference, tmp_path):
     """Naming a weights file, then editing it in place, each make every store stale; a partial
     rebuild (one cohort) leaves the other cohort stale, never mixed."""
-    from pathwsi.aggregate import AggregateError, SlideEntry, aggregate_cohort
-    from pathwsi.models import file_sha256
-    from pathwsi.store import open_store
+    from pathwsi.features.backbones import file_sha256
+    from pathwsi.features.store import open_store
+    from pathwsi.predict.aggregate import AggregateError, SlideEntry, aggregate_cohort
 
     project = copy_of(reference, tmp_path / "p")
     weights = write_weights(project / "ftx.safetensors", seed=5)
@@ -451,8 +451,8 @@ def test_new_weights_rebuild_the_stores_that_need_them_and_the_aggregates_never_
 def test_broken_slides_are_isolated_through_features_aggregate_and_summary(reference):
     """The reference run's batch holds a corrupt file, a slide without tissue and one without µm/px
     beside the good slides; the run succeeded (fixture), and every later stage says what happened."""
-    from pathwsi.aggregate import read_features
-    from pathwsi.store import open_store
+    from pathwsi.features.store import open_store
+    from pathwsi.predict.aggregate import read_features
 
     results = reference / "results"
     summary = pd.read_csv(results / "summary.tsv", sep="\t", keep_default_na=False).set_index("slide_id")
@@ -484,8 +484,8 @@ def small_slide(slides, tmp_path_factory):
     """The 0.5 µm/px test slide tiled with defaults: sample, coords, fractions, metadata."""
     import pyarrow.parquet as pq
 
-    from pathwsi.config import Sample
-    from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+    from pathwsi.samples import Sample
+    from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
 
     out = TilingOutputs.under(tmp_path_factory.mktemp("small_slide"), "section")
     sample = Sample("c", "section", "p", str(slides.tiff_05))
@@ -497,8 +497,8 @@ def small_slide(slides, tmp_path_factory):
 
 def interrupted_store(small_slide, models, settings, path: Path, chunks: int, values: dict[str, np.ndarray]) -> None:
     """The partial store a run with `settings` leaves when killed after `chunks` chunks."""
-    from pathwsi.extract import store_attrs
-    from pathwsi.store import open_writer
+    from pathwsi.features.extract import store_attrs
+    from pathwsi.features.store import open_writer
 
     sample, coords, fractions, meta = small_slide
     writer = open_writer(path, coords, fractions, {m.spec.name: m.feature_dim for m in models}, store_attrs(sample, meta, models, settings),
@@ -514,9 +514,9 @@ def test_resuming_with_another_batch_size_never_skips_or_misplaces_tiles(small_s
     (e.g. lowered after running out of GPU memory): the result must still be every tile's features."""
     import logging
 
-    from pathwsi.extract import ExtractSettings, extract_slide
-    from pathwsi.models import ModelSpec, build_backbone
-    from pathwsi.store import open_store
+    from pathwsi.features.backbones import ModelSpec, build_backbone
+    from pathwsi.features.extract import ExtractSettings, extract_slide
+    from pathwsi.features.store import open_store
 
     sample, coords, fractions, meta = small_slide
     models = [build_backbone(ModelSpec("m", arch="test_resnet", input_px=64, seed=1))]

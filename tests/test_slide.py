@@ -7,7 +7,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from pathwsi.slide import Slide, SlideError, resolve_mpp
+from pathwsi.slides.slide import Slide, SlideError, resolve_mpp
 
 
 def test_mpp_comes_from_the_file_and_names_its_source(slides):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from stain_fixtures import REFERENCE_STAINS, cosines, rotate_stains, synth_he
 
-from pathwsi.stain import (
+from pathwsi.stain.macenko import (
     StainFit,
     StainFitError,
     StainParams,
@@ -56,7 +56,7 @@ def test_fit_recovers_known_stain_vectors(stains: np.ndarray, max_conc: tuple[fl
 
 
 def test_pixel_cap_changes_the_fit_little(source_image: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pathwsi.stain as stain
+    import pathwsi.stain.macenko as stain
 
     full = fit_macenko(source_image)
     monkeypatch.setattr(stain, "MAX_FIT_PIXELS", 5000)
@@ -298,7 +298,7 @@ def test_qc_panel_two_rows(source_image: np.ndarray) -> None:
 def test_fit_and_numpy_apply_do_not_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys, numpy as np\n"
-        "from pathwsi.stain import StainSettings, default_reference, fit_slide, normalize_array, qc_panel\n"
+        "from pathwsi.stain.macenko import StainSettings, default_reference, fit_slide, normalize_array, qc_panel\n"
         "tile = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)\n"
         "fit = fit_slide([tile], StainSettings(), default_reference())\n"
         "qc_panel([tile], [normalize_array(tile, fit.params, fit.target)])\n"

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from stain_fixtures import REFERENCE_STAINS, rotate_stains, synth_he
 
-from pathwsi.stain import StainSettings, default_reference, fit_macenko, normalize_array
-from pathwsi.stain_files import FITS_LOG, find_images, normalize_files, read_rgb
-from pathwsi.stain_torch import normalize_batch
+from pathwsi.stain.image_folders import FITS_LOG, find_images, normalize_files, read_rgb
+from pathwsi.stain.macenko import StainSettings, default_reference, fit_macenko, normalize_array
+from pathwsi.stain.torch_apply import normalize_batch
 
 LAB_B_STAINS = rotate_stains(REFERENCE_STAINS, 8.0, seed=3)
 
@@ -66,7 +66,7 @@ def test_one_source_per_tile(tiles: np.ndarray) -> None:
 
 
 def test_cpu_chunking_does_not_change_results(tiles: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pathwsi.stain_torch as stain_torch
+    import pathwsi.stain.torch_apply as stain_torch
 
     source, target = fit_macenko(tiles), default_reference()
     whole = normalize_batch(_nchw(tiles), source, target)

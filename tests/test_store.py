@@ -13,7 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathwsi.store import MANIFEST, PROGRESS, SCHEMA, StoreError, describe, open_store, open_writer, partial_path, verify_store
+from pathwsi.features.store import (
+    MANIFEST,
+    PROGRESS,
+    SCHEMA,
+    StoreError,
+    describe,
+    open_store,
+    open_writer,
+    partial_path,
+    verify_store,
+)
 
 ATTRS = {"slide_id": "s", "config_hash": "abc"}
 
@@ -192,7 +202,7 @@ def test_unreadable_tiles_are_marked_nan_and_listed(tmp_path):
 
 SECOND_WRITER = """
 import sys, numpy as np
-from pathwsi.store import open_writer
+from pathwsi.features.store import open_writer
 from test_store import ATTRS, coords
 writer = open_writer(sys.argv[1], coords(10), np.linspace(0.5, 1, 10, dtype=np.float32), {"a": 3}, ATTRS, 4)
 print("already complete" if writer.already_complete else f"resumed at chunk {writer.chunks_done}", flush=True)

@@ -6,7 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pathwsi.targets import DEFAULT_GENE_LIST, TargetError, load_gene_list, match, read_expression, read_mutations, read_table, write_target_table
+from pathwsi.predict.targets import (
+    DEFAULT_GENE_LIST,
+    TargetError,
+    load_gene_list,
+    match,
+    read_expression,
+    read_mutations,
+    read_table,
+    write_target_table,
+)
 
 
 def write(path, text):

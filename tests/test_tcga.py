@@ -10,9 +10,16 @@ import pandas as pd
 import pytest
 
 from pathwsi.cli import main
-from pathwsi.config import load_samples
-from pathwsi.targets import TargetError, read_expression, read_mutations
-from pathwsi.tcga import import_gdc_expression, import_maf, parse_barcode, read_star_counts, sheet_from_tcga, write_sample_sheet
+from pathwsi.predict.targets import TargetError, read_expression, read_mutations
+from pathwsi.predict.tcga import (
+    import_gdc_expression,
+    import_maf,
+    parse_barcode,
+    read_star_counts,
+    sheet_from_tcga,
+    write_sample_sheet,
+)
+from pathwsi.samples import load_samples
 
 
 @pytest.mark.parametrize(

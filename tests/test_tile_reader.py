@@ -19,9 +19,9 @@ import openslide
 import pytest
 import tifffile
 
-from pathwsi.slide import Slide, SlideError, resize
-from pathwsi.synthetic import SyntheticTissue, write_slide
-from pathwsi.tile_reader import JpegTileReader, OpenSlideTileReader, _halve, _to_rgb, open_tile_reader
+from pathwsi.demo.slides import SyntheticTissue, write_slide
+from pathwsi.slides.readers import JpegTileReader, OpenSlideTileReader, _halve, _to_rgb, open_tile_reader
+from pathwsi.slides.slide import Slide, SlideError, resize
 
 TILE = 224
 APERIO = "Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90|AppMag = 40|MPP = 0.25"
@@ -285,7 +285,7 @@ def test_a_forked_worker_opens_its_own_descriptor(slides):
 
 
 def test_importing_the_reader_does_not_import_torch():
-    code = "import sys, pathwsi.tile_reader; sys.exit('torch' in sys.modules)"
+    code = "import sys, pathwsi.slides.readers; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pathwsi.config import Sample
-from pathwsi.tile_slide import TilingJobSettings, TilingOutputs, tile_slide
+from pathwsi.samples import Sample
+from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
 
 
 def run(tmp_path, path, slide_id="s", mpp=None, settings=TilingJobSettings()):
@@ -49,7 +49,7 @@ def test_blank_slide_finishes_with_no_tissue(tmp_path, slides):
 
 
 def test_stain_fit_is_seeded_per_slide(tmp_path, slides):
-    from pathwsi.stain import StainSettings
+    from pathwsi.stain.macenko import StainSettings
 
     few = StainSettings(sample_tiles=5, min_od_pixels=100)
     first, _ = run(tmp_path / "a", slides.tiff_05, settings=TilingJobSettings(stain=few))
@@ -73,7 +73,7 @@ def test_sheet_mpp_rescues_a_slide_without_mpp(tmp_path, slides):
 
 
 def test_tile_size_and_resolution_follow_the_settings(tmp_path, slides):
-    from pathwsi.tiling import TileSettings
+    from pathwsi.slides.grid import TileSettings
 
     settings = TilingJobSettings(tiling=TileSettings(tile_px=256, tile_mpp=1.0, min_tissue_fraction=0.25))
     meta, out = run(tmp_path, slides.svs_025, settings=settings)
@@ -93,7 +93,7 @@ def test_cli_tiles_one_slide(tmp_path, slides):
 
 def test_tiling_job_does_not_import_torch(slides, tmp_path):
     code = (
-        "import sys\nfrom pathwsi.config import Sample\nfrom pathwsi.tile_slide import *\n"
+        "import sys\nfrom pathwsi.samples import Sample\nfrom pathwsi.slides.tile_job import *\n"
         f"tile_slide(Sample('c','s','p',{str(slides.svs_025)!r}), TilingJobSettings(), TilingOutputs.under(__import__('pathlib').Path({str(tmp_path)!r}), 's'))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )

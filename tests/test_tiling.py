@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathwsi.slide import Slide
-from pathwsi.tiling import TileSettings, tile_grid, tissue_fractions
-from pathwsi.tissue import TissueMask, TissueSettings, detect_tissue
+from pathwsi.slides.grid import TileSettings, tile_grid, tissue_fractions
+from pathwsi.slides.slide import Slide
+from pathwsi.slides.tissue_mask import TissueMask, detect_tissue
 
 
 def test_grid_is_whole_tiles_in_physical_units():

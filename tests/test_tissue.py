@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathwsi.synthetic import SyntheticTissue
-from pathwsi.tissue import TissueSettings, detect_tissue
+from pathwsi.demo.slides import SyntheticTissue
+from pathwsi.slides.tissue_mask import TissueSettings, detect_tissue
 
 MPP = 16.0
 
@@ -37,7 +37,7 @@ def test_faint_tissue_is_kept():
     mask = detect_tissue(thumb, MPP).mask
     expected = truth(tissue, mask.shape)
     gx, gy = np.meshgrid((np.arange(250) + 0.5) * MPP, (np.arange(188) + 0.5) * MPP)
-    from pathwsi.synthetic import _value_noise
+    from pathwsi.demo.slides import _value_noise
 
     faint = expected & (_value_noise(gx, gy, 600.0, tissue.seed, 4) > 0.15)
     assert faint.sum() > 200, "the fixture must contain faint tissue"
@@ -80,7 +80,7 @@ def test_hsv_and_otsu_agree_with_scikit_image():
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    from pathwsi.tissue import hsv, otsu_threshold
+    from pathwsi.slides.tissue_mask import hsv, otsu_threshold
 
     image = SyntheticTissue(2000.0, 1500.0, seed=9, pen=True).render(0, 0, 200, 150, 10.0)
     image[:5, :5] = [0, 0, 0]

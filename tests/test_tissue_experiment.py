@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from pathwsi.finetune import FinetuneSettings, StepSettings, finetune
-from pathwsi.models import ModelSpec, build_backbone, save_weights
-from pathwsi.tissue_experiment import (
+from pathwsi.demo.labelled_tiles import CLASSES, write_tile_set
+from pathwsi.features.backbones import ModelSpec, build_backbone, save_weights
+from pathwsi.finetune.tissue_experiment import (
     ExperimentError,
     ExperimentSettings,
     confusion,
@@ -24,7 +23,7 @@ from pathwsi.tissue_experiment import (
     run_tissue_experiment,
     run_tissue_experiment_from_config,
 )
-from pathwsi.tissue_tiles import CLASSES, write_tile_set
+from pathwsi.finetune.train import FinetuneSettings, StepSettings, finetune
 
 pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pathwsi.tissue_tiles import CLASSES, MANIFEST, render_tile, write_tile_set
+from pathwsi.demo.labelled_tiles import CLASSES, MANIFEST, render_tile, write_tile_set
 
 
 def test_tiles_are_seeded_and_deterministic():

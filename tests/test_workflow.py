@@ -95,7 +95,7 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metas = [json.loads(p.read_text()) for p in sorted((clone / "results" / "tiles").glob("*.json"))]
     assert len(metas) == 34 and all(m["status"] == "ok" and m["counts"]["kept"] >= 4 for m in metas)
-    from pathwsi.store import open_store
+    from pathwsi.features.store import open_store
 
     stores = [open_store(p) for p in sorted((clone / "results" / "features").glob("*.zarr"))]
     assert len(stores) == 34 and all(s.models == ["ftx", "imgnet"] and s.attrs["warnings"] for s in stores)
@@ -118,10 +118,10 @@ def check_report(project: Path) -> None:
 
 
 def check_demo_predictions(folder: Path) -> None:
-    """The demo's planted signal (pathwsi.demo_targets) is found through the real images; the noise genes are not."""
+    """The demo's planted signal (pathwsi.demo.targets) is found through the real images; the noise genes are not."""
     import pandas as pd
 
-    from pathwsi.demo_targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION
+    from pathwsi.demo.targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION
 
     ftx = pd.read_csv(folder / "expression_ftx.tsv", sep="\t").set_index("gene")
     assert ftx.loc[list(PLANTED_EXPRESSION)[:2], "r_mean"].min() > 0.4, ftx

@@ -206,7 +206,7 @@ TIMING_COLUMNS = ["tile_s", "features_s", "read_s", "normalize_s", "model_s", "w
 
 def store_contents(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A complete store's attrs (they hold no timings) and every array, read in full."""
-    from pathwsi.store import open_store
+    from pathwsi.features.store import open_store
 
     store = open_store(path)
     arrays = {"coords": store.group["coords"][:], "tissue": store.group["tissue"][:]}

@@ -6,23 +6,19 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 
-import pathwsi.config as pathwsi_config
-from pathwsi.stain import StainSettings, load_target
+from pathwsi.config import FTX_WEIGHTS, check_cross_references, validate_config
+from pathwsi.errors import PathwsiError
+from pathwsi.samples import load_samples
+from pathwsi.stain.macenko import StainSettings, load_target
 
-SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
 try:
-    CONFIG = pathwsi_config.validate_config(config, pathwsi_config.load_schema("config", SCHEMAS))
-    SAMPLES = {
-        sample.slide_id: sample
-        for sample in pathwsi_config.load_samples(CONFIG["samples"], schema=pathwsi_config.load_schema("samples", SCHEMAS))
-    }
-    for warning in pathwsi_config.check_cross_references(CONFIG, list(SAMPLES.values())):
+    CONFIG = validate_config(config)
+    SAMPLES = {sample.slide_id: sample for sample in load_samples(CONFIG["samples"])}
+    for warning in check_cross_references(CONFIG, list(SAMPLES.values())):
         logger.warning(f"pathwsi: {warning}")
     load_target(StainSettings.from_config(CONFIG["stain"]))
-except pathwsi_config.ConfigError as err:
+except PathwsiError as err:
     raise WorkflowError(f"pathwsi: the run cannot start.\n{err}") from None
-except ValueError as err:
-    raise WorkflowError(f"pathwsi: the run cannot start.\n  - key 'stain.target': {err}") from None
 
 
 def slide_path(wildcards):

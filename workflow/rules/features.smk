@@ -13,7 +13,7 @@ rule features:
         backbones=CONFIG["models"]["backbones"],  # models.allow_network says how, not what: read from the config
         dtype=CONFIG["features"]["dtype"],  # dtype and reader change results; the other features keys come from the config
         reader=CONFIG["features"]["reader"],
-        store_schema="pathwsi.features/2",  # pathwsi.store.SCHEMA: a new store layout re-extracts stores of an older one
+        store_schema="pathwsi.features/2",  # pathwsi.features.store.SCHEMA: a new store layout re-extracts stores of an older one
     log:
         "logs/features/{slide_id}.log",
     conda:

@@ -6,7 +6,7 @@ rule finetune:
     input:
         unpack(finetune_inputs),
     output:
-        weights=pathwsi_config.FTX_WEIGHTS,
+        weights=FTX_WEIGHTS,
         head="results/finetune/head.safetensors",
         metrics=report("results/finetune/metrics.tsv", caption="../report/finetune.rst", category="Fine-tuning"),
         summary="results/finetune/summary.json",

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from pathwsi.aggregate import AggregateOutputs, SlideEntry, aggregate_cohort, write_cohort
 from pathwsi.config import validate_config
-from pathwsi.dask_scheduler import DaskScheduler
-from pathwsi.logs import job_log
+from pathwsi.predict.aggregate import AggregateOutputs, SlideEntry, aggregate_cohort, write_cohort
+from pathwsi.runtime.dask_scheduler import DaskScheduler
+from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]

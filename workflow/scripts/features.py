@@ -1,19 +1,22 @@
-"""Snakemake entry point of rule `features`: one slide's tiles -> Zarr feature store (pathwsi.feature_job)."""
+"""Snakemake entry point of rule `features`: one slide's tiles -> Zarr feature store (pathwsi.features.feature_job)."""
 
 import sys
+from pathlib import Path
 
 from pathwsi.config import validate_config
-from pathwsi.forkserver import call
+from pathwsi.features.feature_request import FeatureRequest
+from pathwsi.runtime.forkserver import call
+from pathwsi.samples import Sample
 
 config = validate_config(snakemake.config)
-job = {
-    "log": snakemake.log[0],
-    "sample": snakemake.params.sample,
-    **{key: snakemake.input[key] for key in ("tiles", "meta")},
-    **{key: snakemake.output[key] for key in ("store", "timings")},
-    "models": {"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones},
+request = FeatureRequest(
+    sample=Sample(**snakemake.params.sample),
+    **{key: Path(snakemake.input[key]) for key in ("tiles", "meta")},
+    **{key: Path(snakemake.output[key]) for key in ("store", "timings")},
+    models={"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones},
     # dtype and reader change results (params); the other keys say how, not what: changing them reruns nothing
-    "settings": {**{k: v for k, v in config["features"].items() if k != "threads"}, "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
-    "threads": snakemake.threads,
-}
-sys.exit(call("pathwsi.feature_job:run_request", job, use_server=config["fork_server"]))
+    features={**config["features"], "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
+    threads=snakemake.threads,
+    log=Path(snakemake.log[0]),
+)
+sys.exit(call(request, use_server=config["fork_server"]))

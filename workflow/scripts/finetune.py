@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from pathwsi.finetune import run_finetune
-from pathwsi.logs import job_log
+from pathwsi.finetune.train import run_finetune
+from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)

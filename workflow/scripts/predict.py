@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pathwsi.logs import job_log
-from pathwsi.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
+from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
+from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     run_predict_job(

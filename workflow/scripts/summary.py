@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pathwsi.logs import job_log
+from pathwsi.runtime.logs import job_log
 from pathwsi.summary import write_summary
 
 with job_log(snakemake.log[0]):

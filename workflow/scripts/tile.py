@@ -1,16 +1,19 @@
-"""Snakemake entry point of rule `tile`: one slide -> tile table, metadata, QC pictures (pathwsi.tile_slide)."""
+"""Snakemake entry point of rule `tile`: one slide -> tile table, metadata, QC pictures (pathwsi.slides.tile_job)."""
 
 import sys
+from pathlib import Path
 
 from pathwsi.config import validate_config
-from pathwsi.forkserver import call
+from pathwsi.runtime.forkserver import call
+from pathwsi.samples import Sample
+from pathwsi.slides.tile_request import TileRequest, TilingOutputs
 
 config = validate_config(snakemake.config)
-job = {
-    "log": snakemake.log[0],
-    "sample": snakemake.params.sample,
+request = TileRequest(
+    sample=Sample(**snakemake.params.sample),
     # qc (picture sizes) says how the pictures look, not what the tiles are: changing it reruns nothing
-    "settings": {**snakemake.params.settings, "qc": config["qc"]},
-    "outputs": [snakemake.output[key] for key in ("tiles", "meta", "qc", "stain_qc")],
-}
-sys.exit(call("pathwsi.tile_slide:run_request", job, use_server=config["fork_server"]))
+    config={**snakemake.params.settings, "qc": config["qc"]},
+    outputs=TilingOutputs(*(Path(snakemake.output[key]) for key in ("tiles", "meta", "qc", "stain_qc"))),
+    log=Path(snakemake.log[0]),
+)
+sys.exit(call(request, use_server=config["fork_server"]))

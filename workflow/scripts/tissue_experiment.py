@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from pathwsi.logs import job_log
-from pathwsi.tissue_experiment import run_tissue_experiment_from_config
+from pathwsi.finetune.tissue_experiment import run_tissue_experiment_from_config
+from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)

@@ -1,0 +1,266 @@
+"""The per-slide feature job: read each kept tile once at the tile µm/px, Macenko-normalize it once
+with the slide's fitted parameters, feed the same batch to every configured model, and write the
+features into a resumable Zarr store (pathwsi.features.store).
+
+DataLoader workers each open their own slide handle; tiles are read in the tile table's
+row-major order (neighbours share stored JPEG tiles); writing runs on a background thread, so
+reading (workers), normalizing + models (main thread) and writing overlap. On CUDA a batch's
+normalization, models and copy back are queued before the previous batch's features are
+collected, so the GPU is not idle while the main thread waits for the next batch; stage times
+come from CUDA events, without extra synchronization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pathwsi import __version__
+from pathwsi.errors import ConfigError
+from pathwsi.features.backbones import PRECISIONS, Backbone
+from pathwsi.features.store import StoreWriter, open_writer
+from pathwsi.samples import Sample
+from pathwsi.stain.macenko import StainFit
+from pathwsi.stain.torch_apply import normalize_batch
+
+log = logging.getLogger(__name__)
+READERS = ("fast", "exact")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Config section `features`."""
+
+    batch_size: int = 32
+    chunk_tiles: int = 512  # tiles per Zarr chunk and per resume step (rounded up to whole batches)
+    num_workers: int = 1
+    dtype: str = "float16"
+    reader: str = "fast"  # fast: half-size JPEG decode where it applies; exact: OpenSlide's pixels (pathwsi.slides.readers)
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reader not in READERS:
+            raise ConfigError("features", [f"key 'features.reader': '{self.reader}' is not one of {', '.join(READERS)}"])
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> ExtractSettings:
+        """From a validated config's `features` section (`threads` is the job's, not the extraction's)."""
+        return cls(**{key: value for key, value in section.items() if key != "threads"})
+
+    @property
+    def aligned_chunk(self) -> int:
+        return -(-self.chunk_tiles // self.batch_size) * self.batch_size
+
+
+class SlideTiles(Dataset):
+    """Tiles of one slide by index; each worker process opens its own slide handle on first use."""
+
+    def __init__(self, sample: Sample, coords: np.ndarray, tile_px: int, tile_mpp: float, start: int = 0, exact: bool = False):
+        self.sample, self.coords, self.tile_px, self.tile_mpp, self.start, self.exact = sample, coords, tile_px, tile_mpp, start, exact
+        self._reader: Any = None
+
+    def __len__(self) -> int:
+        return len(self.coords) - self.start
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        """The tile, and "" or why it could not be read (then the tile is blank and its features are not used)."""
+        from pathwsi.slides.slide import SlideError
+
+        if self._reader is None:
+            self._reader = open_reader(self.sample, self.tile_mpp, self.tile_px, self.exact)
+        x, y = self.coords[self.start + index]
+        try:
+            return torch.from_numpy(self._reader.read(int(x), int(y))), ""
+        except SlideError as err:  # a damaged tile of the file: record it, go on with the others
+            log.warning("%s: tile at level-0 (%d, %d) cannot be read; it is left out: %s", self.sample.slide_id, x, y, err)
+            self._reader = None  # OpenSlide handles stay in an error state: the next tile opens the slide anew
+            return torch.zeros((self.tile_px, self.tile_px, 3), dtype=torch.uint8), str(err)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}
+
+
+def open_reader(sample: Sample, mpp: float, tile_px: int, exact: bool = False) -> Any:
+    """The fastest reader for this slide (decoding stored JPEG tiles once where possible)."""
+    from pathwsi.slides.readers import open_tile_reader
+    from pathwsi.slides.slide import Slide
+
+    return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px, exact=exact)
+
+
+def _stain_record(tiles_meta: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+    stain = tiles_meta.get("stain")
+    return {k: stain[k] for k in keys} if stain else None
+
+
+def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str, reader: str) -> str:
+    """A hash of everything that shapes the features: tiles, reader, stain parameters, model weights, dtype."""
+    shaping = {
+        "tile": tiles_meta.get("tile"),
+        "reader": reader,
+        "stain": _stain_record(tiles_meta, ("params", "target")),
+        "models": {m.spec.name: {**asdict(m.spec), "weights_sha256": m.weights_sha256} for m in models},
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def store_attrs(sample: Sample, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings) -> dict[str, Any]:
+    """The store's attrs (all but `complete`): ids, geometry, stain, model provenance, hash."""
+    warnings = [m.provenance()["warning"] for m in models if m.spec.untrained]
+    return json.loads(json.dumps({
+        "slide_id": sample.slide_id,
+        "patient_id": sample.patient_id,
+        "cohort": sample.cohort,
+        "tiling_status": tiles_meta["status"],
+        "tiling_reason": tiles_meta.get("reason"),
+        "tile": tiles_meta.get("tile"),
+        "mpp": tiles_meta.get("mpp"),
+        "stain": _stain_record(tiles_meta, ("status", "reason", "params", "target")),
+        "models": {m.spec.name: m.provenance() for m in models},
+        "warnings": warnings,
+        "pathwsi_version": __version__,
+        "reader": settings.reader,
+        "config_hash": settings_hash(tiles_meta, models, settings.dtype, settings.reader),
+    }))
+
+
+def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, store_path: Path) -> dict[str, float]:
+    """Extract and store the features of one slide's tiles; resumes a killed run; tiles that cannot be
+    read are recorded in the store and left out. Returns timings."""
+    writer = open_writer(store_path, tiles, fractions, {m.spec.name: m.feature_dim for m in models}, store_attrs(sample, tiles_meta, models, settings), settings.aligned_chunk, settings.dtype)
+    try:
+        return _extract(sample, tiles, tiles_meta, models, settings, writer)
+    finally:
+        writer.close()
+
+
+def _extract(sample: Sample, tiles: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, writer: StoreWriter) -> dict[str, float]:
+    device = next(models[0].net.parameters()).device
+    start = len(tiles) if writer.already_complete else writer.first_pending_tile
+    timings = {"read": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
+    if start == len(tiles):
+        writer.finish()
+        return timings
+    if start:
+        log.info("%s: resuming at tile %d of %d (%d chunks already stored)", sample.slide_id, start, len(tiles), writer.chunks_done)
+    stain = StainFit.from_json(tiles_meta["stain"])
+    tile = tiles_meta["tile"]
+    loader = DataLoader(
+        SlideTiles(sample, tiles, tile["px"], tile["mpp"], start, exact=settings.reader == "exact"),
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    nets = {m.spec.name: (torch.compile(m.net) if settings.compile else m.net) for m in models}
+    pending: dict[str, list[np.ndarray]] = {m.spec.name: [] for m in models}
+    unreadable: dict[int, str] = {}  # tile index -> why, in the chunk being gathered
+    chunk_index, done = writer.chunks_done, start
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as write_pool, tqdm(total=len(tiles), initial=start, unit="tile", desc=sample.slide_id, disable=None) as progress:
+        last: Future | None = None
+
+        def collect(batch: Launched) -> None:
+            """Wait for one launched batch's features, then queue each finished chunk for writing."""
+            nonlocal done, chunk_index, pending, unreadable, last
+            for name, values in batch.wait(timings).items():
+                pending[name].append(values)
+            unreadable.update({done + i: reason for i, reason in enumerate(batch.unreadable) if reason})
+            done += batch.size
+            progress.update(batch.size)
+            if done == writer.chunk_end(chunk_index):  # batches never straddle chunks: chunks hold whole batches
+                last = _submit(write_pool, writer, chunk_index, pending, unreadable, timings, last)
+                pending, unreadable = {name: [] for name in pending}, {}
+                chunk_index += 1
+
+        previous: Launched | None = None
+        waited = time.perf_counter()
+        for batch, reasons in loader:
+            timings["read"] += time.perf_counter() - waited
+            launched = _launch(batch, list(reasons), stain, models, nets, device)
+            if previous is not None:  # the GPU already has the next batch queued while we wait here
+                collect(previous)
+            previous = launched
+            waited = time.perf_counter()
+        if previous is not None:
+            collect(previous)
+        if last is not None:
+            last.result()
+    writer.finish()
+    timings["total"] = time.perf_counter() - started
+    timings["tiles_per_s"] = timings["tiles"] / timings["total"] if timings["total"] else 0.0
+    return timings
+
+
+@dataclass
+class Launched:
+    """One batch whose normalization, models and copy back to the host are queued on the device."""
+
+    size: int
+    unreadable: list[str]  # per tile: "" or why it could not be read
+    features: dict[str, torch.Tensor]  # host tensors, filled asynchronously on CUDA
+    marks: list[Any]  # CUDA events (or perf_counter times on the CPU): start, normalized, each model done
+
+    def wait(self, timings: dict[str, float]) -> dict[str, np.ndarray]:
+        """Block until the features are on the host; add the device's normalize and model seconds."""
+        if isinstance(self.marks[-1], torch.cuda.Event):
+            self.marks[-1].synchronize()
+        timings["normalize"] += _seconds(self.marks[0], self.marks[1])
+        timings["model"] += _seconds(self.marks[1], self.marks[-1])
+        return {name: values.numpy() for name, values in self.features.items()}
+
+
+def _launch(batch: torch.Tensor, unreadable: list[str], stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device) -> Launched:
+    """Queue the batch's normalization (once) and every model on it, and the copy of the features back."""
+    marks = [_mark(device)]
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    x = normalize_batch(x, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8)
+    marks.append(_mark(device))
+    features = {}
+    for model in models:
+        autocast = torch.autocast("cuda", dtype=PRECISIONS[model.spec.precision]) if device.type == "cuda" else nullcontext()
+        with torch.inference_mode(), autocast:
+            features[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().to("cpu", non_blocking=True)
+    marks.append(_mark(device))
+    return Launched(len(batch), unreadable, features, marks)
+
+
+def _mark(device: torch.device) -> Any:
+    """A point in the device's stream: a recorded CUDA event, or the time now on the CPU."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))  # the stream the batch's work is queued on (cuda:N too)
+    return event
+
+
+def _seconds(begin: Any, end: Any) -> float:
+    return begin.elapsed_time(end) / 1000 if isinstance(begin, torch.cuda.Event) else end - begin
+
+
+def _submit(pool: ThreadPoolExecutor, writer: Any, index: int, pending: dict[str, list[np.ndarray]], unreadable: dict[int, str], timings: dict[str, float], last: Future | None) -> Future:
+    """Queue chunk `index` for writing after the previous one (one writer thread keeps the order)."""
+    arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
+
+    def write() -> None:
+        clock = time.perf_counter()
+        writer.write_chunk(index, arrays, unreadable)
+        timings["write"] += time.perf_counter() - clock
+
+    if last is not None:
+        last.result()  # at most one chunk in flight: bounded memory, errors surface promptly
+    return pool.submit(write)

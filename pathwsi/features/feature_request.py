@@ -1,0 +1,29 @@
+"""What rule `features` asks for one slide: a typed, picklable request that a Snakemake script builds without
+importing torch (a fork-server child runs it, pathwsi.runtime.forkserver)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pathwsi.runtime.forkserver import EntryJob
+from pathwsi.samples import Sample
+
+
+@dataclass(frozen=True)
+class FeatureRequest(EntryJob):
+    """Extract one slide's features: its sheet row, its tiling outputs, the store and timings to write, the
+    validated `models` section (the backbones to run) and `features` section, and the job's CPU threads."""
+
+    entry: ClassVar[str] = "pathwsi.features.feature_job:run_request"  # imported by the fork server before it forks
+
+    sample: Sample
+    tiles: Path
+    meta: Path
+    store: Path
+    timings: Path
+    models: dict[str, Any]
+    features: dict[str, Any]
+    threads: int
+    log: Path

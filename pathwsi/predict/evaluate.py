@@ -1,0 +1,502 @@
+"""Paper experiments 2 and 3: cross-validated prediction of gene expression and mutation status from
+patient-level image features, and the paired comparison of two feature sets (FTX vs IMGNET).
+
+Protocol (docs/evaluate.md lists every default as OUR choice; the paper publishes no models):
+repeated K-fold cross-validation (5 folds × 50 repeats), grouped by patient or by tissue source
+site, one split set per task shared by every model. In each outer fold the features are
+standardized on the training rows and a penalised linear model is fitted per gene with its
+penalty chosen by leave-one-out within the training rows (pathwsi.predict.linear_models): ridge for
+expression, class-balanced L2 logistic regression for mutation (splits stratified on all
+mutation columns). Out-of-fold predictions give, per gene, model and repeat, Pearson and
+Spearman r (expression) or AUROC (mutation).
+
+Per gene and model: mean ± std over repeats; expression: a one-sided Pearson test of the truth
+against the out-of-fold prediction averaged over repeats, Benjamini–Hochberg q across genes;
+mutation: a stratified bootstrap 95 % CI of the AUROC of the repeat-averaged scores. Models are
+compared per gene by a Wilcoxon signed-rank test paired over repeats (BH q across genes).
+
+A target value that is missing (NaN) drops that patient for that gene only: genes are grouped by
+their pattern of missing values and each group is fitted on its own rows. A fold that cannot be
+fitted (fewer than 3 training rows, or one class only) gives NaN for its test rows, which makes
+that repeat's metric NaN; such folds are counted in `failed_folds` and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from pathwsi import __version__
+from pathwsi.errors import PathwsiError
+from pathwsi.finetune.tissue_experiment import paired_test
+from pathwsi.predict.linear_models import center_gram, logistic_loo, ridge_loo, standardized_gram
+from pathwsi.predict.splits import make_splits, split_groups, write_splits
+from pathwsi.runtime.outputs import write_frame, write_json, write_text
+
+log = logging.getLogger(__name__)
+TASKS = ("expression", "mutation")
+METRIC = {"expression": "r", "mutation": "auroc"}  # the per-repeat metric models are compared on
+PAPER = {
+    "expression": "TCGA LUAD: 171 immune genes significant, 139 of them better with FTX-2048",
+    "mutation": "TCGA LUAD: FTX-2048 better for 5 of the 9 most frequently mutated genes (STK11, TP53, LRP1B, NF1, FAT1)",
+}
+MIN_TRAIN_ROWS = 3
+
+
+class EvaluationError(PathwsiError, ValueError):
+    """Settings, features or targets that cannot be cross-validated; the message says what to change."""
+
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Defaults are OUR choices except folds and repeats (the paper's 5 × 50); docs/evaluate.md explains each."""
+
+    folds: int = 5
+    repeats: int = 50
+    seed: int = 0
+    group_by_site: bool = False  # keep each tissue source site within one fold
+    stratify_mutations: bool = True  # balance each mutation's positives over the folds
+    ridge_penalties: tuple[float, ...] = tuple(float(v) for v in np.logspace(-3, 4, 15))  # × trace(K)/n
+    logistic_penalties: tuple[float, ...] = (0.03, 0.3, 3.0, 30.0, 300.0)  # 1/C = factor × trace(K)/n
+    fdr: float = 0.05  # q threshold for "significant"
+    bootstrap: int = 2000  # resamples for the AUROC confidence interval
+    compare: tuple[str, str] = ("ftx", "imgnet")  # (a, b): differences are a − b
+
+    def __post_init__(self) -> None:
+        for name in ("ridge_penalties", "logistic_penalties", "compare"):  # lists from a YAML config
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        problems = []
+        if self.folds < 2 or self.repeats < 1:
+            problems.append("folds >= 2 and repeats >= 1")
+        if not self.ridge_penalties or not self.logistic_penalties or min(self.ridge_penalties + self.logistic_penalties) <= 0:
+            problems.append("non-empty penalty grids of positive factors")
+        if not 0 < self.fdr < 1 or self.bootstrap < 1:
+            problems.append("0 < fdr < 1 and bootstrap >= 1")
+        if len(self.compare) != 2 or self.compare[0] == self.compare[1]:
+            problems.append("compare: two different model names")
+        if problems:
+            raise EvaluationError(f"evaluation settings need {'; '.join(problems)} (got {self})")
+
+
+@dataclass
+class TaskResult:
+    """One task's cross-validation: arrays are indexed [repeat, row, gene] or [repeat, gene]."""
+
+    task: str
+    targets: pd.DataFrame  # patients × genes, aligned with the features
+    fold_of: np.ndarray  # [repeat, row]
+    predictions: dict[str, np.ndarray]  # model -> out-of-fold predictions or decision values [repeat, row, gene]
+    per_repeat: dict[str, dict[str, np.ndarray]]  # model -> metric -> [repeat, gene]
+    tables: dict[str, pd.DataFrame]  # model -> per-gene metrics
+    seconds: float
+    notes: dict[str, int]  # counts of failed folds and unconverged fits per model
+
+    @property
+    def patients(self) -> pd.Index:
+        return self.targets.index
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.targets.columns)
+
+    def averaged(self, model: str) -> pd.DataFrame:
+        """Out-of-fold predictions averaged over repeats, patients × genes."""
+        return pd.DataFrame(_nanmean(self.predictions[model]), index=self.patients, columns=self.targets.columns)
+
+
+# -- cross-validation ---------------------------------------------------------------------------
+
+
+def evaluate_task(task: str, features: dict[str, pd.DataFrame], targets: pd.DataFrame, settings: EvaluationSettings = EvaluationSettings(), sites: pd.Series | None = None) -> TaskResult:
+    """Cross-validate every model on `targets` (patients × genes; mutation: 0/1) and compute per-gene metrics.
+
+    features: model -> patients × features; sites: patient -> tissue source site (needed when group_by_site).
+    """
+    if task not in TASKS:
+        raise EvaluationError(f"task must be one of {', '.join(TASKS)}, not '{task}'")
+    started = time.perf_counter()
+    arrays, targets = align(features, targets)
+    y = targets.to_numpy(np.float64)
+    if task == "mutation" and not np.isin(y[np.isfinite(y)], (0.0, 1.0)).all():
+        raise EvaluationError("mutation targets must be 0 (not mutated), 1 (mutated) or missing")
+    groups = targets.index.to_numpy()
+    if settings.group_by_site:
+        if sites is None or not targets.index.isin(sites.index).all():
+            raise EvaluationError("group_by_site needs a site for every patient; give `sites` (patient id -> site)")
+        groups = split_groups(groups, sites.loc[targets.index].to_numpy())
+    labels = y if task == "mutation" and settings.stratify_mutations else None
+    fold_of = make_splits(groups, settings.folds, settings.repeats, settings.seed, labels)
+    factors = np.asarray(settings.ridge_penalties if task == "expression" else settings.logistic_penalties)
+    runs = cross_validate(task, arrays, y, fold_of, factors)
+    predictions = {name: np.stack([r.predictions for r in run]) for name, run in runs.items()}
+    failed = {name: np.stack([r.failed for r in run]).sum(axis=(0, 1)) for name, run in runs.items()}
+    notes = {f"{name}_failed_folds": int(f.sum()) for name, f in failed.items()}
+    notes |= {f"{name}_unconverged_fits": sum(r.unconverged for r in run) for name, run in runs.items()}
+    for name, count in notes.items():
+        if count:
+            log.warning("%s: %s = %d (see the per-gene tables)", task, name, count)
+    per_repeat = {name: repeat_metrics(task, p, y) for name, p in predictions.items()}
+    tables = {
+        name: gene_table(task, predictions[name], y, per_repeat[name], targets.columns, _median_penalty(np.stack([r.chosen for r in run]), factors), failed[name])
+        for name, run in runs.items()
+    }
+    if task == "mutation":
+        for name, (low, high) in bootstrap_ci(predictions, targets, settings.bootstrap, settings.seed).items():
+            tables[name]["ci_low"], tables[name]["ci_high"] = low, high
+    else:
+        for table in tables.values():
+            table["q_value"] = bh(table["p_value"].to_numpy())
+            table["significant"] = table["q_value"] < settings.fdr
+    return TaskResult(task, targets, fold_of, predictions, per_repeat, tables, time.perf_counter() - started, notes)
+
+
+def align(features: dict[str, pd.DataFrame], targets: pd.DataFrame) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Feature arrays of every model and the targets, rows = the patients with targets, in the first model's order.
+
+    Every model must have the same patients among those with targets (a paired comparison needs them).
+    """
+    if not features:
+        raise EvaluationError("no feature tables given")
+    for name, frame in {**features, "targets": targets}.items():
+        if not frame.index.is_unique:
+            raise EvaluationError(f"{name}: patient id(s) {', '.join(map(str, frame.index[frame.index.duplicated()].unique()[:5]))} repeat; give one row per patient")
+    first, *others = features
+    patients = features[first].index[features[first].index.isin(targets.index)]
+    for name in others:
+        have = features[name].index[features[name].index.isin(targets.index)]
+        missing, extra = patients.difference(have), have.difference(patients)
+        if len(missing) or len(extra):
+            raise EvaluationError(
+                f"models '{first}' and '{name}' have different patients with targets: only '{first}' has {len(missing)} "
+                f"({', '.join(map(str, missing[:5]))}), only '{name}' has {len(extra)} ({', '.join(map(str, extra[:5]))}); give every model the same patients"
+            )
+    if len(patients) < 2:
+        raise EvaluationError(f"only {len(patients)} patient(s) have both features and targets (features e.g. {', '.join(map(str, features[first].index[:3]))}; targets e.g. {', '.join(map(str, targets.index[:3]))})")
+    return {name: frame.loc[patients].to_numpy() for name, frame in features.items()}, targets.loc[patients].astype(np.float64)
+
+
+class RepeatFit(NamedTuple):
+    """One model's fits in one repeat."""
+
+    predictions: np.ndarray  # out-of-fold predictions or decision values [row, gene]
+    chosen: np.ndarray  # index of the chosen penalty factor [fold, gene], -1 where not fitted
+    failed: np.ndarray  # [fold, gene]: too few training rows, or one class only
+    unconverged: int  # logistic fits that stopped at max_iter
+
+
+def cross_validate(task: str, arrays: dict[str, np.ndarray], y: np.ndarray, fold_of: np.ndarray, factors: np.ndarray) -> dict[str, list[RepeatFit]]:
+    """Every model on every repeat of `fold_of`, serially on one BLAS thread, with a progress bar.
+
+    One thread: these many small factorizations only slow down with more on 2 shared cores
+    (400 × 400 Cholesky factorizations measured 3–10× slower with 2 BLAS threads), and two
+    processes over repeats were no faster there either (benchmarks/bench_evaluate.py).
+    """
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    runs: dict[str, list[RepeatFit]] = {name: [] for name in arrays}
+    with threadpool_limits(1):
+        for fold_row in tqdm(fold_of, desc=f"{task}, {len(arrays)} models", unit="repeat"):
+            for name, x in arrays.items():
+                runs[name].append(_fit_repeat(task, x, y, fold_row, factors))
+    return runs
+
+
+def _fit_repeat(task: str, x: np.ndarray, y: np.ndarray, fold_row: np.ndarray, factors: np.ndarray) -> RepeatFit:
+    """One model, one repeat: per fold one Gram matrix, then per pattern of missing targets a ridge for all its genes or a logistic per gene."""
+    folds = int(fold_row.max()) + 1
+    predictions = np.full(y.shape, np.nan)
+    chosen = np.full((folds, y.shape[1]), -1, np.int16)
+    failed = np.zeros((folds, y.shape[1]), bool)
+    unconverged = 0
+    patterns = missing_patterns(y)
+    for fold in range(folds):
+        train, test = np.flatnonzero(fold_row != fold), np.flatnonzero(fold_row == fold)
+        k, k_test = standardized_gram(x, train, test)
+        for rows, genes in patterns:
+            used = rows[train]
+            target = y[train[used]][:, genes]
+            fittable = _fittable(task, target)
+            failed[fold, genes[~fittable]] = True
+            if not fittable.any():
+                continue
+            kc, kc_test = center_gram(k[np.ix_(used, used)], k_test[:, used])
+            if task == "expression":
+                predictions[np.ix_(test, genes)], chosen[fold, genes] = ridge_loo(kc, kc_test, target, factors)
+                continue
+            for column in np.flatnonzero(fittable):
+                predictions[test, genes[column]], chosen[fold, genes[column]], stopped = logistic_loo(kc, kc_test, target[:, column] > 0, factors)
+                unconverged += stopped
+    predictions[np.isnan(y)] = np.nan
+    return RepeatFit(predictions, chosen, failed, unconverged)
+
+
+def _fittable(task: str, target: np.ndarray) -> np.ndarray:
+    """Per column: enough training rows, and both classes for a mutation."""
+    enough = np.full(target.shape[1], len(target) >= MIN_TRAIN_ROWS)
+    if task == "mutation":
+        positives = target.sum(axis=0)
+        enough &= (positives > 0) & (positives < len(target))
+    return enough
+
+
+def missing_patterns(y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows with values, gene indices) for each distinct pattern of missing values among the columns of `y`."""
+    patterns, group = np.unique(np.isfinite(y).T, axis=0, return_inverse=True)
+    return [(pattern, np.flatnonzero(group.ravel() == i)) for i, pattern in enumerate(patterns)]
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def repeat_metrics(task: str, predictions: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Per repeat and gene: r and spearman (expression) or auroc (mutation); NaN where a fold failed."""
+    if task == "expression":
+        return {"r": pearson(predictions, y), "spearman": pearson(_ranks(predictions, y), _ranks(y, y))}
+    return {"auroc": auroc(predictions, y)}
+
+
+def pearson(values: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r over the rows where `y` is known, per gene (last axis); NaN if a value there is NaN or constant."""
+    known = np.isfinite(y)
+    count = known.sum(axis=0)
+    v, t = np.where(known, values, 0.0), np.where(known, y, 0.0)
+    v = np.where(known, v - v.sum(axis=-2, keepdims=True) / count, 0.0)
+    t = np.where(known, t - t.sum(axis=0) / count, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (v * t).sum(axis=-2) / np.sqrt((v**2).sum(axis=-2) * (t**2).sum(axis=0))
+
+
+def _ranks(values: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Average ranks over the rows where `y` is known (NaN elsewhere); a NaN value there stays NaN."""
+    ranked = stats.rankdata(np.where(np.isfinite(y), values, np.nan), axis=-2, nan_policy="omit")
+    return np.where(np.isnan(values), np.nan, ranked)
+
+
+def auroc(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """AUROC (ties count half) over the rows where `y` is known, per gene; NaN if a score there is NaN or one class only."""
+    ranks = _ranks(scores, y)
+    positive = np.isfinite(y) & (y > 0)
+    n_pos, n_neg = positive.sum(axis=0), (np.isfinite(y) & (y == 0)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(positive, ranks, 0.0).sum(axis=-2) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def gene_table(task: str, predictions: np.ndarray, y: np.ndarray, per_repeat: dict[str, np.ndarray], genes: pd.Index, penalty: np.ndarray, failed: np.ndarray) -> pd.DataFrame:
+    """Per-gene metrics of one model: mean and std over repeats, the metric of the repeat-averaged prediction, and for expression its p-value."""
+    known = np.isfinite(y)
+    table = pd.DataFrame({"gene": genes, "patients": known.sum(axis=0)})
+    if task == "mutation":
+        table["positives"] = (np.where(known, y, 0) > 0).sum(axis=0)
+    for metric, values in per_repeat.items():
+        table[f"{metric}_mean"], table[f"{metric}_std"] = _nanmean(values), _over_repeats(np.nanstd, values, ddof=1)
+    averaged = _nanmean(predictions)
+    if task == "expression":
+        table["r_averaged"] = r = pearson(averaged, y)
+        df = table["patients"].to_numpy() - 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            table["p_value"] = stats.t.sf(r * np.sqrt(df / (1 - r**2)), df)  # one-sided: r > 0
+    else:
+        table["auroc_averaged"] = auroc(averaged, y)
+    table["repeats_valid"] = np.isfinite(next(iter(per_repeat.values()))).sum(axis=0)
+    table["failed_folds"] = failed
+    table["penalty"] = penalty
+    return table
+
+
+def bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg q-values of the finite p-values (NaN stays NaN)."""
+    q = np.full(len(p), np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        q[finite] = stats.false_discovery_control(p[finite])
+    return q
+
+
+def bootstrap_ci(predictions: dict[str, np.ndarray], targets: pd.DataFrame, n: int, seed: int, level: float = 0.95) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per model and gene: percentile CI of the AUROC of the repeat-averaged scores, over stratified bootstraps of patients.
+
+    Positives and negatives are resampled separately (so each resample has both); the resamples
+    are the same for every model and are seeded by (seed, gene name).
+    """
+    averaged = {name: _nanmean(p) for name, p in predictions.items()}
+    out = {name: (np.full(targets.shape[1], np.nan), np.full(targets.shape[1], np.nan)) for name in predictions}
+    for j, gene in enumerate(targets.columns):
+        y = targets[gene].to_numpy()
+        usable = np.isfinite(y) & np.all([np.isfinite(a[:, j]) for a in averaged.values()], axis=0)
+        positives, negatives = np.flatnonzero(usable & (y == 1)), np.flatnonzero(usable & (y == 0))
+        if not len(positives) or not len(negatives):
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(str(gene).encode())])
+        rows = np.concatenate([rng.choice(positives, (len(positives), n)), rng.choice(negatives, (len(negatives), n))])
+        labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))][:, None]
+        for name, a in averaged.items():
+            out[name][0][j], out[name][1][j] = np.quantile(auroc(a[rows, j], labels), [(1 - level) / 2, (1 + level) / 2])
+    return out
+
+
+def _median_penalty(chosen: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Median chosen penalty factor per gene over repeats and folds (NaN if never fitted)."""
+    values = np.where(chosen >= 0, factors[np.maximum(chosen, 0)], np.nan)
+    return _over_repeats(np.nanmedian, values.reshape(-1, values.shape[-1]))
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    return _over_repeats(np.nanmean, values)
+
+
+def _over_repeats(reduce: Any, values: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """A numpy nan-reduction over axis 0, NaN (without a warning) where every value is NaN."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return reduce(values, axis=0, **kwargs)
+
+
+# -- comparison, summary, outputs ---------------------------------------------------------------
+
+
+def compare(result: TaskResult, a: str, b: str) -> pd.DataFrame:
+    """Per gene: model `a` vs `b` on the per-repeat metric (r or AUROC), paired over repeats.
+
+    Wilcoxon signed-rank test of a − b over the repeats where both are finite (p = 1 when they
+    never differ, NaN when no repeat is); BH q across the genes.
+    """
+    metric = METRIC[result.task]
+    first, second = result.per_repeat[a][metric], result.per_repeat[b][metric]
+    paired = np.isfinite(first) & np.isfinite(second)
+    tests = [paired_test(second[paired[:, j], j], first[paired[:, j], j]) if paired[:, j].any() else (np.nan, np.nan) for j in range(first.shape[1])]
+    difference = np.where(paired, first - second, np.nan)
+    table = pd.DataFrame({
+        "task": result.task,
+        "gene": result.genes,
+        "metric": metric,
+        "model_a": a,
+        "model_b": b,
+        "mean_a": result.tables[a][f"{metric}_mean"].to_numpy(),
+        "mean_b": result.tables[b][f"{metric}_mean"].to_numpy(),
+        "mean_a_minus_b": _nanmean(difference),
+        "repeats_a_higher": (difference > 0).sum(axis=0),
+        "repeats_b_higher": (difference < 0).sum(axis=0),
+        "repeats_tied": (difference == 0).sum(axis=0),
+        "wilcoxon_statistic": [t[0] for t in tests],
+        "wilcoxon_p": [t[1] for t in tests],
+    })
+    table["wilcoxon_q"] = bh(table["wilcoxon_p"].to_numpy())
+    if result.task == "expression":
+        table["significant_a"] = result.tables[a]["significant"].to_numpy()
+        table["significant_b"] = result.tables[b]["significant"].to_numpy()
+    return table
+
+
+def counts(comparison: pd.DataFrame, fdr: float) -> dict[str, Any]:
+    """The paper's summary counts of one task's comparison.
+
+    Expression: among genes significant (q < fdr) with either model; mutation: among all genes.
+    "higher": higher mean metric over repeats; "…_significant": and Wilcoxon q < fdr.
+    """
+    task = comparison["task"].iat[0]
+    expression = task == "expression"
+    considered = (comparison["significant_a"] | comparison["significant_b"]) if expression else pd.Series(True, comparison.index)
+    higher_a, higher_b = comparison["mean_a"] > comparison["mean_b"], comparison["mean_a"] < comparison["mean_b"]
+    differs = comparison["wilcoxon_q"] < fdr
+    out: dict[str, Any] = {"model_a": comparison["model_a"].iat[0], "model_b": comparison["model_b"].iat[0], "metric": METRIC[task], "genes": len(comparison)}
+    if expression:
+        out |= {"significant_a": int(comparison["significant_a"].sum()), "significant_b": int(comparison["significant_b"].sum()), "significant_either": int(considered.sum())}
+    return out | {
+        "higher_with_a": int((considered & higher_a).sum()),
+        "higher_with_a_significant": int((considered & higher_a & differs).sum()),
+        "higher_with_b": int((considered & higher_b).sum()),
+        "higher_with_b_significant": int((considered & higher_b & differs).sum()),
+        "not_compared": int((considered & ~higher_a & ~higher_b).sum()),  # equal means, or NaN
+        "paper": PAPER[task],
+    }
+
+
+def run_evaluation(
+    features: dict[str, pd.DataFrame],
+    out_dir: Path,
+    settings: EvaluationSettings = EvaluationSettings(),
+    *,
+    expression: pd.DataFrame | None = None,
+    mutations: pd.DataFrame | None = None,
+    sites: pd.Series | None = None,
+) -> dict[str, Any]:
+    """Each task given, the comparison of `settings.compare`, every table and figure, and summary.json/.md in `out_dir`.
+
+    Returns the summary (settings, and per task the patients, the paper's counts, failure counts and seconds).
+    """
+    from pathwsi.predict.plots import plot_task
+
+    bad = [name for name in features if not re.fullmatch(r"[A-Za-z0-9._-]+", name)]
+    missing = [name for name in settings.compare if name not in features]
+    if bad or missing or (expression is None and mutations is None):
+        raise EvaluationError(
+            f"evaluation needs model names of [A-Za-z0-9._-] (not {bad}), features of both compared models "
+            f"(missing {missing} among {list(features)}), and expression and/or mutation targets"
+        )
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"settings": asdict(settings), "pathwsi_version": __version__, "tasks": {}}
+    comparisons, repeats = [], []
+    for task, targets in (("expression", expression), ("mutation", mutations)):
+        if targets is None:
+            continue
+        result = evaluate_task(task, features, targets, settings, sites)
+        comparisons.append(compare(result, *settings.compare))
+        repeats.append(long_repeats(result))
+        write_task(result, out_dir)
+        plot_task(result, comparisons[-1], out_dir, settings.fdr)
+        summary["tasks"][task] = {"patients": len(result.patients), **counts(comparisons[-1], settings.fdr), **result.notes, "seconds": round(result.seconds, 1)}
+    write_frame(pd.concat(comparisons, ignore_index=True), out_dir / "comparison.tsv", sep="\t")
+    write_frame(pd.concat(repeats, ignore_index=True), out_dir / "repeats.tsv", sep="\t")
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(summary, out_dir / "summary.json")
+    write_text(summary_markdown(summary), out_dir / "summary.md")
+    return summary
+
+
+def write_task(result: TaskResult, out_dir: Path) -> None:
+    """{task}_{model}.tsv (per-gene metrics), {task}_{model}_oof.tsv (out-of-fold predictions averaged
+    over repeats, patients × genes) and {task}_splits.tsv (each patient's test fold per repeat)."""
+    for name, table in result.tables.items():
+        write_frame(table, out_dir / f"{result.task}_{name}.tsv", sep="\t")
+        write_frame(result.averaged(name).rename_axis("patient_id").reset_index(), out_dir / f"{result.task}_{name}_oof.tsv", sep="\t")
+    write_splits(result.fold_of, result.patients, out_dir / f"{result.task}_splits.tsv")
+
+
+def long_repeats(result: TaskResult) -> pd.DataFrame:
+    """One row per model, metric, repeat and gene: columns task, model, gene, repeat, metric, value."""
+    parts = []
+    for name, metrics in result.per_repeat.items():
+        for metric, values in metrics.items():
+            n_repeats, n_genes = values.shape
+            parts.append(pd.DataFrame({"task": result.task, "model": name, "gene": np.tile(result.genes, n_repeats), "repeat": np.repeat(np.arange(n_repeats), n_genes), "metric": metric, "value": values.ravel()}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The paper's counts in a few lines, for people."""
+    settings = summary["settings"]
+    fdr = settings["fdr"]
+    lines = ["# Molecular prediction from image features", "", f"{settings['folds']}-fold cross-validation × {settings['repeats']} repeats, seed {settings['seed']}; significant: q < {fdr}.", ""]
+    for task, c in summary["tasks"].items():
+        a, b = c["model_a"], c["model_b"]
+        lines.append(f"## {task}: {c['patients']} patients, {c['genes']} genes")
+        if task == "expression":
+            lines.append(f"- significant (one-sided Pearson test, BH q < {fdr}): {a} {c['significant_a']}, {b} {c['significant_b']}, either {c['significant_either']}")
+        among = "of those, " if task == "expression" else ""
+        lines.append(f"- {among}higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})")
+        lines += [f"- paper: {c['paper']}", ""]
+    return "\n".join(lines)

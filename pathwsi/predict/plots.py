@@ -1,0 +1,118 @@
+"""Figures of the prediction experiments, drawn from the tables pathwsi.predict.evaluate writes (matplotlib, Agg).
+
+- expression_r_scatter.png: per gene, mean r with model a against model b, the diagonal, genes
+  significant with either model highlighted;
+- mutation_roc.png: per mutation, the ROC curve of each model's repeat-averaged out-of-fold scores;
+- mutation_auroc.png: per mutation, each model's AUROC (mean ± std over repeats).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from pathwsi.runtime.outputs import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pathwsi.predict.evaluate import TaskResult
+
+SCATTER, ROC, BARS = "expression_r_scatter.png", "mutation_roc.png", "mutation_auroc.png"
+
+
+def plot_task(result: TaskResult, comparison: pd.DataFrame, out_dir: Path, fdr: float) -> list[Path]:
+    """The task's figures in `out_dir`; returns their paths."""
+    if result.task == "expression":
+        expression_scatter(out_dir / SCATTER, comparison, fdr)
+        return [out_dir / SCATTER]
+    roc_curves(out_dir / ROC, {name: result.averaged(name) for name in result.tables}, result.targets)
+    auroc_bars(out_dir / BARS, result.tables)
+    return [out_dir / ROC, out_dir / BARS]
+
+
+def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float) -> None:
+    """Mean r per gene, model a (y) against model b (x), from an expression comparison table."""
+    plt = _pyplot()
+    a, b = comparison["model_a"].iat[0], comparison["model_b"].iat[0]
+    significant = (comparison["significant_a"] | comparison["significant_b"]).to_numpy(bool)
+    x, y = comparison["mean_b"].to_numpy(float), comparison["mean_a"].to_numpy(float)
+    figure, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
+    ax.scatter(x[~significant], y[~significant], s=10, color="0.7", label=f"not significant ({(~significant).sum()})")
+    ax.scatter(x[significant], y[significant], s=14, color="tab:red", label=f"q < {fdr} with either ({significant.sum()}; {int((y > x)[significant].sum())} above the diagonal)")
+    finite = np.isfinite(np.r_[x, y])
+    low, high = (float(np.r_[x, y][finite].min()), float(np.r_[x, y][finite].max())) if finite.any() else (0.0, 1.0)
+    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+    ax.set_xlabel(f"mean Pearson r over repeats, {b}")
+    ax.set_ylabel(f"mean Pearson r over repeats, {a}")
+    ax.set_title(f"gene expression: {a} vs {b}", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(figure, path)
+
+
+def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFrame) -> None:
+    """One panel per mutation: ROC of each model's repeat-averaged out-of-fold scores (patients × genes)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    genes = list(targets.columns)
+    columns = min(3, len(genes))
+    rows = -(-len(genes) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.3 * rows + 0.6), sharex=True, sharey=True, squeeze=False)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.6 / (3.3 * rows + 0.6) + 0.04, top=1 - 0.5 / (3.3 * rows + 0.6), wspace=0.08, hspace=0.25)  # fixed: constrained layout of many panels is slow
+    for ax, gene in zip(axes.ravel(), genes):
+        for name, frame in scores.items():
+            truth, score = targets[gene].to_numpy(float), frame[gene].to_numpy(float)
+            usable = np.isfinite(truth) & np.isfinite(score)
+            if len(np.unique(truth[usable])) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(truth[usable], score[usable])
+            ax.plot(fpr, tpr, label=f"{name} {roc_auc_score(truth[usable], score[usable]):.2f}")
+        ax.plot([0, 1], [0, 1], color="0.6", linewidth=0.6, linestyle="--")
+        ax.set_title(str(gene), fontsize=9)
+        ax.legend(loc="lower right", fontsize=7, title="AUROC", title_fontsize=7)
+    for ax in axes.ravel()[len(genes) :]:
+        ax.set_axis_off()
+    figure.suptitle("mutation: ROC of out-of-fold scores averaged over repeats", fontsize=10)
+    figure.supxlabel("false positive rate", fontsize=9)
+    figure.supylabel("true positive rate", fontsize=9)
+    _save(figure, path)
+
+
+def auroc_bars(path: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Grouped bars per mutation: each model's AUROC, mean ± std over repeats (per-gene mutation tables)."""
+    plt = _pyplot()
+    names = list(tables)
+    genes = list(tables[names[0]]["gene"])
+    width = 0.8 / len(names)
+    figure, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(genes) + 1.5), 3.8), layout="constrained")
+    for i, name in enumerate(names):
+        table = tables[name]
+        ax.bar(np.arange(len(genes)) + (i - (len(names) - 1) / 2) * width, table["auroc_mean"], width, yerr=table["auroc_std"], capsize=2, label=name)
+    ax.axhline(0.5, color="0.5", linewidth=0.8, linestyle="--")
+    ax.set_xticks(np.arange(len(genes)), genes, rotation=45, ha="right")
+    ax.set_ylabel("AUROC (mean ± std over repeats)")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(names), fontsize=8, frameon=False)
+    _save(figure, path)
+
+
+def _pyplot():  # noqa: ANN202 - the matplotlib.pyplot module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Figure, path: Path) -> None:
+    """PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    plt.close(figure)
