@@ -29,12 +29,12 @@ include: "workflow/rules/summary.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/summary.tsv",  # needs every slide's tiles and features
         aggregate_outputs(),
         predict_outputs(),
         tissue_experiment_outputs(),
-    default_target: True
 
 
 rule tiles:

@@ -27,15 +27,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nets = {arch: build_backbone(ModelSpec("m", arch=arch, input_px=args.px), device=device) for arch in ("keras_xception", "legacy_xception")}
+    nets = {
+        arch: build_backbone(ModelSpec("m", arch=arch, input_px=args.px), device=device)
+        for arch in ("keras_xception", "legacy_xception")
+    }
     rates: dict[str, list[float]] = {arch: [] for arch in nets}
     for _ in range(args.rounds):
         for arch, backbone in nets.items():
             rates[arch].append(models_alone([backbone], args.batch, args.batches, device))
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
-    print(f"{name}; torch {torch.__version__}; {args.px} px, batch {args.batch}, median of {args.rounds} interleaved rounds of {args.batches} batches:")
+    print(
+        f"{name}; torch {torch.__version__}; {args.px} px, batch {args.batch}, median of {args.rounds} interleaved rounds of {args.batches} batches:"
+    )
     for arch, values in rates.items():
-        print(f"   {arch:<16} {statistics.median(values):8.1f} tiles/s   (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        print(
+            f"   {arch:<16} {statistics.median(values):8.1f} tiles/s   (rounds: {', '.join(f'{v:.1f}' for v in values)})"
+        )
     ratio = statistics.median(rates["keras_xception"]) / statistics.median(rates["legacy_xception"])
     print(f"   keras_xception / legacy_xception: {ratio:.3f}")
 

@@ -69,7 +69,9 @@ def write_project(folder: Path, n: int) -> Path:
     config["samples"] = "config/samples.tsv"
     config["finetune"]["train_dir"] = "tiles/train"
     config["tissue_experiment"]["test_dir"] = "tiles/test"
-    config["targets"]["cohorts"] = {"TCGA-LUAD": {"expression": "targets/expression.tsv", "mutations": "targets/mutations.tsv"}}
+    config["targets"]["cohorts"] = {
+        "TCGA-LUAD": {"expression": "targets/expression.tsv", "mutations": "targets/mutations.tsv"}
+    }
     (folder / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
 
@@ -82,7 +84,12 @@ def measure(args: list[str], cwd: Path, out: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    return {"rc": proc.returncode, "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
 
 
 def job_stats(text: str) -> dict[str, int]:
@@ -125,10 +132,21 @@ def main() -> None:
         "dry-run": [*snakemake, "-n"],
         "dry-run-slurm": [*snakemake, "-n", "--profile", str(ROOT / "profiles" / "slurm")],
         "parse": [*snakemake, "-l"],
-        "one-job": [*snakemake, "-n", "--force", "--target-jobs", f"tile:slide_id={slide_id(0)}", "--allowed-rules", "tile"],
+        "one-job": [
+            *snakemake,
+            "-n",
+            "--force",
+            "--target-jobs",
+            f"tile:slide_id={slide_id(0)}",
+            "--allowed-rules",
+            "tile",
+        ],
     }
     if "dry-run-slurm" in args.only and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        print("dry-run-slurm skipped: snakemake-executor-plugin-slurm is not installed (pip install -e '.[cluster]')", file=sys.stderr)
+        print(
+            "dry-run-slurm skipped: snakemake-executor-plugin-slurm is not installed (pip install -e '.[cluster]')",
+            file=sys.stderr,
+        )
         args.only.remove("dry-run-slurm")
     results: dict[str, dict] = {}
     try:
@@ -148,7 +166,9 @@ def main() -> None:
         if args.cprofile:
             shutil.rmtree(project / ".snakemake", ignore_errors=True)
             profiled = ["-m", "cProfile", "-o", str(args.cprofile.resolve()), *commands["dry-run"]]
-            print(f"cProfile: {json.dumps(measure(profiled, project, project / 'bench_cprofile.txt'))}", file=sys.stderr)
+            print(
+                f"cProfile: {json.dumps(measure(profiled, project, project / 'bench_cprofile.txt'))}", file=sys.stderr
+            )
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,7 +176,9 @@ def main() -> None:
     if args.json:
         print(json.dumps({"slides": args.slides, "results": results}, indent=2))
         return
-    print(f"\n{args.slides} slides, Snakemake {_snakemake_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n{args.slides} slides, Snakemake {_snakemake_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'measurement':<15}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}  jobs / groups")
     for name, r in results.items():
         jobs = r.get("jobs", {})

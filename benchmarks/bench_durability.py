@@ -29,7 +29,9 @@ def write_stores(folder: Path, count: int, tiles: int, rng: np.random.Generator)
     for index in range(count):
         path = folder / f"s{index}.zarr"
         coords = np.stack([np.arange(tiles), np.zeros(tiles, np.int64)], axis=1)
-        writer = open_writer(path, coords, np.ones(tiles, np.float32), {"imgnet": DIM, "ftx": DIM}, {"slide_id": f"s{index}"}, CHUNK)
+        writer = open_writer(
+            path, coords, np.ones(tiles, np.float32), {"imgnet": DIM, "ftx": DIM}, {"slide_id": f"s{index}"}, CHUNK
+        )
         for chunk in range(writer.n_chunks):
             rows = writer.chunk_end(chunk) - chunk * CHUNK
             writer.write_chunk(chunk, {"imgnet": features[:rows], "ftx": features[:rows]})
@@ -53,13 +55,19 @@ def main() -> None:
             with tempfile.TemporaryDirectory(dir=args.dir) as folder:
                 seconds[fsync].append(write_stores(Path(folder), args.stores, args.tiles, rng))
     mib = args.stores * args.tiles * 2 * DIM * 2 / 2**20
-    print(f"{args.stores} stores of {args.tiles} tiles x 2 models x {DIM} float16 ({mib:.0f} MiB before compression) + a JSON each, "
-          f"in {args.dir or tempfile.gettempdir()}, median of {args.rounds} interleaved rounds:")
+    print(
+        f"{args.stores} stores of {args.tiles} tiles x 2 models x {DIM} float16 ({mib:.0f} MiB before compression) + a JSON each, "
+        f"in {args.dir or tempfile.gettempdir()}, median of {args.rounds} interleaved rounds:"
+    )
     for fsync in (True, False):
         median = statistics.median(seconds[fsync])
-        print(f"   fsync {'on ' if fsync else 'off'}: {median:6.2f} s  ({median / args.stores * 1000:6.1f} ms per store)   rounds: {', '.join(f'{s:.2f}' for s in seconds[fsync])}")
+        print(
+            f"   fsync {'on ' if fsync else 'off'}: {median:6.2f} s  ({median / args.stores * 1000:6.1f} ms per store)   rounds: {', '.join(f'{s:.2f}' for s in seconds[fsync])}"
+        )
     on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
-    print(f"   cost of durability: {on - off:+.2f} s in all, {(on - off) / args.stores * 1000:+.1f} ms per store ({on / off:.2f}x)")
+    print(
+        f"   cost of durability: {on - off:+.2f} s in all, {(on - off) / args.stores * 1000:+.1f} ms per store ({on / off:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

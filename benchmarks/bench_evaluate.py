@@ -25,16 +25,25 @@ from threadpoolctl import threadpool_info
 from pathwsi.predict.evaluate import EvaluationSettings, run_evaluation
 
 
-def cohort(patients: int, features: int, genes: int, mutations: int, seed: int = 0) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, pd.DataFrame]:
+def cohort(
+    patients: int, features: int, genes: int, mutations: int, seed: int = 0
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, pd.DataFrame]:
     """Features of two models, expression and mutation tables sharing a planted rank-10 signal."""
     rng = np.random.default_rng(seed)
     ids = [f"TCGA-{i // 100:02d}-{i:04d}" for i in range(patients)]
     signal = rng.standard_normal((patients, 10))
     loading = rng.standard_normal((10, features)) * 0.05
-    models = {name: pd.DataFrame(signal @ loading + noise * rng.standard_normal((patients, features)), index=ids) for name, noise in (("ftx", 1.0), ("imgnet", 2.0))}
+    models = {
+        name: pd.DataFrame(signal @ loading + noise * rng.standard_normal((patients, features)), index=ids)
+        for name, noise in (("ftx", 1.0), ("imgnet", 2.0))
+    }
     effect = rng.standard_normal((10, genes)) * 0.25
     effect[:, int(0.6 * genes) :] = 0.0
-    expression = pd.DataFrame(signal @ effect + rng.standard_normal((patients, genes)), index=ids, columns=[f"GENE{j:03d}" for j in range(genes)])
+    expression = pd.DataFrame(
+        signal @ effect + rng.standard_normal((patients, genes)),
+        index=ids,
+        columns=[f"GENE{j:03d}" for j in range(genes)],
+    )
     liability = signal @ rng.standard_normal((10, mutations)) * 0.3 + rng.standard_normal((patients, mutations))
     prevalence = np.linspace(0.1, 0.5, mutations)
     mutated = (liability > np.diag(np.quantile(liability, 1 - prevalence, axis=0))).astype(float)
@@ -51,22 +60,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     blas = ", ".join(sorted({f"{i['internal_api']} ({i['num_threads']} threads)" for i in threadpool_info()}))
-    print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; BLAS {blas}; the fits run on 1 BLAS thread")
+    print(
+        f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; BLAS {blas}; the fits run on 1 BLAS thread"
+    )
     features, expression, mutations = cohort(args.patients, args.features, args.genes, args.mutations)
     settings = EvaluationSettings(folds=args.folds, repeats=args.repeats)
-    print(f"cohort: {args.patients} patients × {args.features} features × 2 models; {args.genes} genes, {args.mutations} mutations; {args.folds} folds × {args.repeats} repeats")
+    print(
+        f"cohort: {args.patients} patients × {args.features} features × 2 models; {args.genes} genes, {args.mutations} mutations; {args.folds} folds × {args.repeats} repeats"
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         summary = run_evaluation(features, Path(folder), settings, expression=expression, mutations=mutations)
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for task, counts in summary["tasks"].items():
-        print(f"{task:>10}: {counts['seconds']:7.1f} s  ({counts['seconds'] / (2 * args.folds * args.repeats) * 1000:.0f} ms per model and outer fold)")
+        print(
+            f"{task:>10}: {counts['seconds']:7.1f} s  ({counts['seconds'] / (2 * args.folds * args.repeats) * 1000:.0f} ms per model and outer fold)"
+        )
     print(f"     total: {total:7.1f} s wall (cross-validation, metrics, tables, figures; target < 600 s)")
     print(f"  peak RSS: {peak:7.0f} MiB")
     e, m = summary["tasks"]["expression"], summary["tasks"]["mutation"]
-    print(f"expression: significant ftx {e['significant_a']}, imgnet {e['significant_b']}, either {e['significant_either']} of {e['genes']} ({int(0.6 * args.genes)} planted); higher r with ftx {e['higher_with_a']} ({e['higher_with_a_significant']} Wilcoxon q < 0.05), with imgnet {e['higher_with_b']}")
-    print(f"  mutation: higher AUROC with ftx {m['higher_with_a']} of {m['genes']} ({m['higher_with_a_significant']} Wilcoxon q < 0.05), with imgnet {m['higher_with_b']}")
+    print(
+        f"expression: significant ftx {e['significant_a']}, imgnet {e['significant_b']}, either {e['significant_either']} of {e['genes']} ({int(0.6 * args.genes)} planted); higher r with ftx {e['higher_with_a']} ({e['higher_with_a_significant']} Wilcoxon q < 0.05), with imgnet {e['higher_with_b']}"
+    )
+    print(
+        f"  mutation: higher AUROC with ftx {m['higher_with_a']} of {m['genes']} ({m['higher_with_a_significant']} Wilcoxon q < 0.05), with imgnet {m['higher_with_b']}"
+    )
 
 
 if __name__ == "__main__":

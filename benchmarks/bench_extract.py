@@ -59,13 +59,20 @@ def tiles_meta(slide: Path, coords: np.ndarray) -> dict:
     with Slide(slide) as handle:
         sample = [handle.read_region(x, y, 224, 224, 0.5) for x, y in coords[:16]]
     fit = fit_slide(sample, StainSettings(), default_reference())
-    return {"status": "ok", "tile": {"px": 224, "mpp": 0.5, "um": 112.0, "level0_px": 448.0}, "mpp": {"value": 0.25, "source": "bench"}, "stain": fit.to_json()}
+    return {
+        "status": "ok",
+        "tile": {"px": 224, "mpp": 0.5, "um": 112.0, "level0_px": 448.0},
+        "mpp": {"value": 0.25, "source": "bench"},
+        "stain": fit.to_json(),
+    }
 
 
 def models_alone(models: list, batch: int, batches: int, device: torch.device) -> float:
     """Tiles/s of every model on random prepared tensors (no reading, no normalization, no writing)."""
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     with torch.inference_mode(), autocast:
         for model in models:
             model.net(model.prepare(x))  # warm-up
@@ -83,7 +90,15 @@ def models_alone(models: list, batch: int, batches: int, device: torch.device) -
 def pipeline(slide: Path, models: list, count: int, settings: ExtractSettings) -> dict:
     coords = tile_positions(count)
     with tempfile.TemporaryDirectory() as folder:
-        return extract_slide(Sample("bench", "bench", "bench", str(slide)), coords, np.ones(count, np.float32), tiles_meta(slide, coords), models, settings, Path(folder) / "s.zarr")
+        return extract_slide(
+            Sample("bench", "bench", "bench", str(slide)),
+            coords,
+            np.ones(count, np.float32),
+            tiles_meta(slide, coords),
+            models,
+            settings,
+            Path(folder) / "s.zarr",
+        )
 
 
 MEMORY_CHILD = """
@@ -102,7 +117,12 @@ print(json.dumps({"peak_mib": peak / 1024, "tiles_per_s": timings["tiles_per_s"]
 
 
 def memory(slide: Path, count: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(slide), str(count), str(Path(__file__).resolve().parent)], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(slide), str(count), str(Path(__file__).resolve().parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -111,40 +131,70 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=192, help="tiles for the pipeline-efficiency run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: 1 on the CPU, 4 on CUDA)")
-    parser.add_argument("--reader", choices=["fast", "exact"], default="fast", help="features.reader (pathwsi.slides.readers)")
+    parser.add_argument(
+        "--reader", choices=["fast", "exact"], default="fast", help="features.reader (pathwsi.slides.readers)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the models (alone and in the pipeline)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
-    parser.add_argument("--rounds", type=int, default=3, help="alternate models-alone and pipeline runs this many times; medians")
-    parser.add_argument("--arch", default="keras_xception", help="models.backbones.*.arch of both models (default: keras_xception)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternate models-alone and pipeline runs this many times; medians"
+    )
+    parser.add_argument(
+        "--arch", default="keras_xception", help="models.backbones.*.arch of both models (default: keras_xception)"
+    )
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     slide = ensure_slide()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     workers = args.workers or (1 if device.type == "cpu" else 4)
-    print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} torch threads'}; "
-          f"torch {torch.__version__}; {workers} reader workers ({args.reader} reader); cudnn.benchmark {args.cudnn_benchmark}; torch.compile {args.compile}")
+    print(
+        f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} torch threads'}; "
+        f"torch {torch.__version__}; {workers} reader workers ({args.reader} reader); cudnn.benchmark {args.cudnn_benchmark}; torch.compile {args.compile}"
+    )
     models = [build_backbone(ModelSpec(name, arch=args.arch), device=device) for name in ("imgnet", "ftx_stand_in")]
-    settings = ExtractSettings(batch_size=args.batch, chunk_tiles=max(512, args.batch), num_workers=workers, device=str(device), compile=args.compile, reader=args.reader)
+    settings = ExtractSettings(
+        batch_size=args.batch,
+        chunk_tiles=max(512, args.batch),
+        num_workers=workers,
+        device=str(device),
+        compile=args.compile,
+        reader=args.reader,
+    )
     alone_models = [replace(m, net=torch.compile(m.net)) for m in models] if args.compile else models
     rounds = []  # interleaved, so that load from other processes falls on both alike
     for _ in range(args.rounds):
-        rounds.append((models_alone(alone_models, args.batch, max(2, args.tiles // args.batch), device), pipeline(slide, models, args.tiles, settings)))
+        rounds.append(
+            (
+                models_alone(alone_models, args.batch, max(2, args.tiles // args.batch), device),
+                pipeline(slide, models, args.tiles, settings),
+            )
+        )
     alone = statistics.median(a for a, _ in rounds)
     timings = sorted((t for _, t in rounds), key=lambda t: t["tiles_per_s"])[len(rounds) // 2]
     end_to_end = timings["tiles_per_s"]
     label = "4. CUDA" if device.type == "cuda" else "1. CPU"
     goal = "GPU goal >= 2,000 tiles/s end to end" if device.type == "cuda" else "CPU target >= 90 %"
-    print(f"{label}: two Xceptions ({args.arch}, 224 px, batch {args.batch}), {args.tiles} tiles read from the 40x JPEG SVS, median of {args.rounds} interleaved rounds:")
+    print(
+        f"{label}: two Xceptions ({args.arch}, 224 px, batch {args.batch}), {args.tiles} tiles read from the 40x JPEG SVS, median of {args.rounds} interleaved rounds:"
+    )
     print(f"   models alone on random tensors : {alone:8.1f} tiles/s (each tile through both models)")
-    print(f"   pipeline end to end            : {end_to_end:8.1f} tiles/s  = {end_to_end / alone:.0%} of models alone ({goal})")
-    print("   all rounds (alone / pipeline tiles/s): " + ", ".join(f"{a:.1f} / {t['tiles_per_s']:.1f}" for a, t in rounds))
-    print(f"   main-thread time (median round): waiting on reads {timings['read']:.2f} s, normalize {timings['normalize']:.2f} s, models {timings['model']:.2f} s; writer thread {timings['write']:.2f} s; total {timings['total']:.2f} s")
+    print(
+        f"   pipeline end to end            : {end_to_end:8.1f} tiles/s  = {end_to_end / alone:.0%} of models alone ({goal})"
+    )
+    print(
+        "   all rounds (alone / pipeline tiles/s): " + ", ".join(f"{a:.1f} / {t['tiles_per_s']:.1f}" for a, t in rounds)
+    )
+    print(
+        f"   main-thread time (median round): waiting on reads {timings['read']:.2f} s, normalize {timings['normalize']:.2f} s, models {timings['model']:.2f} s; writer thread {timings['write']:.2f} s; total {timings['total']:.2f} s"
+    )
     if not args.skip_memory:
         small, large = memory(slide, 5_000), memory(slide, 50_000)
         print("2. peak memory, stand-in model (test_resnet, 64 px), fresh process each:")
         print(f"    5,000 tiles: {small['peak_mib']:7.0f} MiB ({small['tiles_per_s']:.0f} tiles/s)")
-        print(f"   50,000 tiles: {large['peak_mib']:7.0f} MiB ({large['tiles_per_s']:.0f} tiles/s)   ratio {large['peak_mib'] / small['peak_mib']:.2f} (target: flat, < 3 GB)")
+        print(
+            f"   50,000 tiles: {large['peak_mib']:7.0f} MiB ({large['tiles_per_s']:.0f} tiles/s)   ratio {large['peak_mib'] / small['peak_mib']:.2f} (target: flat, < 3 GB)"
+        )
 
 
 if __name__ == "__main__":

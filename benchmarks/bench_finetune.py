@@ -33,12 +33,21 @@ def bench(device: torch.device, px: int, batch_size: int, iterations: int, unfre
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = build_backbone(ModelSpec("imgnet", input_px=px), device=device)
-    model = TileClassifier(backbone.net, backbone.feature_dim, N_CLASSES, 0.0).to(device).to(memory_format=torch.channels_last)
+    model = (
+        TileClassifier(backbone.net, backbone.feature_dim, N_CLASSES, 0.0)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else None
     tiles = torch.randint(0, 256, (batch_size, 3, px, px), dtype=torch.uint8, device=device)
     labels = torch.randint(0, N_CLASSES, (batch_size,), device=device)
-    for name, blocks in (("step 1 (head only)", []), (f"step 2 (from {unfreeze_from})", trainable_blocks(backbone.net, unfreeze_from, "--unfreeze-from"))):
-        optimizer = make_optimizer(set_trainable(model, blocks, train_batchnorm=True), StepSettings(epochs=1, lr=1e-4, optimizer="sgd"))
+    for name, blocks in (
+        ("step 1 (head only)", []),
+        (f"step 2 (from {unfreeze_from})", trainable_blocks(backbone.net, unfreeze_from, "--unfreeze-from")),
+    ):
+        optimizer = make_optimizer(
+            set_trainable(model, blocks, train_batchnorm=True), StepSettings(epochs=1, lr=1e-4, optimizer="sgd")
+        )
         train_step(backbone, model, optimizer, tiles, labels, dtype)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -47,7 +56,11 @@ def bench(device: torch.device, px: int, batch_size: int, iterations: int, unfre
         for _ in range(iterations):
             train_step(backbone, model, optimizer, tiles, labels, dtype)  # .item() inside waits for the GPU
         rate = iterations * batch_size / (time.perf_counter() - started)
-        memory = f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+        memory = (
+            f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+            if device.type == "cuda"
+            else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+        )
         print(f"  {name:<24} {rate:8.1f} images/s   {memory}", flush=True)
 
 
@@ -57,11 +70,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--unfreeze-from", default="block11")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice); 1 is faster on a busy shared machine")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (default: PyTorch's choice); 1 is faster on a busy shared machine"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"legacy_xception training, {args.px} px, batch {args.batch_size}, channels_last, {args.iterations} timed iterations after 1 warm-up")
+    print(
+        f"legacy_xception training, {args.px} px, batch {args.batch_size}, channels_last, {args.iterations} timed iterations after 1 warm-up"
+    )
     print(f"CPU ({torch.get_num_threads()} threads, float32):")
     bench(torch.device("cpu"), args.px, args.batch_size, args.iterations, args.unfreeze_from)
     if torch.cuda.is_available():

@@ -72,7 +72,14 @@ def corners(span: int) -> list[tuple[int, int]]:
 
 def stored_tiles(points: list[tuple[int, int]], span: int, tile: int = 256) -> list[tuple[int, int]]:
     """Distinct (row, col) stored tiles the tiles at `points` touch."""
-    return sorted({(r, c) for x, y in points for r in range(y // tile, (y + span - 1) // tile + 1) for c in range(x // tile, (x + span - 1) // tile + 1)})
+    return sorted(
+        {
+            (r, c)
+            for x, y in points
+            for r in range(y // tile, (y + span - 1) // tile + 1)
+            for c in range(x // tile, (x + span - 1) // tile + 1)
+        }
+    )
 
 
 def child(method: str, path: str) -> dict:
@@ -102,10 +109,15 @@ def child(method: str, path: str) -> dict:
         layout = jpeg_level(slide, slide.levels[0])
         tiles = stored_tiles(points, span, layout.tile_width)
         with open(path, "rb") as fh:
-            data = [os.pread(fh.fileno(), int(layout.bytecounts[i]), int(layout.offsets[i])) for i in (r * layout.tiles_across + c for r, c in tiles)]
+            data = [
+                os.pread(fh.fileno(), int(layout.bytecounts[i]), int(layout.offsets[i]))
+                for i in (r * layout.tiles_across + c for r, c in tiles)
+            ]
         colorspace = "RGB" if layout.rgb_components else "YCBCR"
         half_h, half_w = layout.tile_height // 2, layout.tile_width // 2
-        assert method == "raw" or (layout.tables is None and not layout.rgb_components), "the half-scale limit decodes the stored bytes as they are: self-contained YCbCr tiles"
+        assert method == "raw" or (layout.tables is None and not layout.rgb_components), (
+            "the half-scale limit decodes the stored bytes as they are: self-contained YCbCr tiles"
+        )
         started, cpu = time.perf_counter(), time.process_time()
         if method == "raw":
             for item in data:
@@ -116,12 +128,20 @@ def child(method: str, path: str) -> dict:
         extra = {"stored_tiles": len(tiles)}
     cpu_s, wall_s = time.process_time() - cpu, time.perf_counter() - started
     peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    return {"tiles": len(points), "tiles_per_s": len(points) / cpu_s, "wall_tiles_per_s": len(points) / wall_s, "peak_mib": peak_kib / 1024, **extra}
+    return {
+        "tiles": len(points),
+        "tiles_per_s": len(points) / cpu_s,
+        "wall_tiles_per_s": len(points) / wall_s,
+        "peak_mib": peak_kib / 1024,
+        **extra,
+    }
 
 
 def run_child(method: str, slide: Path) -> dict:
     env = {**os.environ, **SINGLE_THREAD}
-    done = subprocess.run([sys.executable, __file__, "--child", method, str(slide)], capture_output=True, text=True, check=True, env=env)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(slide)], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(done.stdout)
 
 
@@ -145,11 +165,18 @@ def main() -> None:
     for _ in range(args.repeats):
         for method in METHODS:
             runs[method].append(run_child(method, slide))
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("tiles_per_s", "wall_tiles_per_s", "peak_mib")} for m, rs in runs.items()}
+    med = {
+        m: {k: statistics.median(r[k] for r in rs) for k in ("tiles_per_s", "wall_tiles_per_s", "peak_mib")}
+        for m, rs in runs.items()
+    }
     first = {m: rs[0] for m, rs in runs.items()}
-    print(f"slide: {slide.name}  {SIDE_PX}x{SIDE_PX} px at {MPP0} µm/px, JPEG q90 256x256 tiles, level 0 rendered at full resolution")
-    print(f"tiles: {first['openslide']['tiles']} of {TILE_PX} px at {TILE_MPP} µm/px ({GRID}x{GRID}, row-major), "
-          f"touching {first['raw']['stored_tiles']} stored tiles; one thread, median of {args.repeats}")
+    print(
+        f"slide: {slide.name}  {SIDE_PX}x{SIDE_PX} px at {MPP0} µm/px, JPEG q90 256x256 tiles, level 0 rendered at full resolution"
+    )
+    print(
+        f"tiles: {first['openslide']['tiles']} of {TILE_PX} px at {TILE_MPP} µm/px ({GRID}x{GRID}, row-major), "
+        f"touching {first['raw']['stored_tiles']} stored tiles; one thread, median of {args.repeats}"
+    )
     print(f"  {'method':52s} {'tiles/s':>8s} {'(wall)':>8s} {'peak MiB':>9s}")
     labels = {
         "openslide": "OpenSlide read_region + resize, per tile",
@@ -160,7 +187,9 @@ def main() -> None:
         "reader-0.2527": "extra: reader, level 0 as 0.2527 µm/px (PIL BOX)",
     }
     for method in METHODS:
-        print(f"  {labels[method]:52s} {med[method]['tiles_per_s']:8.0f} {med[method]['wall_tiles_per_s']:8.0f} {med[method]['peak_mib']:9.0f}")
+        print(
+            f"  {labels[method]:52s} {med[method]['tiles_per_s']:8.0f} {med[method]['wall_tiles_per_s']:8.0f} {med[method]['peak_mib']:9.0f}"
+        )
 
     def ratio(method: str, limit: str) -> float:
         return med[method]["tiles_per_s"] / med[limit]["tiles_per_s"]
@@ -170,12 +199,21 @@ def main() -> None:
 
     for method, name in (("reader", "reader"), ("reader-exact", "exact reader")):
         vs_openslide = ratio(method, "openslide")
-        print(f"{name} / OpenSlide: {vs_openslide:.2f}x (target >= {TARGET_VS_OPENSLIDE:g}x: {verdict(vs_openslide, TARGET_VS_OPENSLIDE)})")
+        print(
+            f"{name} / OpenSlide: {vs_openslide:.2f}x (target >= {TARGET_VS_OPENSLIDE:g}x: {verdict(vs_openslide, TARGET_VS_OPENSLIDE)})"
+        )
     vs_half, vs_raw = ratio("reader", "raw-half"), ratio("reader-exact", "raw")
-    print(f"reader / raw decode: {ratio('reader', 'raw'):.0%} (it decodes at half scale: its limit is the half-scale decode)")
-    print(f"reader / raw half-scale decode: {vs_half:.0%} (target >= {TARGET_VS_RAW:.0%}: {verdict(vs_half, TARGET_VS_RAW)})")
+    print(
+        f"reader / raw decode: {ratio('reader', 'raw'):.0%} (it decodes at half scale: its limit is the half-scale decode)"
+    )
+    print(
+        f"reader / raw half-scale decode: {vs_half:.0%} (target >= {TARGET_VS_RAW:.0%}: {verdict(vs_half, TARGET_VS_RAW)})"
+    )
     print(f"exact reader / raw decode: {vs_raw:.0%} (target >= {TARGET_VS_RAW:.0%}: {verdict(vs_raw, TARGET_VS_RAW)})")
-    print("all runs (tiles/s, CPU time): " + "; ".join(f"{m} " + ", ".join(f"{r['tiles_per_s']:.0f}" for r in rs) for m, rs in runs.items()))
+    print(
+        "all runs (tiles/s, CPU time): "
+        + "; ".join(f"{m} " + ", ".join(f"{r['tiles_per_s']:.0f}" for r in rs) for m, rs in runs.items())
+    )
 
 
 if __name__ == "__main__":

@@ -97,12 +97,24 @@ def compare_on_cpu(tiles: np.ndarray, fit: StainFit, fit_s: float, batch_size: i
         ours_s, theirs_s, failures = ours_s + ours, theirs_s + theirs, failures + failed
         if mine:
             round_ratios.append((len(host[start : start + batch_size]) / ours) / (len(mine) / theirs))
-    ours_rate, apply_rate, theirs_rate = len(tiles) / (fit_s + ours_s), len(tiles) / ours_s, len(theirs_tiles) / theirs_s
-    scaled = "" if len(theirs_tiles) == len(tiles) else f" (timed on {len(theirs_tiles)} tiles, the rate stands for all {len(tiles)})"
+    ours_rate, apply_rate, theirs_rate = (
+        len(tiles) / (fit_s + ours_s),
+        len(tiles) / ours_s,
+        len(theirs_tiles) / theirs_s,
+    )
+    scaled = (
+        ""
+        if len(theirs_tiles) == len(tiles)
+        else f" (timed on {len(theirs_tiles)} tiles, the rate stands for all {len(tiles)})"
+    )
     print(f"pathwsi CPU: fit {fit_s:.3f} s, apply {apply_rate:.0f} tiles/s, fit + apply {ours_rate:.0f} tiles/s")
     print(f"torchstain torch backend, tile by tile: {theirs_rate:.0f} tiles/s{scaled}, {failures} failed tiles")
-    print(f"ratio pathwsi (fit + apply) / torchstain: {ours_rate / theirs_rate:.1f}x; apply alone: {apply_rate / theirs_rate:.1f}x")
-    print(f"  apply ratio per round: median {np.median(round_ratios):.1f}x, range {min(round_ratios):.1f}-{max(round_ratios):.1f}x")
+    print(
+        f"ratio pathwsi (fit + apply) / torchstain: {ours_rate / theirs_rate:.1f}x; apply alone: {apply_rate / theirs_rate:.1f}x"
+    )
+    print(
+        f"  apply ratio per round: median {np.median(round_ratios):.1f}x, range {min(round_ratios):.1f}-{max(round_ratios):.1f}x"
+    )
     print(f"peak RSS of the process (tiles included): {peak_rss_mb():.0f} MB")
 
 
@@ -112,8 +124,12 @@ def time_on_cuda(tiles: np.ndarray, fit: StainFit, fit_s: float, batch_size: int
     host = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
     apply_seconds(host[:8], fit, cuda)  # warm-up: context, allocator
     torch.cuda.reset_peak_memory_stats()
-    apply_s = sum(apply_seconds(host[start : start + batch_size], fit, cuda) for start in range(0, len(tiles), batch_size))
-    print(f"pathwsi CUDA incl. host<->device copies: fit + apply {len(tiles) / (fit_s + apply_s):.0f} tiles/s, apply {len(tiles) / apply_s:.0f} tiles/s")
+    apply_s = sum(
+        apply_seconds(host[start : start + batch_size], fit, cuda) for start in range(0, len(tiles), batch_size)
+    )
+    print(
+        f"pathwsi CUDA incl. host<->device copies: fit + apply {len(tiles) / (fit_s + apply_s):.0f} tiles/s, apply {len(tiles) / apply_s:.0f} tiles/s"
+    )
     resident = host[:batch_size].to(cuda)
     normalize_batch(resident, fit.params, fit.target)
     torch.cuda.synchronize()
@@ -122,13 +138,17 @@ def time_on_cuda(tiles: np.ndarray, fit: StainFit, fit_s: float, batch_size: int
         normalize_batch(resident, fit.params, fit.target)
     torch.cuda.synchronize()
     rate = repeats * len(resident) / (time.perf_counter() - started)
-    print(f"pathwsi CUDA apply only (batch of {len(resident)} resident on the GPU): {rate:.0f} tiles/s; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+    print(
+        f"pathwsi CUDA apply only (batch of {len(resident)} resident on the GPU): {rate:.0f} tiles/s; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=2000)
-    parser.add_argument("--torchstain-tiles", type=int, default=2000, help="tiles for torchstain (a subset is timed and scaled)")
+    parser.add_argument(
+        "--torchstain-tiles", type=int, default=2000, help="tiles for torchstain (a subset is timed and scaled)"
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -46,7 +46,16 @@ def make_slides(folder: Path, count: int) -> list[dict]:
     rows = []
     for i in range(count):
         path = write_slide(folder / f"s{i}.svs", SyntheticTissue(1600.0, 1200.0, seed=i), 0.25, "svs")
-        rows.append({"cohort": "bench", "slide_id": f"s{i}", "patient_id": f"p{i}", "path": str(path), "mpp": None, "site": None})
+        rows.append(
+            {
+                "cohort": "bench",
+                "slide_id": f"s{i}",
+                "patient_id": f"p{i}",
+                "path": str(path),
+                "mpp": None,
+                "site": None,
+            }
+        )
     return rows
 
 
@@ -58,10 +67,20 @@ def job_files(config: dict, sample: dict, out: Path) -> dict[str, Any]:
 
     sid = sample["slide_id"]
     outputs = TilingOutputs.under(out, sid)
-    tile = TileRequest(Sample(**sample), {key: config[key] for key in TILING_SECTIONS}, outputs, out / f"{sid}.tile.log")
-    features = FeatureRequest(Sample(**sample), outputs.tiles, outputs.meta, out / "features" / f"{sid}.zarr", out / "features" / f"{sid}.timings.json",
-                              {"allow_network": False, "backbones": config["models"]["backbones"]}, config["features"], config["features"]["threads"],
-                              out / f"{sid}.features.log")
+    tile = TileRequest(
+        Sample(**sample), {key: config[key] for key in TILING_SECTIONS}, outputs, out / f"{sid}.tile.log"
+    )
+    features = FeatureRequest(
+        Sample(**sample),
+        outputs.tiles,
+        outputs.meta,
+        out / "features" / f"{sid}.zarr",
+        out / "features" / f"{sid}.timings.json",
+        {"allow_network": False, "backbones": config["models"]["backbones"]},
+        config["features"],
+        config["features"]["threads"],
+        out / f"{sid}.features.log",
+    )
     return {"tile": tile, "features": features}
 
 
@@ -71,7 +90,9 @@ def run_job(request: Any, use_server: bool, env: dict[str, str]) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(request))
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CLIENT, str(path), "1" if use_server else "0"], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(path), "1" if use_server else "0"], env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{type(request).__name__} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -111,7 +132,11 @@ def main() -> None:
             for mode in ("fresh", "fork"):
                 server_tmp = tmp / f"server{round_}"
                 server_tmp.mkdir(exist_ok=True)
-                env = {**os.environ, "TMPDIR": str(server_tmp), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+                env = {
+                    **os.environ,
+                    "TMPDIR": str(server_tmp),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                }
                 out = tmp / f"{mode}{round_}"
                 requests = [job_files(config, sample, out) for sample in samples]
                 for stage in ("tile", "features"):
@@ -126,14 +151,18 @@ def main() -> None:
                 tiles = [json.loads(r["features"].timings.read_text())["seconds"]["tiles"] for r in requests]
                 print(f"round {round_ + 1} {mode}: done", file=sys.stderr, flush=True)
 
-    print(f"{args.slides} slides ({statistics.median(tiles):.0f} tiles each, median) x {args.rounds} rounds; features: 2 x legacy_xception at {args.input_px} px, device {device}, {args.threads} threads")
+    print(
+        f"{args.slides} slides ({statistics.median(tiles):.0f} tiles each, median) x {args.rounds} rounds; features: 2 x legacy_xception at {args.input_px} px, device {device}, {args.threads} threads"
+    )
     print(f"{'stage':9} {'mode':6} {'job wall s':>10} {'work s':>8} {'start-up s':>10}")
     for stage in ("tile", "features"):
         for mode in ("fresh", "fork"):
             wall, work = statistics.median(walls[(mode, stage)]), statistics.median(works[(mode, stage)])
             print(f"{stage:9} {mode:6} {wall:10.2f} {work:8.2f} {wall - work:10.2f}")
         fresh, fork = (statistics.median(walls[(m, stage)]) for m in ("fresh", "fork"))
-        print(f"{stage:9} fork saves {fresh - fork:.2f} s per job ({fresh / fork:.1f}x faster); the server's start adds {statistics.median(first_extra[stage]):.2f} s to the first job")
+        print(
+            f"{stage:9} fork saves {fresh - fork:.2f} s per job ({fresh / fork:.1f}x faster); the server's start adds {statistics.median(first_extra[stage]):.2f} s to the first job"
+        )
 
 
 if __name__ == "__main__":

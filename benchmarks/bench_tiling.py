@@ -77,10 +77,17 @@ def main() -> None:
     slide = ensure_slide()
     run_once(slide)  # warm the page cache and .pyc files
     runs = [run_once(slide) for _ in range(args.repeats)]
-    median = {key: statistics.median(r[key] for r in runs) for key in ("wall_s", "startup_s", "imports_s", "work_s", "max_rss_mib")}
+    median = {
+        key: statistics.median(r[key] for r in runs)
+        for key in ("wall_s", "startup_s", "imports_s", "work_s", "max_rss_mib")
+    }
     first = runs[0]
-    print(f"slide: {SIDE_PX} x {SIDE_PX} px at {MPP} µm/px, JPEG 256² tiles, levels 1/4/16/64x; mask from level {first['mask_level']}")
-    print(f"tissue share of the mask: {first['tissue_share']:.1%}; grid {first['grid']} tiles of 224 px at 0.5 µm/px; kept {first['tiles']}")
+    print(
+        f"slide: {SIDE_PX} x {SIDE_PX} px at {MPP} µm/px, JPEG 256² tiles, levels 1/4/16/64x; mask from level {first['mask_level']}"
+    )
+    print(
+        f"tissue share of the mask: {first['tissue_share']:.1%}; grid {first['grid']} tiles of 224 px at 0.5 µm/px; kept {first['tiles']}"
+    )
     print(f"median of {args.repeats} fresh interpreters:")
     print(f"  whole command        {median['wall_s']:.3f} s   (target < 1 s)")
     print(f"  start-up (interp.+imports) {median['startup_s']:.3f} s   (imports alone {median['imports_s']:.3f} s)")

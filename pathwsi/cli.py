@@ -15,7 +15,9 @@ from pathwsi.errors import ConfigError, PathwsiError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pathwsi", description="H&E whole-slide images to tile features and molecular predictions.")
+    parser = argparse.ArgumentParser(
+        prog="pathwsi", description="H&E whole-slide images to tile features and molecular predictions."
+    )
     parser.add_argument("--version", action="version", version=f"pathwsi {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -37,41 +39,83 @@ def main(argv: list[str] | None = None) -> int:
     tile.add_argument("--results", type=Path, default=Path("results"))
     tile.set_defaults(run=_tile)
 
-    weights = commands.add_parser("weights", help="write real ImageNet Xception weights (IMGNET-2048) to a local .safetensors, from Keras's published file or timm (docs/keras_convert.md)")
+    weights = commands.add_parser(
+        "weights",
+        help="write real ImageNet Xception weights (IMGNET-2048) to a local .safetensors, from Keras's published file or timm (docs/keras_convert.md)",
+    )
     sources = weights.add_subparsers(dest="source", required=True)
-    keras_source = sources.add_parser("keras", help="convert Keras's published xception_weights_tf_dim_ordering_tf_kernels_notop.h5 (MD5-checked): the paper's weights")
+    keras_source = sources.add_parser(
+        "keras",
+        help="convert Keras's published xception_weights_tf_dim_ordering_tf_kernels_notop.h5 (MD5-checked): the paper's weights",
+    )
     keras_source.add_argument("src", type=Path, help="the .h5 you downloaded")
     keras_source.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.imgnet.weights)")
-    timm_source = sources.add_parser("timm", help="timm's legacy_xception.tf_in1k (ported from Keras), fetched into torch's hub cache unless --offline")
+    timm_source = sources.add_parser(
+        "timm",
+        help="timm's legacy_xception.tf_in1k (ported from Keras), fetched into torch's hub cache unless --offline",
+    )
     timm_source.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.imgnet.weights)")
-    timm_source.add_argument("--offline", action="store_true", help="only take the file from torch's hub cache; never download")
+    timm_source.add_argument(
+        "--offline", action="store_true", help="only take the file from torch's hub cache; never download"
+    )
     weights.set_defaults(run=_weights)
 
-    convert = commands.add_parser("convert-keras", help="convert a Keras Xception .h5/.keras weight file (e.g. a fine-tuned model) to safetensors for keras_xception")
-    convert.add_argument("src", type=Path, help="Keras file: official ImageNet notop .h5, a full-model .h5, or a .keras archive")
+    convert = commands.add_parser(
+        "convert-keras",
+        help="convert a Keras Xception .h5/.keras weight file (e.g. a fine-tuned model) to safetensors for keras_xception",
+    )
+    convert.add_argument(
+        "src", type=Path, help="Keras file: official ImageNet notop .h5, a full-model .h5, or a .keras archive"
+    )
     convert.add_argument("dst", type=Path, help="output .safetensors (give it as models.backbones.<name>.weights)")
     convert.set_defaults(run=_convert_keras)
 
-    normalize = commands.add_parser("normalize", help="Macenko-normalize images or folders of tiles (class sub-folders are kept) like the slides")
-    normalize.add_argument("inputs", type=Path, nargs="+", help="image files or folders (.tif .png .jpg, searched recursively)")
+    normalize = commands.add_parser(
+        "normalize", help="Macenko-normalize images or folders of tiles (class sub-folders are kept) like the slides"
+    )
+    normalize.add_argument(
+        "inputs", type=Path, nargs="+", help="image files or folders (.tif .png .jpg, searched recursively)"
+    )
     normalize.add_argument("--out", type=Path, required=True, help="output folder; the input tree is mirrored under it")
-    normalize.add_argument("--config", type=Path, default=Path("config/config.yaml"), help="its `stain` section gives the settings and target")
-    normalize.add_argument("--fit", choices=("per-image", "shared"), default="per-image", help="one fit per image, or one shared fit from a seeded sample")
+    normalize.add_argument(
+        "--config",
+        type=Path,
+        default=Path("config/config.yaml"),
+        help="its `stain` section gives the settings and target",
+    )
+    normalize.add_argument(
+        "--fit",
+        choices=("per-image", "shared"),
+        default="per-image",
+        help="one fit per image, or one shared fit from a seeded sample",
+    )
     normalize.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     normalize.add_argument("--batch-size", type=int, default=64)
     normalize.set_defaults(run=_normalize)
 
-    finetune = commands.add_parser("finetune", help="two-step fine-tuning of the config's finetune.base model on labelled tiles (writes the FTX weights)")
+    finetune = commands.add_parser(
+        "finetune",
+        help="two-step fine-tuning of the config's finetune.base model on labelled tiles (writes the FTX weights)",
+    )
     finetune.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     finetune.add_argument("--train-dir", type=Path, help="class sub-folders of tiles (default: finetune.train_dir)")
-    finetune.add_argument("--val-dir", type=Path, help="validation tiles (default: finetune.val_dir, else a seeded split)")
+    finetune.add_argument(
+        "--val-dir", type=Path, help="validation tiles (default: finetune.val_dir, else a seeded split)"
+    )
     finetune.add_argument("--out", type=Path, default=Path(FTX_WEIGHTS), help="the FTX weights file")
-    finetune.add_argument("--workdir", type=Path, default=Path("results/finetune"), help="checkpoint, metrics and summary; a rerun resumes from its checkpoint")
+    finetune.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("results/finetune"),
+        help="checkpoint, metrics and summary; a rerun resumes from its checkpoint",
+    )
     finetune.add_argument("--device", default="auto")
     finetune.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     finetune.set_defaults(run=_finetune)
 
-    experiment = commands.add_parser("tissue-experiment", help="paper experiment 1: repeated CV tissue classification with each model's features")
+    experiment = commands.add_parser(
+        "tissue-experiment", help="paper experiment 1: repeated CV tissue classification with each model's features"
+    )
     experiment.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     experiment.add_argument("--test-dir", type=Path, help="labelled test tiles (default: tissue_experiment.test_dir)")
     experiment.add_argument("--models", nargs="+", help="models.backbones entries (default: tissue_experiment.models)")
@@ -80,30 +124,55 @@ def main(argv: list[str] | None = None) -> int:
     experiment.add_argument("--jobs", type=int, default=1, help="parallel cross-validation fits")
     experiment.set_defaults(run=_tissue_experiment)
 
-    inspect = commands.add_parser("inspect", help="print a feature store's schema, counts, provenance and whether it is complete and valid (--verify: every byte)")
+    inspect = commands.add_parser(
+        "inspect",
+        help="print a feature store's schema, counts, provenance and whether it is complete and valid (--verify: every byte)",
+    )
     inspect.add_argument("store", type=Path, help="results/features/<slide_id>.zarr")
-    inspect.add_argument("--verify", action="store_true", help="check every byte of the store against its manifest (SHA-256 per file)")
+    inspect.add_argument(
+        "--verify", action="store_true", help="check every byte of the store against its manifest (SHA-256 per file)"
+    )
     inspect.add_argument("--json", action="store_true", help="print the full report as JSON")
     inspect.set_defaults(run=_inspect)
 
-    expression = commands.add_parser("import-expression", help="GDC STAR - Counts files + their GDC sample sheet -> a patients x genes expression table")
-    expression.add_argument("sample_sheet", type=Path, help="the sample sheet the GDC portal exports for the files (gdc_sample_sheet.*.tsv)")
+    expression = commands.add_parser(
+        "import-expression",
+        help="GDC STAR - Counts files + their GDC sample sheet -> a patients x genes expression table",
+    )
+    expression.add_argument(
+        "sample_sheet", type=Path, help="the sample sheet the GDC portal exports for the files (gdc_sample_sheet.*.tsv)"
+    )
     expression.add_argument("files_dir", type=Path, help="folder the files were downloaded to (searched recursively)")
     expression.add_argument("-o", "--out", type=Path, required=True, help="output table: .tsv, .csv or .parquet")
-    expression.add_argument("--value", default="tpm_unstranded", help="STAR - Counts column to take: tpm_unstranded (default), unstranded (read counts), fpkm_unstranded, ...")
+    expression.add_argument(
+        "--value",
+        default="tpm_unstranded",
+        help="STAR - Counts column to take: tpm_unstranded (default), unstranded (read counts), fpkm_unstranded, ...",
+    )
     _add_sample_types(expression)
     expression.set_defaults(run=_import_expression)
 
-    maf = commands.add_parser("import-maf", help="GDC masked somatic MAF file(s) -> a binary patients x genes mutation table")
-    maf.add_argument("mafs", type=Path, nargs="+", help="MAF files (.maf, .maf.gz) or folders of them (searched recursively)")
+    maf = commands.add_parser(
+        "import-maf", help="GDC masked somatic MAF file(s) -> a binary patients x genes mutation table"
+    )
+    maf.add_argument(
+        "mafs", type=Path, nargs="+", help="MAF files (.maf, .maf.gz) or folders of them (searched recursively)"
+    )
     maf.add_argument("-o", "--out", type=Path, required=True, help="output table: .tsv, .csv or .parquet")
     genes = maf.add_mutually_exclusive_group()
-    genes.add_argument("--top", type=int, default=9, help="keep the N genes mutated in most patients (default: 9; ties: alphabetical)")
-    genes.add_argument("--genes", nargs="+", help="keep these genes instead: symbols, or one file with one gene per line")
+    genes.add_argument(
+        "--top", type=int, default=9, help="keep the N genes mutated in most patients (default: 9; ties: alphabetical)"
+    )
+    genes.add_argument(
+        "--genes", nargs="+", help="keep these genes instead: symbols, or one file with one gene per line"
+    )
     _add_sample_types(maf)
     maf.set_defaults(run=_import_maf)
 
-    sheet = commands.add_parser("sheet-from-tcga", help="write a sample sheet for a folder of TCGA slides (*.svs); patient and site from the barcode")
+    sheet = commands.add_parser(
+        "sheet-from-tcga",
+        help="write a sample sheet for a folder of TCGA slides (*.svs); patient and site from the barcode",
+    )
     sheet.add_argument("slide_dir", type=Path, help="folder of TCGA slide files (searched recursively)")
     sheet.add_argument("--cohort", required=True, help="cohort name for every row, e.g. TCGA-LUAD")
     sheet.add_argument("-o", "--out", type=Path, required=True, help="the sample sheet to write (tab-separated)")
@@ -164,7 +233,9 @@ def _normalize(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     settings = StainSettings.from_config(config["stain"])
-    written = normalize_files(args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"])
+    written = normalize_files(
+        args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"]
+    )
     print(f"{written} image(s) written under {args.out}")
     return 0
 
@@ -173,7 +244,15 @@ def _finetune(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
     from pathwsi.finetune.train import run_finetune
 
-    summary = run_finetune(load_config(args.config), out_path=args.out, workdir=args.workdir, train_dir=args.train_dir, val_dir=args.val_dir, device=args.device, restart=args.restart)
+    summary = run_finetune(
+        load_config(args.config),
+        out_path=args.out,
+        workdir=args.workdir,
+        train_dir=args.train_dir,
+        val_dir=args.val_dir,
+        device=args.device,
+        restart=args.restart,
+    )
 
     print(f"FTX weights: {args.out} (metrics in {args.workdir / 'metrics.tsv'}); best epoch {summary.get('best')}")
     return 0
@@ -183,7 +262,14 @@ def _tissue_experiment(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
     from pathwsi.finetune.tissue_experiment import run_tissue_experiment_from_config
 
-    run_tissue_experiment_from_config(load_config(args.config), out_dir=args.out, test_dir=args.test_dir, models=args.models, device=args.device, jobs=args.jobs)
+    run_tissue_experiment_from_config(
+        load_config(args.config),
+        out_dir=args.out,
+        test_dir=args.test_dir,
+        models=args.models,
+        device=args.device,
+        jobs=args.jobs,
+    )
 
     print(f"tables and figure in {args.out}")
     return 0
@@ -198,24 +284,36 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['path']}: {('verified: every file matches its manifest' if report.get('verified') else 'valid and complete') if report['valid'] else 'NOT usable'}")
+        print(
+            f"{report['path']}: {('verified: every file matches its manifest' if report.get('verified') else 'valid and complete') if report['valid'] else 'NOT usable'}"
+        )
         for problem in [report.get("problem"), *report.get("problems", [])]:
             if problem:
                 print(f"  problem: {problem}")
         if "partial_chunks_done" in report:
-            print(f"  an unfinished run stored {report['partial_chunks_done']} chunk(s) under .partial; rerun to resume")
+            print(
+                f"  an unfinished run stored {report['partial_chunks_done']} chunk(s) under .partial; rerun to resume"
+            )
         for name, array in report.get("arrays", {}).items():
             print(f"  {name:<24} {str(tuple(array['shape'])):<14} {array['dtype']:<8} chunks {tuple(array['chunks'])}")
         attrs = report.get("attrs", {})
         if attrs:
-            print(f"  slide {attrs.get('slide_id')} (patient {attrs.get('patient_id')}, cohort {attrs.get('cohort')}); tiling {attrs.get('tiling_status')}")
-            print(f"  tiles {attrs.get('tile')}; stain {(attrs.get('stain') or {}).get('status')}; pathwsi {attrs.get('pathwsi_version')}; config hash {str(attrs.get('config_hash'))[:12]}")
+            print(
+                f"  slide {attrs.get('slide_id')} (patient {attrs.get('patient_id')}, cohort {attrs.get('cohort')}); tiling {attrs.get('tiling_status')}"
+            )
+            print(
+                f"  tiles {attrs.get('tile')}; stain {(attrs.get('stain') or {}).get('status')}; pathwsi {attrs.get('pathwsi_version')}; config hash {str(attrs.get('config_hash'))[:12]}"
+            )
             for name, model in attrs.get("models", {}).items():
-                print(f"  model {name}: {model['arch']} weights {model['weights']} sha256 {model['weights_sha256'][:12]} input {model['input_px']} px {model['precision']}")
+                print(
+                    f"  model {name}: {model['arch']} weights {model['weights']} sha256 {model['weights_sha256'][:12]} input {model['input_px']} px {model['precision']}"
+                )
             unreadable = attrs.get("unreadable_tiles") or {}
             if unreadable.get("count"):
                 first = unreadable["tiles"][0]
-                print(f"  {unreadable['count']} tile(s) could not be read (features NaN, left out); first at level-0 ({first['x']}, {first['y']}): {first['reason']}")
+                print(
+                    f"  {unreadable['count']} tile(s) could not be read (features NaN, left out); first at level-0 ({first['x']}, {first['y']}): {first['reason']}"
+                )
             for warning in attrs.get("warnings", []):
                 print(f"  WARNING: {warning}")
     return 0 if report["valid"] else 1
@@ -240,7 +338,14 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _add_sample_types(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sample-types", type=int, nargs="+", default=[1], metavar="CODE", help="TCGA sample type codes to keep (default: 01, primary tumour; 11 is solid tissue normal)")
+    parser.add_argument(
+        "--sample-types",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="CODE",
+        help="TCGA sample type codes to keep (default: 01, primary tumour; 11 is solid tissue normal)",
+    )
 
 
 def _import_expression(args: argparse.Namespace) -> int:
@@ -275,7 +380,9 @@ def _sheet_from_tcga(args: argparse.Namespace) -> int:
     samples, skipped = sheet_from_tcga(args.slide_dir, args.cohort, args.sample_types)
 
     write_sample_sheet(samples, args.out)
-    print(f"{args.out}: {len(samples)} slides of {len({s.patient_id for s in samples})} patients; {len(skipped)} skipped")
+    print(
+        f"{args.out}: {len(samples)} slides of {len({s.patient_id for s in samples})} patients; {len(skipped)} skipped"
+    )
     for path, reason in skipped[:SHOWN_IDS]:
         print(f"  skipped {path}: {reason}")
     if len(skipped) > SHOWN_IDS:

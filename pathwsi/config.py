@@ -48,10 +48,14 @@ def _range_problems(config: dict[str, Any]) -> list[str]:
     tissue = config["tissue"]
     problems = []
     if tissue["min_saturation"] > tissue["max_saturation"]:
-        problems.append(f"key 'tissue.min_saturation': {tissue['min_saturation']} is above tissue.max_saturation {tissue['max_saturation']}; the Otsu threshold is clamped to [min, max], so give min <= max")
+        problems.append(
+            f"key 'tissue.min_saturation': {tissue['min_saturation']} is above tissue.max_saturation {tissue['max_saturation']}; the Otsu threshold is clamped to [min, max], so give min <= max"
+        )
     low, high = tissue["pen_hue"]
     if low >= high:
-        problems.append(f"key 'tissue.pen_hue': [{low}, {high}] is not a range [low, high]; give the lower hue first (blue/green ink: [0.3, 0.64])")
+        problems.append(
+            f"key 'tissue.pen_hue': [{low}, {high}] is not a range [low, high]; give the lower hue first (blue/green ink: [0.3, 0.64])"
+        )
     return problems
 
 
@@ -89,7 +93,9 @@ def _fine_tuned_arch_problems(config: dict[str, Any]) -> list[str]:
     backbones, base = config["models"]["backbones"], config["finetune"]["base"]
     if base not in backbones:
         return []
-    default = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"]["properties"]["arch"]["default"]
+    default = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"][
+        "properties"
+    ]["arch"]["default"]
     archs = {name: entry.get("arch", default) for name, entry in backbones.items()}
     return [
         f"key 'models.backbones.{name}.arch': '{archs[name]}', but its weights {FTX_WEIGHTS} are fine-tuned from "
@@ -113,8 +119,10 @@ def _device_warnings(config: dict[str, Any]) -> list[str]:
     """CUDA asked for on a machine without an NVIDIA device (without importing torch: this runs at every start)."""
     if not config["features"]["device"].startswith("cuda") or glob.glob("/dev/nvidia[0-9]*"):
         return []
-    return [f"key 'features.device': '{config['features']['device']}', but this machine has no NVIDIA GPU (no /dev/nvidia*); "
-            "features jobs that run here will fail (on a cluster, they run on GPU nodes: then this is expected)"]
+    return [
+        f"key 'features.device': '{config['features']['device']}', but this machine has no NVIDIA GPU (no /dev/nvidia*); "
+        "features jobs that run here will fail (on a cluster, they run on GPU nodes: then this is expected)"
+    ]
 
 
 def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> list[str]:
@@ -128,14 +136,22 @@ def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> lis
     for cohort, tables in config["targets"]["cohorts"].items():
         tables = tables or {}
         if cohort not in cohorts:
-            warnings.append(f"key 'targets.cohorts.{cohort}': no such cohort in the sample sheet (it has {', '.join(sorted(cohorts))}); no predictors for it")
+            warnings.append(
+                f"key 'targets.cohorts.{cohort}': no such cohort in the sample sheet (it has {', '.join(sorted(cohorts))}); no predictors for it"
+            )
             continue
         for kind in ("expression", "mutations"):
             if tables.get(kind) and not Path(tables[kind]).is_file():
-                problems.append(f"key 'targets.cohorts.{cohort}.{kind}': file '{tables[kind]}' not found; `pathwsi import-expression` / `pathwsi import-maf` make these tables (docs/targets.md)")
+                problems.append(
+                    f"key 'targets.cohorts.{cohort}.{kind}': file '{tables[kind]}' not found; `pathwsi import-expression` / `pathwsi import-maf` make these tables (docs/targets.md)"
+                )
         if not tables.get("expression") and not tables.get("mutations"):
             problems.append(f"key 'targets.cohorts.{cohort}': give an `expression` and/or a `mutations` table")
-    for key, names in (("predict.compare", config["predict"]["compare"]), ("finetune.base", [config["finetune"]["base"]]), ("tissue_experiment.models", config["tissue_experiment"]["models"])):
+    for key, names in (
+        ("predict.compare", config["predict"]["compare"]),
+        ("finetune.base", [config["finetune"]["base"]]),
+        ("tissue_experiment.models", config["tissue_experiment"]["models"]),
+    ):
         missing = [n for n in names if n not in backbones]
         if missing:
             problems.append(f"key '{key}': {missing} not among models.backbones ({', '.join(sorted(backbones))})")

@@ -18,6 +18,7 @@ REQUIRED_COLUMNS = ("cohort", "slide_id", "patient_id", "path")
 OPTIONAL_COLUMNS = ("mpp", "site")
 COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
+
 @dataclass(frozen=True)
 class Sample:
     """One row of the sample sheet."""
@@ -34,7 +35,12 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
     """Read and validate the tab-separated sample sheet; raise ConfigError listing every problem."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["sample sheet not found; set `samples:` in the config to your sheet, or run `pathwsi demo` for the demo cohort"])
+        raise ConfigError(
+            str(path),
+            [
+                "sample sheet not found; set `samples:` in the config to your sheet, or run `pathwsi demo` for the demo cohort"
+            ],
+        )
     schema = schema or load_schema("samples")
     with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's UTF-8 byte-order mark is fine
         rows = [row for row in csv.reader(handle, delimiter="\t") if row and not row[0].startswith("#")]
@@ -67,22 +73,37 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
 
 def _slide_file_problems(path: Path, where: str) -> list[str]:
     if path.is_dir():
-        return [f"{where}: slide path '{path}' is a directory, not a slide file; give the file itself (for MIRAX, the .mrxs beside its folder)"]
+        return [
+            f"{where}: slide path '{path}' is a directory, not a slide file; give the file itself (for MIRAX, the .mrxs beside its folder)"
+        ]
     if not path.is_file():
-        return [f"{where}: slide file '{path}' not found; fix the path (relative paths start from the directory you run snakemake in), or run `pathwsi demo` for the demo slides"]
+        return [
+            f"{where}: slide file '{path}' not found; fix the path (relative paths start from the directory you run snakemake in), or run `pathwsi demo` for the demo slides"
+        ]
     return []
 
 
 def sample_problems(record: dict[str, Any], where: str, schema: dict[str, Any] | None = None) -> list[str]:
     """What is wrong with one sample-sheet row (as a dict of its columns), each naming `where` and the column."""
     validator = jsonschema.Draft202012Validator(schema or load_schema("samples"))
-    return [f"{where}: column '{_column_of(err)}' {err.message}; {_fix_for(_column_of(err))}" for err in validator.iter_errors(record)]
+    return [
+        f"{where}: column '{_column_of(err)}' {err.message}; {_fix_for(_column_of(err))}"
+        for err in validator.iter_errors(record)
+    ]
 
 
 def _header_problems(header: list[str]) -> list[str]:
     known = set(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
-    problems = [f"missing column '{c}'; the header must name {', '.join(REQUIRED_COLUMNS)} (tab-separated)" for c in REQUIRED_COLUMNS if c not in header]
-    problems += [f"unknown column '{c}'; allowed columns are {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}" for c in header if c not in known]
+    problems = [
+        f"missing column '{c}'; the header must name {', '.join(REQUIRED_COLUMNS)} (tab-separated)"
+        for c in REQUIRED_COLUMNS
+        if c not in header
+    ]
+    problems += [
+        f"unknown column '{c}'; allowed columns are {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}"
+        for c in header
+        if c not in known
+    ]
     problems += [f"column '{c}' appears more than once" for c in sorted({c for c in header if header.count(c) > 1})]
     return problems
 
@@ -90,7 +111,9 @@ def _header_problems(header: list[str]) -> list[str]:
 def _parse_row(header: list[str], row: list[str], line: int) -> tuple[dict[str, Any], list[str]]:
     """Map a row onto the header; empty optional cells become None, mpp becomes a float."""
     if len(row) != len(header):
-        return {}, [f"row {line}: has {len(row)} cells but the header has {len(header)}; check for missing or extra tabs"]
+        return {}, [
+            f"row {line}: has {len(row)} cells but the header has {len(header)}; check for missing or extra tabs"
+        ]
     record: dict[str, Any] = {}
     problems: list[str] = []
     for column, cell in zip(header, (c.strip() for c in row)):
@@ -140,7 +163,9 @@ def _duplicate_problems(body: list[list[str]], header: list[str]) -> list[str]:
             continue
         slide_id = row[index].strip()
         if slide_id in seen:
-            problems.append(f"row {line}: slide_id '{slide_id}' already used on row {seen[slide_id]}; slide ids must be unique across all cohorts")
+            problems.append(
+                f"row {line}: slide_id '{slide_id}' already used on row {seen[slide_id]}; slide ids must be unique across all cohorts"
+            )
         else:
             seen[slide_id] = line
     return problems

@@ -15,8 +15,27 @@ import pandas as pd
 
 from pathwsi.runtime.outputs import write_frame, write_text
 
-SLIDE_COLUMNS = ["cohort", "slide_id", "patient_id", "status", "reason", "tiles", "unreadable_tiles", "mpp", "mpp_source", "stain", "aggregate",
-                 "tile_s", "features_s", "read_s", "normalize_s", "model_s", "write_s", "tiles_per_s", "device"]
+SLIDE_COLUMNS = [
+    "cohort",
+    "slide_id",
+    "patient_id",
+    "status",
+    "reason",
+    "tiles",
+    "unreadable_tiles",
+    "mpp",
+    "mpp_source",
+    "stain",
+    "aggregate",
+    "tile_s",
+    "features_s",
+    "read_s",
+    "normalize_s",
+    "model_s",
+    "write_s",
+    "tiles_per_s",
+    "device",
+]
 
 
 def slide_row(sample: dict[str, Any], tiles_meta: Path, timings: Path | None) -> dict[str, Any]:
@@ -24,10 +43,15 @@ def slide_row(sample: dict[str, Any], tiles_meta: Path, timings: Path | None) ->
     meta = json.loads(tiles_meta.read_text())
     stain = meta.get("stain") or {}
     row: dict[str, Any] = {
-        "cohort": sample["cohort"], "slide_id": sample["slide_id"], "patient_id": sample["patient_id"],
-        "status": meta["status"], "reason": meta.get("reason") or "",
-        "tiles": (meta.get("counts") or {}).get("kept", 0), "unreadable_tiles": 0,
-        "mpp": (meta.get("mpp") or {}).get("value"), "mpp_source": (meta.get("mpp") or {}).get("source"),
+        "cohort": sample["cohort"],
+        "slide_id": sample["slide_id"],
+        "patient_id": sample["patient_id"],
+        "status": meta["status"],
+        "reason": meta.get("reason") or "",
+        "tiles": (meta.get("counts") or {}).get("kept", 0),
+        "unreadable_tiles": 0,
+        "mpp": (meta.get("mpp") or {}).get("value"),
+        "mpp_source": (meta.get("mpp") or {}).get("source"),
         "stain": stain.get("status", "") + (f" ({stain['reason']})" if stain.get("reason") else ""),
         "tile_s": meta.get("seconds"),
     }
@@ -36,30 +60,49 @@ def slide_row(sample: dict[str, Any], tiles_meta: Path, timings: Path | None) ->
         unreadable = record.get("unreadable_tiles") or {}
         if unreadable.get("count") and row["status"] == "ok":
             tiles = ", ".join(f"({t['x']}, {t['y']}): {t['reason']}" for t in unreadable["tiles"])
-            row.update(status="partial", reason=f"{unreadable['count']} of {row['tiles']} tiles could not be read and are left out; level-0 {tiles}")
+            row.update(
+                status="partial",
+                reason=f"{unreadable['count']} of {row['tiles']} tiles could not be read and are left out; level-0 {tiles}",
+            )
         row["unreadable_tiles"] = unreadable.get("count", 0)
         seconds = record.get("seconds", {})
-        row.update(features_s=seconds.get("total"), read_s=seconds.get("read"), normalize_s=seconds.get("normalize"),
-                   model_s=seconds.get("model"), write_s=seconds.get("write"), tiles_per_s=seconds.get("tiles_per_s"), device=record.get("device"))
+        row.update(
+            features_s=seconds.get("total"),
+            read_s=seconds.get("read"),
+            normalize_s=seconds.get("normalize"),
+            model_s=seconds.get("model"),
+            write_s=seconds.get("write"),
+            tiles_per_s=seconds.get("tiles_per_s"),
+            device=record.get("device"),
+        )
     return row
 
 
 def build_summary(samples: list[dict[str, Any]], results: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-slide and per-cohort tables from the records under `results`."""
-    rows = [slide_row(s, results / "tiles" / f"{s['slide_id']}.json", results / "features" / f"{s['slide_id']}.timings.json") for s in samples]
+    rows = [
+        slide_row(
+            s, results / "tiles" / f"{s['slide_id']}.json", results / "features" / f"{s['slide_id']}.timings.json"
+        )
+        for s in samples
+    ]
     slides = pd.DataFrame(rows).reindex(columns=SLIDE_COLUMNS)
     used = _aggregate_status(sorted({s["cohort"] for s in samples}), results)
     slides["aggregate"] = [used.get(sid, "") for sid in slides["slide_id"]]
-    cohorts = slides.groupby("cohort", sort=True).agg(
-        slides=("slide_id", "size"),
-        used=("aggregate", lambda v: int((v == "used").sum())),
-        left_out=("aggregate", lambda v: int((v != "used").sum())),
-        patients_used=("patient_id", lambda p: int(p[slides.loc[p.index, "aggregate"] == "used"].nunique())),
-        tiles=("tiles", "sum"),
-        failed=("status", lambda v: int((v == "failed").sum())),
-        partial=("status", lambda v: int((v == "partial").sum())),
-        no_tissue=("status", lambda v: int((v == "no_tissue").sum())),
-    ).reset_index()
+    cohorts = (
+        slides.groupby("cohort", sort=True)
+        .agg(
+            slides=("slide_id", "size"),
+            used=("aggregate", lambda v: int((v == "used").sum())),
+            left_out=("aggregate", lambda v: int((v != "used").sum())),
+            patients_used=("patient_id", lambda p: int(p[slides.loc[p.index, "aggregate"] == "used"].nunique())),
+            tiles=("tiles", "sum"),
+            failed=("status", lambda v: int((v == "failed").sum())),
+            partial=("status", lambda v: int((v == "partial").sum())),
+            no_tissue=("status", lambda v: int((v == "no_tissue").sum())),
+        )
+        .reset_index()
+    )
     return slides, cohorts
 
 
@@ -70,21 +113,38 @@ def _aggregate_status(cohorts: list[str], results: Path) -> dict[str, str]:
         path = results / "aggregate" / cohort / "slides.tsv"
         if path.is_file():
             table = pd.read_csv(path, sep="\t", keep_default_na=False)
-            status.update({r.slide_id: "used" if r.status == "used" else f"left_out: {r.reason}" for r in table.itertuples()})
+            status.update(
+                {r.slide_id: "used" if r.status == "used" else f"left_out: {r.reason}" for r in table.itertuples()}
+            )
     return status
 
 
 def summary_markdown(slides: pd.DataFrame, cohorts: pd.DataFrame) -> str:
     """A short human version: per cohort counts, then every slide that failed or was left out."""
-    lines = ["# pathwsi run summary", "", "| cohort | slides | used | left out | patients used | tiles | failed | partial | no tissue |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c.cohort} | {c.slides} | {c.used} | {c.left_out} | {c.patients_used} | {c.tiles} | {c.failed} | {c.partial} | {c.no_tissue} |" for c in cohorts.itertuples()]
+    lines = [
+        "# pathwsi run summary",
+        "",
+        "| cohort | slides | used | left out | patients used | tiles | failed | partial | no tissue |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c.cohort} | {c.slides} | {c.used} | {c.left_out} | {c.patients_used} | {c.tiles} | {c.failed} | {c.partial} | {c.no_tissue} |"
+        for c in cohorts.itertuples()
+    ]
     problems = slides[(slides["status"] != "ok") | (slides["aggregate"] != "used")]
     lines += ["", f"## Slides that failed, lost tiles or were left out: {len(problems)}", ""]
-    lines += [f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate}" for r in problems.itertuples(index=False)] or ["none"]
+    lines += [
+        f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate}"
+        for r in problems.itertuples(index=False)
+    ] or ["none"]
     timed = slides.dropna(subset=["tiles_per_s"])
     if len(timed):
-        lines += ["", f"Feature extraction: {int(timed.tiles.sum())} tiles in {timed.features_s.sum():.0f} s of job time "
-                  f"(median {timed.tiles_per_s.median():.1f} tiles/s per slide, device {', '.join(sorted(set(timed.device.dropna())))}).", ""]
+        lines += [
+            "",
+            f"Feature extraction: {int(timed.tiles.sum())} tiles in {timed.features_s.sum():.0f} s of job time "
+            f"(median {timed.tiles_per_s.median():.1f} tiles/s per slide, device {', '.join(sorted(set(timed.device.dropna())))}).",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,9 @@ def build(x: np.ndarray) -> tuple[keras.Model, keras.Model, keras.Model]:
     inner = keras.applications.Xception(weights=None, include_top=False, pooling="avg", input_shape=(None, None, 3))
     calibrate_batchnorm(inner, x, np.random.default_rng(SEED + 1))
     inputs = keras.Input((None, None, 3))
-    head = keras.layers.Dense(N_CLASSES, activation="softmax", name="predictions")(keras.layers.Dropout(0.2)(inner(inputs)))
+    head = keras.layers.Dense(N_CLASSES, activation="softmax", name="predictions")(
+        keras.layers.Dropout(0.2)(inner(inputs))
+    )
     return base, keras.Model(inputs, head, name="ftx"), inner
 
 

@@ -182,7 +182,9 @@ def write_project(folder: Path, slide_paths: dict[str, Path], *, untrained_model
     return folder
 
 
-def snakemake_on_slurm(project: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def snakemake_on_slurm(
+    project: Path, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`snakemake --profile profiles/slurm` on `project`, tuned for the test cluster; stdout+stderr in .stdout.
 
     squeue as status command (no accounting database here), first status check after 1 s instead of 40,
@@ -195,7 +197,14 @@ def snakemake_on_slurm(project: Path, *args: str, timeout: float = 240, env: dic
         "--slurm-keep-successful-logs", "--latency-wait", "5", *args,
     ]  # fmt: skip
     try:
-        return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+        return subprocess.run(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
     except subprocess.TimeoutExpired as err:
         subprocess.run(["scancel", "--partition", "debug", "--user", str(os.getuid())], capture_output=True)
         raise AssertionError(f"snakemake on SLURM ran over {timeout} s:\n{(err.stdout or '')[-3000:]}") from None

@@ -23,28 +23,55 @@ from pathwsi.runtime.dask_scheduler import DaskScheduler, SchedulerError
 DIM = 6
 
 
-def write_store(path: Path, features: dict[str, np.ndarray], patient: str, chunk: int = 4, weights: str = "aaa", finish: bool = True, arch: str = "keras_xception",
-                unreadable: dict[int, str] | None = None) -> Path:
+def write_store(
+    path: Path,
+    features: dict[str, np.ndarray],
+    patient: str,
+    chunk: int = 4,
+    weights: str = "aaa",
+    finish: bool = True,
+    arch: str = "keras_xception",
+    unreadable: dict[int, str] | None = None,
+) -> Path:
     """A pathwsi store holding the given tile features (all chunks written)."""
     n = len(next(iter(features.values())))
-    attrs = {"slide_id": path.stem, "patient_id": patient, "cohort": "c", "tiling_status": "ok" if n else "no_tissue",
-             "tiling_reason": None if n else "no tissue found", "models": {m: {"arch": arch, "weights_sha256": weights, "warning": "UNTRAINED"} for m in features}}
-    writer = open_writer(path, np.zeros((n, 2), np.int64), np.ones(n, np.float32), {m: DIM for m in features}, attrs, chunk, "float32")
+    attrs = {
+        "slide_id": path.stem,
+        "patient_id": patient,
+        "cohort": "c",
+        "tiling_status": "ok" if n else "no_tissue",
+        "tiling_reason": None if n else "no tissue found",
+        "models": {m: {"arch": arch, "weights_sha256": weights, "warning": "UNTRAINED"} for m in features},
+    }
+    writer = open_writer(
+        path, np.zeros((n, 2), np.int64), np.ones(n, np.float32), {m: DIM for m in features}, attrs, chunk, "float32"
+    )
     for index in range(writer.n_chunks):
         start, end = index * chunk, writer.chunk_end(index)
-        writer.write_chunk(index, {m: f[start:end] for m, f in features.items()}, {i: r for i, r in (unreadable or {}).items() if start <= i < end})
+        writer.write_chunk(
+            index,
+            {m: f[start:end] for m, f in features.items()},
+            {i: r for i, r in (unreadable or {}).items() if start <= i < end},
+        )
     return writer.finish() if finish else path
 
 
 @pytest.fixture
 def cohort(tmp_path):
     rng = np.random.default_rng(0)
-    tiles = {name: {m: rng.normal(size=(n, DIM)).astype(np.float32) for m in ("imgnet", "ftx")} for name, n in (("s1", 10), ("s2", 3), ("s3", 7))}
+    tiles = {
+        name: {m: rng.normal(size=(n, DIM)).astype(np.float32) for m in ("imgnet", "ftx")}
+        for name, n in (("s1", 10), ("s2", 3), ("s3", 7))
+    }
     entries = [
         SlideEntry("s1", "p1", write_store(tmp_path / "s1.zarr", tiles["s1"], "p1")),
         SlideEntry("s2", "p1", write_store(tmp_path / "s2.zarr", tiles["s2"], "p1")),
         SlideEntry("s3", "p2", write_store(tmp_path / "s3.zarr", tiles["s3"], "p2")),
-        SlideEntry("empty", "p3", write_store(tmp_path / "empty.zarr", {m: np.zeros((0, DIM), np.float32) for m in ("imgnet", "ftx")}, "p3")),
+        SlideEntry(
+            "empty",
+            "p3",
+            write_store(tmp_path / "empty.zarr", {m: np.zeros((0, DIM), np.float32) for m in ("imgnet", "ftx")}, "p3"),
+        ),
         SlideEntry("missing", "p4", tmp_path / "missing.zarr"),
         SlideEntry("half", "p2", write_store(tmp_path / "half.zarr", tiles["s1"], "p2", finish=False)),
     ]
@@ -64,7 +91,9 @@ def test_slide_and_patient_statistics_match_numpy(cohort):
         pooled = np.concatenate([tiles["s1"][model], tiles["s2"][model]])
         patients = result.patients[model]
         assert list(patients.index) == ["p1", "p2"]
-        np.testing.assert_allclose(patients.loc["p1", [f"mean_{i:04d}" for i in range(DIM)]].to_numpy(), pooled.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(
+            patients.loc["p1", [f"mean_{i:04d}" for i in range(DIM)]].to_numpy(), pooled.mean(0), rtol=1e-5
+        )
         np.testing.assert_allclose(patients.loc["p2"].to_numpy()[:DIM], tiles["s3"][model].mean(0), rtol=1e-5)
 
 
@@ -93,18 +122,33 @@ def test_written_tables_read_back(cohort, tmp_path):
     back = read_features(outputs.features("ftx", "patients"))
     assert back.index.name == "patient_id"
     np.testing.assert_array_equal(back.to_numpy(), result.patients["ftx"].to_numpy())
-    assert outputs.slides.read_text().splitlines()[0].split("\t") == ["slide_id", "patient_id", "status", "reason", "n_tiles"]
+    assert outputs.slides.read_text().splitlines()[0].split("\t") == [
+        "slide_id",
+        "patient_id",
+        "status",
+        "reason",
+        "n_tiles",
+    ]
     assert "p1\t2\t13" in outputs.patients.read_text()
 
 
-@pytest.mark.parametrize(("field", "values", "shown"), [
-    ("weights", ["old", "new"], "weights old"),
-    ("arch", ["keras_xception", "legacy_xception"], "arch legacy_xception"),
-])
+@pytest.mark.parametrize(
+    ("field", "values", "shown"),
+    [
+        ("weights", ["old", "new"], "weights old"),
+        ("arch", ["keras_xception", "legacy_xception"], "arch legacy_xception"),
+    ],
+)
 def test_stores_of_different_networks_are_refused(tmp_path, field, values, shown):
     rng = np.random.default_rng(1)
-    entries = [SlideEntry(f"s{i}", f"p{i}", write_store(tmp_path / f"s{i}.zarr", {"ftx": rng.normal(size=(5, DIM))}, f"p{i}", **{field: value}))
-               for i, value in enumerate(values)]
+    entries = [
+        SlideEntry(
+            f"s{i}",
+            f"p{i}",
+            write_store(tmp_path / f"s{i}.zarr", {"ftx": rng.normal(size=(5, DIM))}, f"p{i}", **{field: value}),
+        )
+        for i, value in enumerate(values)
+    ]
     with pytest.raises(AggregateError, match=f"'ftx'.*different networks.*{shown}"):
         aggregate_cohort(entries, ["ftx"], ["mean"])
 
@@ -138,7 +182,9 @@ def test_distributed_scheduler_gives_the_local_result(cohort, tmp_path, how):
 def test_an_unreachable_cluster_is_a_clear_error(cohort, tmp_path):
     entries, _ = cohort
     with pytest.raises(SchedulerError, match="scheduler_address 'tcp://127.0.0.1:9'.*no dask scheduler answers"):
-        aggregate_cohort(entries, ["imgnet"], ["mean"], DaskScheduler("distributed", "tcp://127.0.0.1:9", connect_timeout_s=1))
+        aggregate_cohort(
+            entries, ["imgnet"], ["mean"], DaskScheduler("distributed", "tcp://127.0.0.1:9", connect_timeout_s=1)
+        )
     missing = str(tmp_path / "scheduler.json")  # dask's Client would wait for it forever
     with pytest.raises(SchedulerError, match="no such scheduler file"):
         aggregate_cohort(entries, ["imgnet"], ["mean"], DaskScheduler("distributed", missing, connect_timeout_s=1))
@@ -156,7 +202,9 @@ def test_store_arrays_do_not_depend_on_the_working_directory(cohort, tmp_path, m
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    np.testing.assert_array_equal(pickle.loads(pickle.dumps(array))[:], tiles[entries[0].slide_id]["imgnet"].astype(array.dtype))
+    np.testing.assert_array_equal(
+        pickle.loads(pickle.dumps(array))[:], tiles[entries[0].slide_id]["imgnet"].astype(array.dtype)
+    )
 
 
 def test_damaged_stores_are_named_and_left_out_and_the_rest_aggregated(tmp_path):
@@ -180,12 +228,25 @@ def test_damaged_stores_are_named_and_left_out_and_the_rest_aggregated(tmp_path)
 def test_unreadable_tiles_are_left_out_of_the_statistics(tmp_path):
     features = np.random.default_rng(4).normal(size=(10, DIM)).astype(np.float32)
     bad = {2: "JPEG tile 7 cannot be decoded", 9: "JPEG tile 12 cannot be decoded"}
-    entries = [SlideEntry("s", "p", write_store(tmp_path / "s.zarr", {"ftx": features}, "p", unreadable=bad)),
-               SlideEntry("none", "q", write_store(tmp_path / "none.zarr", {"ftx": features[:3]}, "q", unreadable={0: "x", 1: "x", 2: "x"}))]
+    entries = [
+        SlideEntry("s", "p", write_store(tmp_path / "s.zarr", {"ftx": features}, "p", unreadable=bad)),
+        SlideEntry(
+            "none",
+            "q",
+            write_store(tmp_path / "none.zarr", {"ftx": features[:3]}, "q", unreadable={0: "x", 1: "x", 2: "x"}),
+        ),
+    ]
     result = aggregate_cohort(entries, ["ftx"], ["mean", "max"], DaskScheduler("synchronous"))
     kept = np.delete(features, list(bad), axis=0)
-    np.testing.assert_allclose(result.slides["ftx"].loc["s"].to_numpy(), np.concatenate([kept.mean(0), kept.max(0)]), rtol=1e-5)
+    np.testing.assert_allclose(
+        result.slides["ftx"].loc["s"].to_numpy(), np.concatenate([kept.mean(0), kept.max(0)]), rtol=1e-5
+    )
     table = result.slide_table.set_index("slide_id")
     assert table.loc["s", "status"] == "used" and table.loc["s", "n_tiles"] == 8
-    assert table.loc["s", "reason"] == "2 of 10 tiles could not be read and are left out (first at level-0 (0, 0): JPEG tile 7 cannot be decoded)"
-    assert table.loc["none", "status"] == "left_out" and table.loc["none", "reason"].startswith("none of its 3 tiles could be read")
+    assert (
+        table.loc["s", "reason"]
+        == "2 of 10 tiles could not be read and are left out (first at level-0 (0, 0): JPEG tile 7 cannot be decoded)"
+    )
+    assert table.loc["none", "status"] == "left_out" and table.loc["none", "reason"].startswith(
+        "none of its 3 tiles could be read"
+    )

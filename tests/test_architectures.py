@@ -79,6 +79,9 @@ def test_same_weights_differ_from_timm_only_where_a_pool_sees_an_even_input(netw
         for block in ("block1", "block2", "block3", "block12"):
             channels = getattr(keras, block).skip.in_channels
             even, odd_block = torch.randn(1, channels, 12, 12), torch.randn(1, channels, 13, 13)
-            ours, timms = getattr(keras, block).rep(even), getattr(legacy, block).rep(even)  # the branch that ends in the pool
+            ours, timms = (
+                getattr(keras, block).rep(even),
+                getattr(legacy, block).rep(even),
+            )  # the branch that ends in the pool
             assert (ours - timms).norm() / ours.norm() > 0.05, block
             torch.testing.assert_close(getattr(keras, block).rep(odd_block), getattr(legacy, block).rep(odd_block))

@@ -58,7 +58,25 @@ def test_normalize_mirrors_class_folders(tmp_path, slides):
 
 def test_finetune_and_experiment_report_folder_problems_without_a_traceback(tmp_path, capsys):
     config = str(ROOT / "config" / "config.yaml")
-    assert main(["finetune", "--config", config, "--train-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
+    assert (
+        main(["finetune", "--config", config, "--train-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")])
+        == 2
+    )
     assert "none" in capsys.readouterr().err
-    assert main(["tissue-experiment", "--config", config, "--test-dir", str(tmp_path / "none"), "--models", "imgnet", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "tissue-experiment",
+                "--config",
+                config,
+                "--test-dir",
+                str(tmp_path / "none"),
+                "--models",
+                "imgnet",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "none" in capsys.readouterr().err

@@ -21,14 +21,19 @@ from pathwsi.demo.slides import SyntheticTissue, write_slide
 
 PROFILES = ROOT / "profiles"
 HAS_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
-needs_plugin = pytest.mark.skipif(not HAS_PLUGIN, reason="snakemake-executor-plugin-slurm is not installed (pip install -e '.[cluster]')")
+needs_plugin = pytest.mark.skipif(
+    not HAS_PLUGIN, reason="snakemake-executor-plugin-slurm is not installed (pip install -e '.[cluster]')"
+)
 
 
 @pytest.fixture(scope="module")
 def small_slides(tmp_path_factory) -> dict[str, Path]:
     """Four tiny SVS slides (a few tiles each): tiling takes about a second per slide."""
     folder = tmp_path_factory.mktemp("cluster_slides")
-    return {f"s{i}": write_slide(folder / f"s{i}.svs", SyntheticTissue(600.0, 500.0, seed=i, tissue_cover=0.5), 0.5, "svs") for i in range(4)}
+    return {
+        f"s{i}": write_slide(folder / f"s{i}.svs", SyntheticTissue(600.0, 500.0, seed=i, tissue_cover=0.5), 0.5, "svs")
+        for i in range(4)
+    }
 
 
 def dry_run(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -95,7 +100,9 @@ def test_tiles_and_features_run_through_slurm_in_group_jobs(tmp_path, small_slid
     """3 tile jobs become ONE SLURM job (group `tiling`); the features job is a SLURM job holding a (fake) GPU."""
     slides = {k: small_slides[k] for k in ("s0", "s1", "s2")}
     project = write_project(tmp_path, slides)
-    done = snakemake_on_slurm(project, "tiles", "results/features/s0.zarr", env={"TMPDIR": str(fresh_tmp)})  # where the jobs start their fork servers
+    done = snakemake_on_slurm(
+        project, "tiles", "results/features/s0.zarr", env={"TMPDIR": str(fresh_tmp)}
+    )  # where the jobs start their fork servers
     assert done.returncode == 0, done.stdout[-4000:]
     for slide in slides:
         for path in (f"results/tiles/{slide}.parquet", f"results/tiles/{slide}.json", f"results/qc/{slide}.png"):
@@ -103,7 +110,9 @@ def test_tiles_and_features_run_through_slurm_in_group_jobs(tmp_path, small_slid
     assert (project / "results/features/s0.zarr").is_dir() and not (project / "results/features/s1.zarr").exists()
 
     jobs = submissions(done.stdout)
-    assert {k: len(v) for k, v in jobs.items()} == {"group_tiling_tile": 1, "group_extract_features": 1}, done.stdout[-3000:]
+    assert {k: len(v) for k, v in jobs.items()} == {"group_tiling_tile": 1, "group_extract_features": 1}, done.stdout[
+        -3000:
+    ]
     tiling, features = slurm_job(jobs["group_tiling_tile"][0]), slurm_job(jobs["group_extract_features"][0])
     assert tiling["JobState"] == features["JobState"] == "COMPLETED"
     assert "gpu" not in tiling.get("TresPerJob", "") and "gpu:1" in features.get("TresPerJob", "")
@@ -128,4 +137,7 @@ def test_without_grouping_each_tile_job_is_a_slurm_job(tmp_path, small_slides, s
     assert all((project / f"results/tiles/{s}.json").is_file() for s in slides)
     jobs = submissions(done.stdout)
     assert {k: len(v) for k, v in jobs.items()} == {"group_tiling_tile": 3}
-    assert all(slurm_job(j)["JobState"] == "COMPLETED" and slurm_job(j)["TimeLimit"] == "00:05:00" for j in jobs["group_tiling_tile"])
+    assert all(
+        slurm_job(j)["JobState"] == "COMPLETED" and slurm_job(j)["TimeLimit"] == "00:05:00"
+        for j in jobs["group_tiling_tile"]
+    )

@@ -51,7 +51,9 @@ def test_shipped_config_is_valid_and_differs_from_defaults_only_where_marked_dem
     assert differing == marked
 
 
-@pytest.mark.parametrize("section, settings", [("tiling", TileSettings()), ("tissue", TissueSettings()), ("stain", StainSettings())])
+@pytest.mark.parametrize(
+    "section, settings", [("tiling", TileSettings()), ("tissue", TissueSettings()), ("stain", StainSettings())]
+)
 def test_schema_defaults_match_the_code_defaults(section, settings):
     defaults = validate_config({})[section]
     expected = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
@@ -137,13 +139,27 @@ def test_sheet_schema_is_the_shipped_file():
 
 
 def test_cross_references_name_missing_tables_and_models(tmp_path, slide_file):
-    config = validate_config({"targets": {"cohorts": {"c1": {"expression": str(tmp_path / "gone.tsv")}, "c2": {}, "elsewhere": {"mutations": "x.tsv"}}},
-                              "predict": {"compare": ["ftx", "uni"]}})
+    config = validate_config(
+        {
+            "targets": {
+                "cohorts": {
+                    "c1": {"expression": str(tmp_path / "gone.tsv")},
+                    "c2": {},
+                    "elsewhere": {"mutations": "x.tsv"},
+                }
+            },
+            "predict": {"compare": ["ftx", "uni"]},
+        }
+    )
     samples = [Sample(cohort=c, slide_id=f"s{c}", patient_id="p", path=str(slide_file)) for c in ("c1", "c2")]
     with pytest.raises(ConfigError) as caught:
         check_cross_references(config, samples)
     text = str(caught.value)
-    for fragment in ["'targets.cohorts.c1.expression': file", "'targets.cohorts.c2': give an `expression`", "'predict.compare': ['uni'] not among models.backbones"]:
+    for fragment in [
+        "'targets.cohorts.c1.expression': file",
+        "'targets.cohorts.c2': give an `expression`",
+        "'predict.compare': ['uni'] not among models.backbones",
+    ]:
         assert fragment in text
     assert "elsewhere" not in text
     config["targets"]["cohorts"] = {"elsewhere": {"mutations": "x.tsv"}}
@@ -153,10 +169,21 @@ def test_cross_references_name_missing_tables_and_models(tmp_path, slide_file):
 
 def test_the_fine_tuned_model_must_name_its_base_architecture(slide_file):
     samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
-    config = validate_config({"targets": {"cohorts": {}}, "models": {"backbones": {
-        "imgnet": {"arch": "keras_xception", "weights": "untrained"},
-        "ftx": {"arch": "legacy_xception", "weights": "results/models/ftx.safetensors"}}}})
-    with pytest.raises(ConfigError, match="'models.backbones.ftx.arch': 'legacy_xception'.*finetune.base 'imgnet' of architecture 'keras_xception'"):
+    config = validate_config(
+        {
+            "targets": {"cohorts": {}},
+            "models": {
+                "backbones": {
+                    "imgnet": {"arch": "keras_xception", "weights": "untrained"},
+                    "ftx": {"arch": "legacy_xception", "weights": "results/models/ftx.safetensors"},
+                }
+            },
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match="'models.backbones.ftx.arch': 'legacy_xception'.*finetune.base 'imgnet' of architecture 'keras_xception'",
+    ):
         check_cross_references(config, samples)
     config["models"]["backbones"]["ftx"]["arch"] = "keras_xception"
     assert check_cross_references(config, samples) == []
@@ -165,13 +192,22 @@ def test_the_fine_tuned_model_must_name_its_base_architecture(slide_file):
 # -- what used to pass the checks and then crash a job without naming the key ----------------------
 
 
-@pytest.mark.parametrize(("changes", "fragment"), [
-    ({"tiling": {"tile_mpp": 1e-6}}, "key 'tiling.tile_mpp': 1e-06 is less than the minimum of 0.05"),
-    ({"seed": -1}, "key 'seed': -1 is less than the minimum of 0"),
-    ({"aggregate": {"statistics": ["mean", "mean"]}}, "key 'aggregate.statistics': ['mean', 'mean'] has non-unique elements"),
-    ({"tissue": {"min_saturation": 0.2, "max_saturation": 0.1}}, "key 'tissue.min_saturation': 0.2 is above tissue.max_saturation 0.1"),
-    ({"tissue": {"pen_hue": [0.64, 0.3]}}, "key 'tissue.pen_hue': [0.64, 0.3] is not a range [low, high]"),
-])
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"tiling": {"tile_mpp": 1e-6}}, "key 'tiling.tile_mpp': 1e-06 is less than the minimum of 0.05"),
+        ({"seed": -1}, "key 'seed': -1 is less than the minimum of 0"),
+        (
+            {"aggregate": {"statistics": ["mean", "mean"]}},
+            "key 'aggregate.statistics': ['mean', 'mean'] has non-unique elements",
+        ),
+        (
+            {"tissue": {"min_saturation": 0.2, "max_saturation": 0.1}},
+            "key 'tissue.min_saturation': 0.2 is above tissue.max_saturation 0.1",
+        ),
+        ({"tissue": {"pen_hue": [0.64, 0.3]}}, "key 'tissue.pen_hue': [0.64, 0.3] is not a range [low, high]"),
+    ],
+)
 def test_values_that_would_crash_a_job_are_refused_naming_the_key(changes, fragment):
     with pytest.raises(ConfigError) as caught:
         validate_config(changes)
@@ -180,9 +216,21 @@ def test_values_that_would_crash_a_job_are_refused_naming_the_key(changes, fragm
 
 def test_a_weights_file_that_does_not_exist_is_named(slide_file, tmp_path):
     samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
-    config = validate_config({"targets": {"cohorts": {}}, "models": {"backbones": {
-        "imgnet": {"weights": str(tmp_path / "imagenet.safetensors")}, "ftx": {"weights": "results/models/ftx.safetensors"}}}})
-    with pytest.raises(ConfigError, match=r"'models.backbones.imgnet.weights': file '.*imagenet.safetensors' not found; .*pathwsi weights"):
+    config = validate_config(
+        {
+            "targets": {"cohorts": {}},
+            "models": {
+                "backbones": {
+                    "imgnet": {"weights": str(tmp_path / "imagenet.safetensors")},
+                    "ftx": {"weights": "results/models/ftx.safetensors"},
+                }
+            },
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"'models.backbones.imgnet.weights': file '.*imagenet.safetensors' not found; .*pathwsi weights",
+    ):
         check_cross_references(config, samples)
     (tmp_path / "imagenet.safetensors").write_bytes(b"")
     assert check_cross_references(config, samples) == []  # ftx's file comes from rule finetune
@@ -193,7 +241,9 @@ def test_cuda_on_a_machine_without_a_gpu_is_a_warning_at_start(slide_file, monke
 
     monkeypatch.setattr(pathwsi.config.glob, "glob", lambda pattern: [])
     samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
-    warnings = check_cross_references(validate_config({"targets": {"cohorts": {}}, "features": {"device": "cuda"}}), samples)
+    warnings = check_cross_references(
+        validate_config({"targets": {"cohorts": {}}, "features": {"device": "cuda"}}), samples
+    )
     assert len(warnings) == 1 and "key 'features.device': 'cuda', but this machine has no NVIDIA GPU" in warnings[0]
     assert check_cross_references(validate_config({"targets": {"cohorts": {}}}), samples) == []  # auto: no warning
 
@@ -206,14 +256,18 @@ def test_a_sheet_saved_with_a_byte_order_mark_loads(tmp_path, slide_file):
 
 def test_a_directory_given_as_a_slide_says_so(tmp_path):
     (tmp_path / "slides").mkdir()
-    with pytest.raises(ConfigError, match=r"row 2 \(slide_id 's1'\): slide path '.*slides' is a directory, not a slide file"):
+    with pytest.raises(
+        ConfigError, match=r"row 2 \(slide_id 's1'\): slide path '.*slides' is a directory, not a slide file"
+    ):
         load_samples(write_sheet(tmp_path, [f"c1\ts1\tp1\t{tmp_path / 'slides'}\t\t"]))
 
 
 def test_pathwsi_tile_checks_the_slide_id_like_the_sheet(slide_file, capsys):
     from pathwsi.cli import main
 
-    assert main(["tile", str(slide_file), "--slide-id", "bad/id", "--config", str(ROOT / "config" / "config.yaml")]) == 2
+    assert (
+        main(["tile", str(slide_file), "--slide-id", "bad/id", "--config", str(ROOT / "config" / "config.yaml")]) == 2
+    )
     assert "--slide-id 'bad/id': column 'slide_id'" in capsys.readouterr().err
 
 
@@ -222,6 +276,14 @@ def test_pathwsi_check_runs_the_cross_checks(tmp_path, slide_file, capsys):
 
     sheet = write_sheet(tmp_path, [f"c1\ts1\tp1\t{slide_file}\t\t"])
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"samples": str(sheet), "targets": {"cohorts": {}}, "models": {"backbones": {"imgnet": {"weights": "gone.safetensors"}, "ftx": {"weights": "untrained"}}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "samples": str(sheet),
+                "targets": {"cohorts": {}},
+                "models": {"backbones": {"imgnet": {"weights": "gone.safetensors"}, "ftx": {"weights": "untrained"}}},
+            }
+        )
+    )
     assert main(["check", "--config", str(config)]) == 2
     assert "'models.backbones.imgnet.weights': file 'gone.safetensors' not found" in capsys.readouterr().err

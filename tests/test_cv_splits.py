@@ -76,4 +76,9 @@ def test_splits_round_trip_through_tsv(tmp_path):
     write_splits(fold_of, ids, tmp_path / "splits.tsv")
     back, back_ids = read_splits(tmp_path / "splits.tsv")
     assert np.array_equal(back, fold_of) and back_ids.tolist() == ids.tolist()
-    assert (tmp_path / "splits.tsv").read_text().splitlines()[0].split("\t") == ["patient_id", "repeat_0", "repeat_1", "repeat_2"]
+    assert (tmp_path / "splits.tsv").read_text().splitlines()[0].split("\t") == [
+        "patient_id",
+        "repeat_0",
+        "repeat_1",
+        "repeat_2",
+    ]

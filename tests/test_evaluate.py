@@ -25,7 +25,9 @@ def cohort():
     weights = rng.standard_normal((3, 4))
     planted = latent @ (weights / np.linalg.norm(weights, axis=0)) + 0.5 * rng.standard_normal((N, 4))
     permuted = np.column_stack([rng.permutation(planted[:, j]) for j in range(4)])
-    expression = pd.DataFrame(np.hstack([planted, permuted]), index=IDS, columns=[f"S{j}" for j in range(4)] + [f"N{j}" for j in range(4)])
+    expression = pd.DataFrame(
+        np.hstack([planted, permuted]), index=IDS, columns=[f"S{j}" for j in range(4)] + [f"N{j}" for j in range(4)]
+    )
     liability = latent[:, :2] + 0.5 * rng.standard_normal((N, 2))
     mutated = (liability > np.quantile(liability, [0.6, 0.7], axis=0).diagonal()).astype(float)
     permuted_mutations = np.column_stack([rng.permutation(mutated[:, j]) for j in range(2)])
@@ -42,8 +44,17 @@ def test_planted_expression_is_recovered_and_permuted_is_not(cohort):
     result = evaluate_task("expression", frames(x, x), expression, SETTINGS)
     table = result.tables["a"].set_index("gene")
     planted, permuted = table.loc[["S0", "S1", "S2", "S3"]], table.loc[["N0", "N1", "N2", "N3"]]
-    assert (planted["r_mean"] > 0.5).all() and (planted["spearman_mean"] > 0.4).all() and (planted["q_value"] < 1e-3).all() and planted["significant"].all()
-    assert (permuted["r_mean"].abs() < 0.35).all() and abs(permuted["r_mean"].mean()) < 0.25 and not permuted["significant"].any()
+    assert (
+        (planted["r_mean"] > 0.5).all()
+        and (planted["spearman_mean"] > 0.4).all()
+        and (planted["q_value"] < 1e-3).all()
+        and planted["significant"].all()
+    )
+    assert (
+        (permuted["r_mean"].abs() < 0.35).all()
+        and abs(permuted["r_mean"].mean()) < 0.25
+        and not permuted["significant"].any()
+    )
     assert (permuted["q_value"] > 0.05).all()
     assert result.predictions["a"].shape == (3, N, 8) and np.isfinite(result.predictions["a"]).all()
 
@@ -79,7 +90,11 @@ def test_a_noisier_copy_loses_the_comparison(cohort):
     expression_result = evaluate_task("expression", frames(noisy, x), expression, settings)
     summary = counts(compare(expression_result, "a", "b"), settings.fdr)
     assert summary["significant_b"] == 4 and summary["significant_either"] >= 4
-    assert summary["higher_with_b"] >= 4 and summary["higher_with_b_significant"] >= 3 and summary["higher_with_a"] <= summary["significant_either"] - 4
+    assert (
+        summary["higher_with_b"] >= 4
+        and summary["higher_with_b_significant"] >= 3
+        and summary["higher_with_a"] <= summary["significant_either"] - 4
+    )
     assert summary["higher_with_a_significant"] == 0
     mutation_result = evaluate_task("mutation", frames(noisy, x), mutations[["M0", "M1"]], settings)
     comparison = compare(mutation_result, "a", "b")
@@ -94,7 +109,11 @@ def test_missing_targets_drop_those_patients_for_that_gene_only(cohort):
     gappy.iloc[5:12, 1] = np.nan
     result = evaluate_task("expression", frames(x, x), gappy, SETTINGS)
     table = result.tables["a"].set_index("gene")
-    assert table.loc["S0", "patients"] == N - 10 and table.loc["S1", "patients"] == N - 7 and table.loc["S2", "patients"] == N
+    assert (
+        table.loc["S0", "patients"] == N - 10
+        and table.loc["S1", "patients"] == N - 7
+        and table.loc["S2", "patients"] == N
+    )
     assert np.isnan(result.predictions["a"][:, :10, 0]).all() and np.isfinite(result.predictions["a"][:, 10:, 0]).all()
     assert (table.loc[["S0", "S1"], "r_mean"] > 0.5).all() and (table["failed_folds"] == 0).all()
     complete = evaluate_task("expression", frames(x, x), expression, SETTINGS).predictions["a"]
@@ -114,7 +133,11 @@ def test_a_training_fold_with_one_class_gives_nan_not_a_crash(cohort, caplog):
     with caplog.at_level(logging.WARNING, logger="pathwsi.predict.evaluate"):
         result = evaluate_task("mutation", frames(x, x + rng.standard_normal(x.shape)), rare, SETTINGS)
     table = result.tables["a"].set_index("gene")
-    assert table.loc["ONE", "failed_folds"] == 3 and table.loc["ONE", "repeats_valid"] == 0 and np.isnan(table.loc["ONE", "auroc_mean"])
+    assert (
+        table.loc["ONE", "failed_folds"] == 3
+        and table.loc["ONE", "repeats_valid"] == 0
+        and np.isnan(table.loc["ONE", "auroc_mean"])
+    )
     assert table.loc["M0", "failed_folds"] == 0 and table.loc["M0", "auroc_mean"] > 0.8
     assert "failed_folds" in caplog.text
     comparison = compare(result, "a", "b")
@@ -153,7 +176,17 @@ def test_run_evaluation_writes_tables_figures_and_summary(cohort, tmp_path):
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == sorted(
         [f"{task}_{m}{suffix}.tsv" for task in ("expression", "mutation") for m in "ab" for suffix in ("", "_oof")]
-        + ["expression_splits.tsv", "mutation_splits.tsv", "comparison.tsv", "repeats.tsv", "summary.json", "summary.md", "expression_r_scatter.png", "mutation_roc.png", "mutation_auroc.png"]
+        + [
+            "expression_splits.tsv",
+            "mutation_splits.tsv",
+            "comparison.tsv",
+            "repeats.tsv",
+            "summary.json",
+            "summary.md",
+            "expression_r_scatter.png",
+            "mutation_roc.png",
+            "mutation_auroc.png",
+        ]
     )
     assert json.loads((tmp_path / "summary.json").read_text())["tasks"] == json.loads(json.dumps(summary["tasks"]))
     assert summary["tasks"]["expression"]["significant_either"] >= 4 and summary["tasks"]["mutation"]["genes"] == 4

@@ -24,7 +24,10 @@ from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
 from pathwsi.stain.macenko import StainFit, normalize_array
 
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
-SPECS = [ModelSpec("small_a", arch="test_resnet", input_px=64, seed=1), ModelSpec("small_b", arch="test_resnet", input_px=64, seed=2)]
+SPECS = [
+    ModelSpec("small_a", arch="test_resnet", input_px=64, seed=1),
+    ModelSpec("small_b", arch="test_resnet", input_px=64, seed=2),
+]
 SETTINGS = ExtractSettings(batch_size=4, chunk_tiles=8, num_workers=0)
 KILL_SETTINGS = ExtractSettings(batch_size=2, chunk_tiles=2, num_workers=0)  # many small chunks to kill between
 
@@ -86,7 +89,10 @@ def test_the_dataset_reads_with_the_reader_asked_for(tiled):
     sample, coords, _, _ = tiled
     with Slide(sample.path) as slide:
         openslide_tile = slide.read_region(*coords[0], 224, 224, 0.5)
-    exact, fast = SlideTiles(sample, coords, 224, 0.5, exact=True)[0][0].numpy(), SlideTiles(sample, coords, 224, 0.5)[0][0].numpy()
+    exact, fast = (
+        SlideTiles(sample, coords, 224, 0.5, exact=True)[0][0].numpy(),
+        SlideTiles(sample, coords, 224, 0.5)[0][0].numpy(),
+    )
     np.testing.assert_array_equal(exact, openslide_tile)
     assert 0 < np.abs(fast.astype(int) - openslide_tile).mean() < 1.5  # the DCT half-scale decode: close, not equal
 
@@ -105,7 +111,11 @@ def test_tiles_that_cannot_be_decoded_are_recorded_and_the_rest_extracted(slides
     readable, unreadable = store.readable(), store.attrs["unreadable_tiles"]
     assert 0 < unreadable["count"] == (~readable).sum() < len(coords) // 4
     first = unreadable["tiles"][0]
-    assert [first["x"], first["y"]] == coords[first["index"]].tolist() and "JPEG tile" in first["reason"] and "cannot be decoded" in first["reason"]
+    assert (
+        [first["x"], first["y"]] == coords[first["index"]].tolist()
+        and "JPEG tile" in first["reason"]
+        and "cannot be decoded" in first["reason"]
+    )
     for model in ("small_a", "small_b"):
         assert np.isnan(store.features(model)[:][~readable]).all()
         np.testing.assert_array_equal(store.features(model)[:][readable], clean.features(model)[:][readable])
@@ -140,7 +150,10 @@ def test_the_architecture_is_part_of_the_provenance_and_config_hash(tiled, tmp_p
     _, _, _, meta = tiled
     weights = tmp_path / "w.safetensors"
     save_weights(build_backbone(ModelSpec("imgnet", arch="legacy_xception")).net.state_dict(), weights, {})
-    keras, timm_port = (build_backbone(ModelSpec("imgnet", arch=arch, weights=str(weights))) for arch in ("keras_xception", "legacy_xception"))
+    keras, timm_port = (
+        build_backbone(ModelSpec("imgnet", arch=arch, weights=str(weights)))
+        for arch in ("keras_xception", "legacy_xception")
+    )
     assert keras.weights_sha256 == timm_port.weights_sha256
     assert settings_hash(meta, [keras], "float16", "fast") != settings_hash(meta, [timm_port], "float16", "fast")
     sample = tiled[0]
@@ -158,7 +171,9 @@ def test_every_model_sees_the_same_normalized_batch(tiled, tmp_path):
 def test_empty_slide_gives_a_valid_empty_store(tiled, tmp_path):
     sample, _, _, _ = tiled
     meta = {"status": "no_tissue", "reason": "no tissue detected"}
-    extract_slide(sample, np.zeros((0, 2), np.int64), np.zeros(0, np.float32), meta, models(), SETTINGS, tmp_path / "e.zarr")
+    extract_slide(
+        sample, np.zeros((0, 2), np.int64), np.zeros(0, np.float32), meta, models(), SETTINGS, tmp_path / "e.zarr"
+    )
     store = open_store(tmp_path / "e.zarr")
     assert store.features("small_a").shape == (0, 96) and store.attrs["tiling_status"] == "no_tissue"
 
@@ -182,8 +197,16 @@ def run_child(tiled, store: Path, delay: float) -> subprocess.Popen:
     sample, coords, fractions, meta = tiled
     from dataclasses import asdict
 
-    args = {"sample": asdict(sample), "coords": coords.tolist(), "fractions": fractions.tolist(), "meta": meta, "store": str(store), "delay": delay,
-            "specs": [asdict(s) for s in SPECS], "settings": asdict(KILL_SETTINGS)}
+    args = {
+        "sample": asdict(sample),
+        "coords": coords.tolist(),
+        "fractions": fractions.tolist(),
+        "meta": meta,
+        "store": str(store),
+        "delay": delay,
+        "specs": [asdict(s) for s in SPECS],
+        "settings": asdict(KILL_SETTINGS),
+    }
     return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stderr=subprocess.PIPE, text=True)
 
 

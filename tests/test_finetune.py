@@ -24,17 +24,20 @@ from pathwsi.finetune.train import (
     trainable_blocks,
 )
 
-pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 SPEC = ModelSpec("imgnet", input_px=64, seed=1)
 TINY = FinetuneSettings(
     batch_size=16,
     num_workers=0,
     step1=StepSettings(epochs=1, lr=1e-3),
-    step2=StepSettings(epochs=2, lr=1e-3, optimizer="adam", schedule="cosine", unfreeze_from="block12", train_batchnorm=True),
+    step2=StepSettings(
+        epochs=2, lr=1e-3, optimizer="adam", schedule="cosine", unfreeze_from="block12", train_batchnorm=True
+    ),
     seed=3,
 )
-
-
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +54,16 @@ def base():
 def tuned(tiles, tmp_path_factory):
     """One uninterrupted tiny run (shared by the output tests and the resume test)."""
     folder = tmp_path_factory.mktemp("tuned")
-    summary = finetune(SPEC, TINY, tiles, None, folder / "ftx.safetensors", folder / "work", device="cpu", progress=False)
+    summary = finetune(
+        SPEC, TINY, tiles, None, folder / "ftx.safetensors", folder / "work", device="cpu", progress=False
+    )
     return folder, summary
 
 
 def test_settings_from_config_overlay_the_defaults():
-    settings = FinetuneSettings.from_config({"finetune": {"train_dir": "x", "val_dir": None, "batch_size": 8, "step2": {"lr": 0.01}}, "seed": 4})
+    settings = FinetuneSettings.from_config(
+        {"finetune": {"train_dir": "x", "val_dir": None, "batch_size": 8, "step2": {"lr": 0.01}}, "seed": 4}
+    )
     assert settings.batch_size == 8 and settings.seed == 4
     assert settings.step2.lr == 0.01 and settings.step2.unfreeze_from == FinetuneSettings().step2.unfreeze_from
     with pytest.raises(FinetuneError, match="unknown key.*epochz"):
@@ -122,13 +129,19 @@ def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base):
     tuned_state, base_state = ftx.net.state_dict(), base.net.state_dict()
     assert torch.equal(tuned_state["block1.skip.weight"], base_state["block1.skip.weight"])  # frozen
     assert torch.equal(tuned_state["bn2.running_var"], base_state["bn2.running_var"])  # frozen BatchNorm
-    assert not torch.equal(tuned_state["conv4.pointwise.weight"], base_state["conv4.pointwise.weight"])  # trained in step 2
+    assert not torch.equal(
+        tuned_state["conv4.pointwise.weight"], base_state["conv4.pointwise.weight"]
+    )  # trained in step 2
     with safe_open(str(folder / "ftx.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
     assert json.loads(meta["base"])["weights_sha256"] == base.weights_sha256 and meta["untrained_base"] == "true"
-    assert json.loads(meta["classes"])[0] == "ADI" and json.loads(meta["settings"])["step2"]["unfreeze_from"] == "block12"
+    assert (
+        json.loads(meta["classes"])[0] == "ADI" and json.loads(meta["settings"])["step2"]["unfreeze_from"] == "block12"
+    )
     assert summary["best"]["step"] in (1, 2) and summary["weights_sha256"] == ftx.weights_sha256
-    assert meta["arch"] == "keras_xception" == json.loads(meta["base"])["arch"]  # FTX is the fine-tuned Keras-exact network
+    assert (
+        meta["arch"] == "keras_xception" == json.loads(meta["base"])["arch"]
+    )  # FTX is the fine-tuned Keras-exact network
     assert {m.eps for m in ftx.net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     with pytest.raises(WeightsError, match="trained as architecture 'keras_xception'.*arch is 'legacy_xception'"):
         build_backbone(ModelSpec("ftx", arch="legacy_xception", weights=str(folder / "ftx.safetensors"), input_px=64))
@@ -153,10 +166,14 @@ def test_a_killed_run_resumes_to_the_same_weights(tiles, tuned, tmp_path):
     assert len((work / "metrics.tsv").read_text().splitlines()) == 1 + 2
     finetune(SPEC, TINY, tiles, None, out, work, device="cpu", progress=False)
     expected = dict(safe_open(str(tuned[0] / "ftx.safetensors"), framework="pt").metadata())
-    with safe_open(str(out), framework="pt") as resumed, safe_open(str(tuned[0] / "ftx.safetensors"), framework="pt") as uninterrupted:
+    with (
+        safe_open(str(out), framework="pt") as resumed,
+        safe_open(str(tuned[0] / "ftx.safetensors"), framework="pt") as uninterrupted,
+    ):
         for key in uninterrupted.keys():
             assert torch.equal(resumed.get_tensor(key), uninterrupted.get_tensor(key)), key
         assert resumed.metadata()["best"] == expected["best"]
+
     def results(path: Path) -> list[list[str]]:  # metrics without the timing columns
         return [line.split("\t")[:-2] for line in path.read_text().splitlines()]
 
@@ -176,7 +193,17 @@ def test_a_checkpoint_from_other_settings_is_refused_unless_restarting(tiles, tm
     other = replace(short, seed=9)
     with pytest.raises(FinetuneError, match="made with other settings.*--restart"):
         finetune(SPEC, other, tiles, None, out, work, device="cpu", progress=False)
-    finetune(SPEC, replace(other, step2=replace(other.step2, epochs=0)), tiles, None, out, work, device="cpu", progress=False, restart=True)
+    finetune(
+        SPEC,
+        replace(other, step2=replace(other.step2, epochs=0)),
+        tiles,
+        None,
+        out,
+        work,
+        device="cpu",
+        progress=False,
+        restart=True,
+    )
     assert out.is_file()
 
 
@@ -184,7 +211,9 @@ def test_a_checkpoint_from_other_settings_is_refused_unless_restarting(tiles, tm
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_bf16_step_on_cuda(tiles, tmp_path):
     settings = replace(TINY, step1=replace(TINY.step1, epochs=1), step2=replace(TINY.step2, epochs=1))
-    summary = finetune(SPEC, settings, tiles, None, tmp_path / "ftx.safetensors", tmp_path / "work", device="cuda", progress=False)
+    summary = finetune(
+        SPEC, settings, tiles, None, tmp_path / "ftx.safetensors", tmp_path / "work", device="cuda", progress=False
+    )
     lines = (tmp_path / "work" / "metrics.tsv").read_text().splitlines()
     assert len(lines) == 3 and np.isfinite(float(lines[-1].split("\t")[3]))
     assert summary["weights_sha256"]
@@ -205,7 +234,18 @@ def test_a_second_run_in_the_folder_waits_for_the_first(tiles, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(work / LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        run = threading.Thread(target=finetune, args=(SPEC, replace(TINY, step2=replace(TINY.step2, epochs=0)), tiles, None, tmp_path / "ftx.safetensors", work), kwargs={"device": "cpu", "progress": False})
+        run = threading.Thread(
+            target=finetune,
+            args=(
+                SPEC,
+                replace(TINY, step2=replace(TINY.step2, epochs=0)),
+                tiles,
+                None,
+                tmp_path / "ftx.safetensors",
+                work,
+            ),
+            kwargs={"device": "cpu", "progress": False},
+        )
         run.start()
         run.join(3)
         assert run.is_alive() and not (work / CHECKPOINT).exists() and not (tmp_path / "ftx.safetensors").exists()

@@ -67,7 +67,15 @@ class Client:
         merged = {**os.environ, "TMPDIR": str(tmp), "PATHWSI_TEST_REPORT": str(self.report), **env}
         environment = {key: value for key, value in merged.items() if value is not None}
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.process = subprocess.Popen([sys.executable, "-c", CLIENT, "job.py"], cwd=workdir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pin)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, "job.py"],
+            cwd=workdir,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=pin,
+        )
 
     def finish(self, timeout: float = 120) -> tuple[int, str, str]:
         out, err = self.process.communicate(timeout=timeout)
@@ -96,7 +104,9 @@ def gone(pid: int, timeout: float = 15) -> bool:
     return False
 
 
-def test_jobs_run_in_children_of_one_warm_server_with_the_callers_directory_environment_and_stdio(private_tmp, tmp_path):
+def test_jobs_run_in_children_of_one_warm_server_with_the_callers_directory_environment_and_stdio(
+    private_tmp, tmp_path
+):
     first = Client(private_tmp, tmp_path / "a", PATHWSI_TEST_VALUE="one")
     code, out, err = first.finish()
     assert code == 0, err
@@ -122,7 +132,9 @@ def test_jobs_run_in_children_of_one_warm_server_with_the_callers_directory_envi
         ({"PATHWSI_TEST_RAISE": "1"}, 1, "RuntimeError: the job failed on purpose"),
     ],
 )
-def test_the_jobs_exit_status_and_traceback_reach_the_caller_as_python_would_give_them(private_tmp, tmp_path, env, expected, message):
+def test_the_jobs_exit_status_and_traceback_reach_the_caller_as_python_would_give_them(
+    private_tmp, tmp_path, env, expected, message
+):
     code, _, err = Client(private_tmp, tmp_path, **env).finish()
     assert code == expected and message in err
 
@@ -162,7 +174,10 @@ def test_clients_starting_at_once_share_one_new_server(fresh_tmp, tmp_path):
     assert log.read_text().count("fork server pid") == 1
 
 
-@pytest.mark.parametrize("sig, expected", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 128 + signal.SIGINT), (signal.SIGKILL, -signal.SIGKILL)])
+@pytest.mark.parametrize(
+    "sig, expected",
+    [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 128 + signal.SIGINT), (signal.SIGKILL, -signal.SIGKILL)],
+)
 def test_stopping_or_killing_the_caller_stops_its_child(private_tmp, tmp_path, sig, expected):
     client = Client(private_tmp, tmp_path, PATHWSI_TEST_SLEEP="600")
     child = client.started()["pid"]
@@ -203,7 +218,12 @@ def test_a_dead_server_takes_its_children_with_it_and_the_caller_says_so(fresh_t
 def test_an_idle_server_exits_and_removes_its_socket(tmp_path):
     path = Path(tempfile.mkdtemp(prefix="pwfs", dir="/tmp")) / "s.sock"
     try:
-        server = subprocess.Popen([sys.executable, "-m", "pathwsi.runtime.forkserver", str(path), "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pathwsi.runtime.forkserver", str(path), "0.5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         out, _ = server.communicate(timeout=120)
         assert server.returncode == 0, out
         assert "listening" in out and not path.exists() and not path.with_suffix(".pid").exists()
@@ -223,7 +243,10 @@ def test_without_the_server_the_job_runs_in_this_process(tmp_path, monkeypatch):
     monkeypatch.setenv("PATHWSI_TEST_REPORT", str(tmp_path / "report.json"))
     (tmp_path / "job.py").write_text(JOB)
     with pytest.raises(SystemExit) as stop:
-        forkserver.call(forkserver.Call("runpy:run_path", {"path_name": str(tmp_path / "job.py"), "run_name": "__main__"}), use_server=False)
+        forkserver.call(
+            forkserver.Call("runpy:run_path", {"path_name": str(tmp_path / "job.py"), "run_name": "__main__"}),
+            use_server=False,
+        )
     assert stop.value.code == 0
     assert json.loads((tmp_path / "report.json").read_text())["pid"] == os.getpid()
 
@@ -239,6 +262,12 @@ def test_every_forked_child_gets_its_own_working_cuda(private_tmp, tmp_path):
 
 def test_a_job_that_cannot_be_started_says_why_on_its_own_stderr(private_tmp):
     client = "import sys; from pathwsi.runtime.forkserver import Call, run_forked; sys.exit(run_forked(Call('pathwsi.no_such_module:main', {})))"
-    done = subprocess.run([sys.executable, "-c", client], env={**os.environ, "TMPDIR": str(private_tmp)}, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", client],
+        env={**os.environ, "TMPDIR": str(private_tmp)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert "the job could not be started" in done.stderr and "No module named 'pathwsi.no_such_module'" in done.stderr

@@ -27,7 +27,9 @@ def imagenet_like() -> torch.nn.Module:
 
 
 def test_the_published_keras_file_is_converted_with_its_provenance(imagenet_like, tmp_path, monkeypatch, capsys):
-    src = write_weights_h5(tmp_path / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", keras_layers(imagenet_like, first_auto=1))
+    src = write_weights_h5(
+        tmp_path / "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", keras_layers(imagenet_like, first_auto=1)
+    )
     monkeypatch.setattr(imagenet_weights, "KERAS_MD5", {file_md5(src): src.name})  # stands in for Keras's published MD5
     assert main(["weights", "keras", str(src), str(tmp_path / "imgnet.safetensors")]) == 0
     out = capsys.readouterr().out
@@ -44,7 +46,10 @@ def test_the_published_keras_file_is_converted_with_its_provenance(imagenet_like
 
 def test_another_keras_file_is_refused_with_the_expected_md5(imagenet_like, tmp_path, capsys):
     src = write_weights_h5(tmp_path / "mine.h5", keras_layers(imagenet_like, first_auto=1))
-    with pytest.raises(WeightsSourceError, match=r"'.*mine.h5': MD5 [0-9a-f]{32} is not .*b0042744bf5b25fce3cb969f33bebb97.*pathwsi convert-keras"):
+    with pytest.raises(
+        WeightsSourceError,
+        match=r"'.*mine.h5': MD5 [0-9a-f]{32} is not .*b0042744bf5b25fce3cb969f33bebb97.*pathwsi convert-keras",
+    ):
         from_keras(src, tmp_path / "out.safetensors")
     assert main(["weights", "keras", str(tmp_path / "none.h5"), str(tmp_path / "out.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "out.safetensors").exists()
@@ -69,13 +74,19 @@ def test_timm_weights_come_from_torchs_hub_cache(imagenet_like, planted_cache, t
     assert metadata["source_url"].endswith(TIMM_FILE) and metadata["timm_version"] == timm.__version__
     backbone = build_backbone(ModelSpec("imgnet", weights=str(written.path)))
     assert {m.eps for m in backbone.net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
-    assert torch.equal(backbone.net.state_dict()["conv4.pointwise.weight"], imagenet_like.state_dict()["conv4.pointwise.weight"])
+    assert torch.equal(
+        backbone.net.state_dict()["conv4.pointwise.weight"], imagenet_like.state_dict()["conv4.pointwise.weight"]
+    )
 
 
 def test_hub_weights_load_timms_port_into_keras_xception(imagenet_like, planted_cache):
     backbone = build_backbone(ModelSpec("imgnet", weights="hub"), allow_network=True)
-    assert backbone.spec.arch == "keras_xception" and {m.eps for m in backbone.net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
-    assert torch.equal(backbone.net.state_dict()["block12.skip.weight"], imagenet_like.state_dict()["block12.skip.weight"])
+    assert backbone.spec.arch == "keras_xception" and {
+        m.eps for m in backbone.net.modules() if isinstance(m, torch.nn.BatchNorm2d)
+    } == {1e-3}
+    assert torch.equal(
+        backbone.net.state_dict()["block12.skip.weight"], imagenet_like.state_dict()["block12.skip.weight"]
+    )
 
 
 def test_offline_without_the_cached_file_says_where_to_put_it(tmp_path, monkeypatch, capsys):

@@ -23,8 +23,13 @@ from pathwsi.features.backbones import ModelSpec, build_backbone, load_weights, 
 from pathwsi.features.keras_convert import convert_keras
 
 # Not imported here: TensorFlow and torch in one process crash (TensorFlow runs only in the subprocess).
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensorflow") is None,
-                                                   reason="the Keras reference needs the test extra: pip install -e '.[test,keras]'")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensorflow") is None,
+        reason="the Keras reference needs the test extra: pip install -e '.[test,keras]'",
+    ),
+]
 
 TILE_PX = 224
 SIZES = (224, 299, 173, 71)  # as read, enlarged, shrunk to an odd size, Keras's smallest input
@@ -50,7 +55,13 @@ def keras_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarra
     np.save(folder / "tiles.npy", tiles)
     script = Path(__file__).with_name("keras_reference.py")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(script), str(folder), str(folder / "tiles.npy"), *map(str, SIZES)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder), str(folder / "tiles.npy"), *map(str, SIZES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(folder / "reference.npz") as reference:
         return folder, tiles, dict(reference)
@@ -94,7 +105,9 @@ def test_the_reference_tiles_give_distinct_features(keras_run):
 @pytest.mark.parametrize("name", FILES)
 def test_keras_xception_computes_keras_features(keras_run, converted, name, size):
     _, tiles, reference = keras_run
-    relative, cosine = agreement(pathwsi_features(converted[name], tiles, size), reference[f"{name.split('.')[0]}_{size}"])
+    relative, cosine = agreement(
+        pathwsi_features(converted[name], tiles, size), reference[f"{name.split('.')[0]}_{size}"]
+    )
     assert relative <= REL_ERROR and cosine >= COSINE, (relative, cosine)
 
 
@@ -103,7 +116,10 @@ def test_timm_legacy_xception_does_not(keras_run, converted, size):
     """The same weights in timm's `legacy_xception` (symmetric max-pool padding, eps 1e-5) miss by far more
     than the tolerance at sizes where a stride-2 pool sees an even input: the test above can fail."""
     _, tiles, reference = keras_run
-    relative, _ = agreement(pathwsi_features(converted["xception.keras"], tiles, size, arch="legacy_xception"), reference[f"xception_{size}"])
+    relative, _ = agreement(
+        pathwsi_features(converted["xception.keras"], tiles, size, arch="legacy_xception"),
+        reference[f"xception_{size}"],
+    )
     assert relative > 100 * REL_ERROR, relative
 
 

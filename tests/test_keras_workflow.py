@@ -29,7 +29,9 @@ def keras_file(folder: Path) -> Path:
     """A Keras-layout notop .h5 of a seeded Xception whose BatchNorm statistics are those of H&E-like tiles
     (so that its features differ between tiles and between the two architectures, as trained weights do)."""
     net = seeded_xception(11)
-    tiles = torch.from_numpy(np.stack([render_tile(label, 0, seed=5, tile_px=INPUT_PX) for label in CLASSES])).permute(0, 3, 1, 2)
+    tiles = torch.from_numpy(np.stack([render_tile(label, 0, seed=5, tile_px=INPUT_PX) for label in CLASSES])).permute(
+        0, 3, 1, 2
+    )
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -43,9 +45,13 @@ def keras_file(folder: Path) -> Path:
 def test_stored_imgnet_features_are_the_modules_output(tmp_path, slides):
     weights = tmp_path / "imgnet.safetensors"
     assert main(["convert-keras", str(keras_file(tmp_path)), str(weights)]) == 0
-    backbones = {"imgnet": {"arch": "keras_xception", "weights": str(weights), "input_px": INPUT_PX},
-                 "ftx": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 1}}
-    project = make_project(tmp_path / "project", [Row("c1", "s1", "p1", slides.svs_025)], {"models": {"backbones": backbones}})
+    backbones = {
+        "imgnet": {"arch": "keras_xception", "weights": str(weights), "input_px": INPUT_PX},
+        "ftx": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 1},
+    }
+    project = make_project(
+        tmp_path / "project", [Row("c1", "s1", "p1", slides.svs_025)], {"models": {"backbones": backbones}}
+    )
     done = snakemake(project, "--cores", "2", "results/features/s1.zarr")
     assert done.returncode == 0, done.stdout[-3000:]
 
@@ -57,7 +63,9 @@ def test_stored_imgnet_features_are_the_modules_output(tmp_path, slides):
     tiles = SlideTiles(Sample("c1", "s1", "p1", str(slides.svs_025)), coords, meta["tile"]["px"], meta["tile"]["mpp"])
     batch = torch.stack([tiles[i][0] for i in range(len(tiles))]).permute(0, 3, 1, 2)
     stain = StainFit.from_json(meta["stain"])
-    normalized = normalize_batch(batch, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8)
+    normalized = normalize_batch(
+        batch, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8
+    )
     model = build_backbone(ModelSpec("imgnet", weights=str(weights), input_px=INPUT_PX))
     with torch.inference_mode():
         expected = model.net(model.prepare(normalized)).numpy()

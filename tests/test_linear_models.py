@@ -38,7 +38,11 @@ def test_gram_matrices_are_those_of_the_training_standardized_features(data):
     subset = train[::2]  # re-centring on a subset equals centring those rows' features on their own mean
     sub, sub_test = center_gram(k[np.ix_(np.arange(0, len(train), 2), np.arange(0, len(train), 2))], k_test[:, ::2])
     mean = a[::2].mean(axis=0)
-    assert len(subset) == len(sub) and np.allclose(sub, (a[::2] - mean) @ (a[::2] - mean).T) and np.allclose(sub_test, (t - mean) @ (a[::2] - mean).T)
+    assert (
+        len(subset) == len(sub)
+        and np.allclose(sub, (a[::2] - mean) @ (a[::2] - mean).T)
+        and np.allclose(sub_test, (t - mean) @ (a[::2] - mean).T)
+    )
 
 
 def test_ridge_equals_scikit_learn_for_a_given_penalty(data):
@@ -53,7 +57,10 @@ def test_ridge_equals_scikit_learn_for_a_given_penalty(data):
 def test_ridge_penalty_choice_equals_brute_force_leave_one_out(data):
     _, train, _, a, _, k, k_test = data
     rng = np.random.default_rng(2)
-    y = np.column_stack([a[:, :3] @ rng.standard_normal(3) + rng.standard_normal(len(train)) * s for s in (0.1, 1.0, 3.0)] + [rng.standard_normal(len(train))])
+    y = np.column_stack(
+        [a[:, :3] @ rng.standard_normal(3) + rng.standard_normal(len(train)) * s for s in (0.1, 1.0, 3.0)]
+        + [rng.standard_normal(len(train))]
+    )
     _, chosen = ridge_loo(k, k_test, y, FACTORS)
     errors = np.zeros((len(FACTORS), y.shape[1]))
     for i, factor in enumerate(FACTORS):
@@ -95,10 +102,14 @@ def test_approximate_leave_one_out_is_close_to_refitting(data):
     fit = fit_logistic(k, y, c)
     weights = balanced_weights(y)  # ALO keeps the fold's class weights: so does the refit
     left_out = np.arange(0, len(y), 3)
-    refit = np.array([
-        LogisticRegression(C=c, tol=1e-8, max_iter=10_000).fit(a[np.arange(len(y)) != i], y[np.arange(len(y)) != i], sample_weight=weights[np.arange(len(y)) != i]).decision_function(a[i : i + 1])[0]
-        for i in left_out
-    ])
+    refit = np.array(
+        [
+            LogisticRegression(C=c, tol=1e-8, max_iter=10_000)
+            .fit(a[np.arange(len(y)) != i], y[np.arange(len(y)) != i], sample_weight=weights[np.arange(len(y)) != i])
+            .decision_function(a[i : i + 1])[0]
+            for i in left_out
+        ]
+    )
     assert np.max(np.abs(fit.loo[left_out] - refit)) < 0.01 * np.ptp(refit)
     assert np.max(np.abs(fit.decision(k)[left_out] - refit)) > 0.05 * np.ptp(refit)  # leaving out matters
 

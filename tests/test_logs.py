@@ -16,7 +16,10 @@ def test_the_exception_that_ends_a_job_is_in_its_log(tmp_path, capsys):
             logging.getLogger("pathwsi.test").info("working on s")
             raise ValueError("store s.zarr: chunk 3 does not decode")
     text = log.read_text()
-    assert "working on s" in text and "ERROR pathwsi.job: the job failed: ValueError: store s.zarr: chunk 3 does not decode" in text
+    assert (
+        "working on s" in text
+        and "ERROR pathwsi.job: the job failed: ValueError: store s.zarr: chunk 3 does not decode" in text
+    )
     assert "Traceback (most recent call last)" in text and 'raise ValueError("store s.zarr' in text
     assert "Traceback" not in capsys.readouterr().err  # the terminal gets it once, from Python, not twice
 

@@ -51,10 +51,15 @@ def test_xception_bf16_on_cuda_matches_float32_on_cpu(untrained):
     assert cosine.min() > 0.99, cosine
 
 
-@pytest.mark.parametrize(("arch", "suffix", "eps"), [
-    ("keras_xception", ".safetensors", 1e-3), ("keras_xception", ".pth", 1e-3),  # Keras's network: its own eps
-    ("legacy_xception", ".safetensors", 1e-3), ("legacy_xception", ".pth", 1e-5),  # timm's: the file's bn_eps, else 1e-5
-])
+@pytest.mark.parametrize(
+    ("arch", "suffix", "eps"),
+    [
+        ("keras_xception", ".safetensors", 1e-3),
+        ("keras_xception", ".pth", 1e-3),  # Keras's network: its own eps
+        ("legacy_xception", ".safetensors", 1e-3),
+        ("legacy_xception", ".pth", 1e-5),  # timm's: the file's bn_eps, else 1e-5
+    ],
+)
 def test_weights_from_a_file_load_exactly_and_name_their_sha256(untrained, tmp_path, arch, suffix, eps):
     path = tmp_path / f"w{suffix}"
     state = {**untrained.net.state_dict(), "fc.weight": torch.zeros(9, 2048), "fc.bias": torch.zeros(9)}
@@ -74,7 +79,9 @@ def test_weights_from_a_file_load_exactly_and_name_their_sha256(untrained, tmp_p
 def test_a_file_trained_as_another_architecture_is_refused(untrained, tmp_path):
     path = tmp_path / "ftx.safetensors"
     save_weights(untrained.net.state_dict(), path, {"arch": "legacy_xception"})
-    with pytest.raises(WeightsError, match="'ftx'.*trained as architecture 'legacy_xception'.*arch is 'keras_xception'"):
+    with pytest.raises(
+        WeightsError, match="'ftx'.*trained as architecture 'legacy_xception'.*arch is 'keras_xception'"
+    ):
         build_backbone(ModelSpec("ftx", weights=str(path)))
     assert build_backbone(ModelSpec("ftx", arch="legacy_xception", weights=str(path))).spec.arch == "legacy_xception"
 
@@ -98,12 +105,20 @@ def test_hub_weights_need_the_config_to_allow_network():
 
 
 def test_config_defaults_match_model_spec_defaults():
-    schema = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"]["properties"]
+    schema = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"][
+        "properties"
+    ]
     spec = ModelSpec("x")
     for field in dataclasses.fields(ModelSpec):
         if field.name in schema and "default" in schema[field.name]:
             default = schema[field.name]["default"]
-            assert (list(getattr(spec, field.name)) if isinstance(default, list) else getattr(spec, field.name)) == default
+            assert (
+                list(getattr(spec, field.name)) if isinstance(default, list) else getattr(spec, field.name)
+            ) == default
     specs = specs_from_config(validate_config({})["models"])
-    assert list(specs) == ["imgnet", "ftx"] and specs["imgnet"].untrained and specs["ftx"].weights.endswith("ftx.safetensors")
+    assert (
+        list(specs) == ["imgnet", "ftx"]
+        and specs["imgnet"].untrained
+        and specs["ftx"].weights.endswith("ftx.safetensors")
+    )
     assert {s.arch for s in specs.values()} == {"keras_xception"} == {ModelSpec("x").arch}

@@ -28,7 +28,13 @@ def write_features(folder: Path, density: dict[str, float], noise: dict[str, flo
     for model, sd in noise.items():
         values = d[:, None] * loadings[None, :] + rng.normal(0, sd, (len(d), N_FEATURES))
         files[model] = folder / f"{model}.patients.parquet"
-        write_table({"patient_id": np.array(patients), **{f"mean_{i:04d}": values[:, i].astype(np.float32) for i in range(N_FEATURES)}}, files[model])
+        write_table(
+            {
+                "patient_id": np.array(patients),
+                **{f"mean_{i:04d}": values[:, i].astype(np.float32) for i in range(N_FEATURES)},
+            },
+            files[model],
+        )
     return files
 
 
@@ -43,7 +49,9 @@ def cohort(tmp_path):
 def predict(features, expression, mutations, out_dir, sites=None, **settings):
     config = {"folds": 5, "repeats": 3, "bootstrap": 100, **settings}
     tables = CohortTargets(str(expression), str(mutations) if mutations else None)
-    return run_predict_job(features, tables, TargetSettings(), settings_from_config(config, seed=1), sites or {}, out_dir)
+    return run_predict_job(
+        features, tables, TargetSettings(), settings_from_config(config, seed=1), sites or {}, out_dir
+    )
 
 
 def test_planted_genes_are_recovered_and_noise_genes_are_not(cohort, tmp_path):
@@ -58,7 +66,15 @@ def test_planted_genes_are_recovered_and_noise_genes_are_not(cohort, tmp_path):
     mutation = pd.read_csv(out / "mutation_ftx.tsv", sep="\t").set_index("gene")
     assert mutation.loc[PLANTED_MUTATION, "auroc_mean"] > 0.75
     assert summary["tasks"]["expression"]["higher_with_a"] >= 3  # ftx carries the signal with less noise
-    for name in ("comparison.tsv", "repeats.tsv", "summary.md", "expression_r_scatter.png", "mutation_roc.png", "mutation_auroc.png", "targets.json"):
+    for name in (
+        "comparison.tsv",
+        "repeats.tsv",
+        "summary.md",
+        "expression_r_scatter.png",
+        "mutation_roc.png",
+        "mutation_auroc.png",
+        "targets.json",
+    ):
         assert (out / name).is_file(), name
 
 

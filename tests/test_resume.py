@@ -73,11 +73,21 @@ def cohort(slides, tmp_path_factory) -> Cohort:
     folder = tmp_path_factory.mktemp("resume_slides")
 
     def slide(name: str, seed: int, fmt: str) -> Path:
-        return write_slide(folder / f"{name}.{fmt}", SyntheticTissue(900.0, 700.0, seed=seed, tissue_cover=0.5, background_band=0.25), 0.5, fmt)
+        return write_slide(
+            folder / f"{name}.{fmt}",
+            SyntheticTissue(900.0, 700.0, seed=seed, tissue_cover=0.5, background_band=0.25),
+            0.5,
+            fmt,
+        )
 
-    rows = [Row("a", "s0", "pa1", slide("s0", 21, "svs")), Row("a", "s1", "pa2", slide("s1", 22, "tiff")),
-            Row("a", "corrupt", "pa3", slides.corrupt), Row("a", "blank", "pa4", slides.blank), Row("a", "nompp", "pa5", slides.no_mpp),
-            Row("b", "s2", "pb1", slide("s2", 23, "svs"))]
+    rows = [
+        Row("a", "s0", "pa1", slide("s0", 21, "svs")),
+        Row("a", "s1", "pa2", slide("s1", 22, "tiff")),
+        Row("a", "corrupt", "pa3", slides.corrupt),
+        Row("a", "blank", "pa4", slides.blank),
+        Row("a", "nompp", "pa5", slides.no_mpp),
+        Row("b", "s2", "pb1", slide("s2", 23, "svs")),
+    ]
     return Cohort(rows, Row("c", "s3", "pc1", slide("s3", 24, "tiff")))
 
 
@@ -110,7 +120,9 @@ def without_cohort_b(reference: Path, dest: Path, tiled: bool) -> Path:
     `tiled`), and cohort b's aggregate and the summary are missing."""
     project = copy_of(reference, dest)
     results = project / "results"
-    remove(slide_outputs(project, "s2")[0 if not tiled else 4:] + [results / "aggregate" / "b", results / "summary.tsv"])
+    remove(
+        slide_outputs(project, "s2")[0 if not tiled else 4 :] + [results / "aggregate" / "b", results / "summary.tsv"]
+    )
     return project
 
 
@@ -168,15 +180,21 @@ def test_sigterm_mid_extraction_then_plain_rerun_finishes_only_what_is_missing(r
     # Stopped: nothing half-made at a final path; the stopped slide's chunks are kept under .partial.
     done_before = complete_stores(project, SLIDES)
     stopped = {s: n for s, n in chunks_done(project).items() if n >= 1 and s not in done_before}
-    assert stopped == {"s2": stopped.get("s2", 0)} and stopped["s2"] >= 1, f"s2 was not stopped mid-extraction: {chunks_done(project)}"
+    assert stopped == {"s2": stopped.get("s2", 0)} and stopped["s2"] >= 1, (
+        f"s2 was not stopped mid-extraction: {chunks_done(project)}"
+    )
     assert tiled(project, SLIDES) == set(SLIDES)
 
     again = snakemake(project, "--cores", "2", TARGET)
     assert again.returncode == 0, again.stdout[-3000:]
-    assert ran_jobs(again.stdout) == expected_jobs(features=["s2"], aggregate=["b"]), "the rerun redid finished jobs (s2 was tiled before the stop)"
+    assert ran_jobs(again.stdout) == expected_jobs(features=["s2"], aggregate=["b"]), (
+        "the rerun redid finished jobs (s2 was tiled before the stop)"
+    )
     log = (project / "logs" / "features" / "s2.log").read_text()
     match = RESUMED.search(log)
-    assert match and int(match.group(4)) >= stopped["s2"], f"s2 was not resumed from its {stopped['s2']} stored chunks:\n{log}"
+    assert match and int(match.group(4)) >= stopped["s2"], (
+        f"s2 was not resumed from its {stopped['s2']} stored chunks:\n{log}"
+    )
     assert not list((project / "results" / "features").glob("*.partial"))
     assert_same_results(project, reference, SLIDES, COHORTS)
 
@@ -215,7 +233,11 @@ def killed(reference, tmp_path_factory) -> Killed:
     locked = snakemake(project, "--cores", "2", TARGET).stdout  # the killed run's lock is still there
     unlock = snakemake(project, "--unlock").returncode
 
-    untouched = [p for s in ["s0", "s1"] for p in slide_outputs(project, s)] + slide_outputs(project, "s2")[:4] + [project / "results" / "aggregate" / "a"]
+    untouched = (
+        [p for s in ["s0", "s1"] for p in slide_outputs(project, s)]
+        + slide_outputs(project, "s2")[:4]
+        + [project / "results" / "aggregate" / "a"]
+    )
     before = snapshot(untouched)
     first = Background(project, "--cores", "2", "--rerun-incomplete", TARGET, log_name="resumed")
     try:
@@ -231,8 +253,19 @@ def killed(reference, tmp_path_factory) -> Killed:
         resumed = first.wait(300)
     finally:
         first.kill_all()
-    return Killed(project, stopped, locked, unlock, first.process.returncode, resumed, second.stdout, second.returncode, still_running,
-                  before, snapshot(untouched))
+    return Killed(
+        project,
+        stopped,
+        locked,
+        unlock,
+        first.process.returncode,
+        resumed,
+        second.stdout,
+        second.returncode,
+        still_running,
+        before,
+        snapshot(untouched),
+    )
 
 
 @pytest.mark.slow
@@ -305,7 +338,9 @@ def test_adding_a_cohort_runs_only_its_jobs_and_leaves_the_others_untouched(coho
     planned = dry_run(project)
     assert planned == expected_jobs(tile=["s3"], features=["s3"], aggregate=["c"]), sorted(planned)
 
-    existing = [p for s in SLIDES for p in slide_outputs(project, s)] + [project / "results" / "aggregate" / c for c in COHORTS]
+    existing = [p for s in SLIDES for p in slide_outputs(project, s)] + [
+        project / "results" / "aggregate" / c for c in COHORTS
+    ]
     before = snapshot(existing)
     done = snakemake(project, "--cores", "2", TARGET)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -334,7 +369,16 @@ SETTING_CHANGES = {
     "features.dtype": {"features": {"dtype": "float16"}},
     "features.reader": {"features": {"reader": "exact"}},
     "aggregate.statistics": {"aggregate": {"statistics": ["mean", "std"]}},
-    "features how-settings": {"features": {"batch_size": 8, "chunk_tiles": 16, "num_workers": 1, "threads": 2, "device": "auto", "compile": True}},
+    "features how-settings": {
+        "features": {
+            "batch_size": 8,
+            "chunk_tiles": 16,
+            "num_workers": 1,
+            "threads": 2,
+            "device": "auto",
+            "compile": True,
+        }
+    },
     "aggregate.scheduler": {"aggregate": {"scheduler": "synchronous"}},
     "models.allow_network": {"models": {"allow_network": True}},
     "qc.max_px": {"qc": {"max_px": 400}},
@@ -382,7 +426,12 @@ def planned_after(reference, tmp_path_factory) -> dict[str, set[tuple[str, str]]
             change = {"samples": str(sheet)}
         case = project / "config" / f"case{index}.yaml"
         case.write_text(json.dumps(merge(config, change)))
-        runs[name] = subprocess.Popen(command(project, TARGET, "-n", "--configfile", str(case)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        runs[name] = subprocess.Popen(
+            command(project, TARGET, "-n", "--configfile", str(case)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     outputs = {name: run.communicate(timeout=300)[0] for name, run in runs.items()}
     for name, run in runs.items():
         assert run.returncode == 0, f"{name}: {outputs[name][-3000:]}"
@@ -435,10 +484,19 @@ def test_new_weights_rebuild_the_stores_that_need_them_and_the_aggregates_never_
     sha = file_sha256(weights)
     features = project / "results" / "features"
     assert open_store(features / "s2.zarr").attrs["models"]["ftx"]["weights_sha256"] == sha
-    assert json.loads((project / "results" / "aggregate" / "b" / "provenance.json").read_text())["models"]["ftx"]["weights_sha256"] == sha
+    assert (
+        json.loads((project / "results" / "aggregate" / "b" / "provenance.json").read_text())["models"]["ftx"][
+            "weights_sha256"
+        ]
+        == sha
+    )
     assert dry_run(project) == expected_jobs(features=COHORT_A, aggregate=["a"])  # cohort a: still stale, all of it
     with pytest.raises(AggregateError, match="different networks"):  # and stores of both weights are never combined
-        aggregate_cohort([SlideEntry("s0", "x", features / "s0.zarr"), SlideEntry("s2", "y", features / "s2.zarr")], ["imgnet", "ftx"], ["mean"])
+        aggregate_cohort(
+            [SlideEntry("s0", "x", features / "s0.zarr"), SlideEntry("s2", "y", features / "s2.zarr")],
+            ["imgnet", "ftx"],
+            ["mean"],
+        )
 
     write_weights(weights, seed=6)  # the same file name, new weights
     assert dry_run(project) == ALL_FEATURES
@@ -456,8 +514,17 @@ def test_broken_slides_are_isolated_through_features_aggregate_and_summary(refer
 
     results = reference / "results"
     summary = pd.read_csv(results / "summary.tsv", sep="\t", keep_default_na=False).set_index("slide_id")
-    assert dict(summary["status"]) == {"s0": "ok", "s1": "ok", "s2": "ok", "corrupt": "failed", "blank": "no_tissue", "nompp": "failed"}
-    assert "'mpp' column" in summary.loc["nompp", "reason"] and "corrupt" in summary.loc["corrupt", "reason"], summary.loc[BROKEN, "reason"].to_dict()
+    assert dict(summary["status"]) == {
+        "s0": "ok",
+        "s1": "ok",
+        "s2": "ok",
+        "corrupt": "failed",
+        "blank": "no_tissue",
+        "nompp": "failed",
+    }
+    assert "'mpp' column" in summary.loc["nompp", "reason"] and "corrupt" in summary.loc["corrupt", "reason"], (
+        summary.loc[BROKEN, "reason"].to_dict()
+    )
     assert summary.loc["blank", "reason"]
     markdown = (results / "summary.md").read_text()
     for slide in BROKEN:
@@ -465,8 +532,16 @@ def test_broken_slides_are_isolated_through_features_aggregate_and_summary(refer
         assert f"`{slide}`" in markdown
         store = open_store(results / "features" / f"{slide}.zarr")  # complete, empty, with the tiling status
         assert store.attrs["n_tiles"] == 0 and store.attrs["tiling_status"] == summary.loc[slide, "status"]
-    table = pd.read_csv(results / "aggregate" / "a" / "slides.tsv", sep="\t", keep_default_na=False).set_index("slide_id")
-    assert dict(table["status"]) == {"s0": "used", "s1": "used", "corrupt": "left_out", "blank": "left_out", "nompp": "left_out"}
+    table = pd.read_csv(results / "aggregate" / "a" / "slides.tsv", sep="\t", keep_default_na=False).set_index(
+        "slide_id"
+    )
+    assert dict(table["status"]) == {
+        "s0": "used",
+        "s1": "used",
+        "corrupt": "left_out",
+        "blank": "left_out",
+        "nompp": "left_out",
+    }
     assert all(table.loc[s, "reason"] for s in BROKEN)
     cohorts = pd.read_csv(results / "summary_cohorts.tsv", sep="\t").set_index("cohort")
     assert cohorts.loc["a", ["slides", "used", "left_out", "failed", "no_tissue"]].tolist() == [5, 2, 3, 2, 1]
@@ -501,15 +576,24 @@ def interrupted_store(small_slide, models, settings, path: Path, chunks: int, va
     from pathwsi.features.store import open_writer
 
     sample, coords, fractions, meta = small_slide
-    writer = open_writer(path, coords, fractions, {m.spec.name: m.feature_dim for m in models}, store_attrs(sample, meta, models, settings),
-                         settings.aligned_chunk, settings.dtype)
+    writer = open_writer(
+        path,
+        coords,
+        fractions,
+        {m.spec.name: m.feature_dim for m in models},
+        store_attrs(sample, meta, models, settings),
+        settings.aligned_chunk,
+        settings.dtype,
+    )
     size = settings.aligned_chunk
     for index in range(chunks):
-        writer.write_chunk(index, {name: v[index * size:(index + 1) * size] for name, v in values.items()})
+        writer.write_chunk(index, {name: v[index * size : (index + 1) * size] for name, v in values.items()})
 
 
 @pytest.mark.parametrize(("resume_batch", "resumes"), [(1, True), (3, False)])
-def test_resuming_with_another_batch_size_never_skips_or_misplaces_tiles(small_slide, tmp_path, caplog, one_torch_thread, resume_batch, resumes):
+def test_resuming_with_another_batch_size_never_skips_or_misplaces_tiles(
+    small_slide, tmp_path, caplog, one_torch_thread, resume_batch, resumes
+):
     """features.batch_size 'changes nothing', so it may differ between the killed run and the rerun
     (e.g. lowered after running out of GPU memory): the result must still be every tile's features."""
     import logging
@@ -520,7 +604,10 @@ def test_resuming_with_another_batch_size_never_skips_or_misplaces_tiles(small_s
 
     sample, coords, fractions, meta = small_slide
     models = [build_backbone(ModelSpec("m", arch="test_resnet", input_px=64, seed=1))]
-    killed, rerun = ExtractSettings(batch_size=2, chunk_tiles=2, num_workers=0), ExtractSettings(batch_size=resume_batch, chunk_tiles=2, num_workers=0)
+    killed, rerun = (
+        ExtractSettings(batch_size=2, chunk_tiles=2, num_workers=0),
+        ExtractSettings(batch_size=resume_batch, chunk_tiles=2, num_workers=0),
+    )
     assert len(coords) > 3 * 3 and len(coords) % 3 != 0
     extract_slide(sample, coords, fractions, meta, models, rerun, tmp_path / "reference.zarr")
     expected = open_store(tmp_path / "reference.zarr").features("m")[:]

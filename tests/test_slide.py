@@ -35,7 +35,10 @@ def test_tiff_resolution_tags_are_used_when_openslide_reports_no_mpp():
     assert resolve_mpp(props, None, "x").source == "tiff-resolution"
 
 
-@pytest.mark.parametrize("name, pattern", [("corrupt", "OpenSlide cannot open it|reading failed"), ("not_a_slide", "OpenSlide cannot open it")])
+@pytest.mark.parametrize(
+    "name, pattern",
+    [("corrupt", "OpenSlide cannot open it|reading failed"), ("not_a_slide", "OpenSlide cannot open it")],
+)
 def test_unreadable_files_raise_slide_error(slides, name, pattern):
     with pytest.raises(SlideError, match=pattern):
         with Slide(getattr(slides, name)) as slide:
@@ -80,7 +83,9 @@ def test_same_tissue_read_from_two_scans_agrees(slides):
 def test_region_from_a_coarser_level_matches_level0_downsampled(slides):
     with Slide(slides.svs_025) as slide:
         from_level1 = slide.read_region(400, 400, 100, 100, 2.0).astype(float)  # read from the 1 µm/px level
-        level0 = np.asarray(openslide.OpenSlide(str(slides.svs_025)).read_region((400, 400), 0, (800, 800)).convert("RGB"))
+        level0 = np.asarray(
+            openslide.OpenSlide(str(slides.svs_025)).read_region((400, 400), 0, (800, 800)).convert("RGB")
+        )
     expected = np.asarray(Image.fromarray(level0).resize((100, 100), Image.Resampling.BOX)).astype(float)
     assert np.abs(from_level1 - expected).mean() < 4
 
@@ -97,5 +102,9 @@ def test_a_sheet_mpp_far_from_the_files_own_is_a_warning_naming_the_slide(slides
             assert slide.mpp.value == 1.5  # the sheet still wins
         with Slide(slides.svs_025, "near", mpp_override=0.5):
             pass
-    assert [r.getMessage() for r in caplog.records if "far" in r.getMessage() and "6.0x the file's own 0.25" in r.getMessage()]
+    assert [
+        r.getMessage()
+        for r in caplog.records
+        if "far" in r.getMessage() and "6.0x the file's own 0.25" in r.getMessage()
+    ]
     assert not [r for r in caplog.records if "'near'" in r.getMessage()]

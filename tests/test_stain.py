@@ -230,7 +230,9 @@ def test_load_target_errors_are_clear(tmp_path: Path) -> None:
 def test_normalize_recovers_target_stains(source_image: np.ndarray) -> None:
     """Lab B's image normalized to the reference looks like the same tissue stained by the reference."""
     source, target = fit_macenko(source_image), default_reference()
-    restained = synth_he(256, stains=REFERENCE_STAINS, max_conc=np.array([1.4, 1.3]) * target.max_conc / source.max_conc, seed=2)
+    restained = synth_he(
+        256, stains=REFERENCE_STAINS, max_conc=np.array([1.4, 1.3]) * target.max_conc / source.max_conc, seed=2
+    )
     ours = normalize_array(source_image, source, target)
     assert np.abs(ours.astype(np.int16) - restained).mean() < 1.5
     assert np.abs(source_image.astype(np.int16) - restained).mean() > 5.0

@@ -89,7 +89,10 @@ def test_cuda_equals_cpu(tiles: np.ndarray) -> None:
     cuda = normalize_batch(_nchw(tiles).cuda(), source, target, out_dtype=torch.float32)
     assert cuda.is_cuda
     assert torch.allclose(cpu, cuda.cpu(), atol=2e-5)
-    assert (normalize_batch(_nchw(tiles).cuda(), source, target).cpu().int() - normalize_batch(_nchw(tiles), source, target).int()).abs().max() <= 1
+    assert (
+        normalize_batch(_nchw(tiles).cuda(), source, target).cpu().int()
+        - normalize_batch(_nchw(tiles), source, target).int()
+    ).abs().max() <= 1
 
 
 def test_torchstain_torch_backend_parity() -> None:
@@ -109,7 +112,12 @@ def test_torchstain_torch_backend_parity() -> None:
 def tile_folder(tmp_path: Path, tiles: np.ndarray) -> Path:
     """A class-folder layout like NCT-CRC-HE-100K, mixed formats, plus a non-image file."""
     root = tmp_path / "NCT"
-    for name, tile, cls, suffix in [("a", tiles[0], "TUM", ".tif"), ("b", tiles[1], "TUM", ".png"), ("c", tiles[2], "STR", ".jpg"), ("d", tiles[3], "BACK", ".tif")]:
+    for name, tile, cls, suffix in [
+        ("a", tiles[0], "TUM", ".tif"),
+        ("b", tiles[1], "TUM", ".png"),
+        ("c", tiles[2], "STR", ".jpg"),
+        ("d", tiles[3], "BACK", ".tif"),
+    ]:
         (root / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(tile).save(root / cls / f"{name}{suffix}")
     (root / "README.txt").write_text("not an image")

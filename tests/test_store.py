@@ -118,7 +118,9 @@ def test_inspect_command_reports_validity(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "valid and complete" in out and "features/a" in out
     unfinished = tmp_path / "u.zarr"
-    open_writer(unfinished, coords(10), np.ones(10, np.float32), {"a": 3}, ATTRS, 4).write_chunk(0, {"a": np.zeros((4, 3))})
+    open_writer(unfinished, coords(10), np.ones(10, np.float32), {"a": 3}, ATTRS, 4).write_chunk(
+        0, {"a": np.zeros((4, 3))}
+    )
     assert main(["inspect", str(unfinished)]) == 1
     assert "stored 1 chunk(s) under .partial" in capsys.readouterr().out
 
@@ -151,7 +153,9 @@ def test_a_truncated_chunk_is_refused_and_named(tmp_path):
     path = write_all(tmp_path / "s.zarr")
     data = chunk_file(path).read_bytes()
     chunk_file(path).write_bytes(data[: len(data) // 2])
-    with pytest.raises(StoreError, match=rf"s\.zarr: damaged store: features/a/c/1/0 has {len(data) // 2} bytes, not {len(data)}"):
+    with pytest.raises(
+        StoreError, match=rf"s\.zarr: damaged store: features/a/c/1/0 has {len(data) // 2} bytes, not {len(data)}"
+    ):
         open_store(path)
 
 
@@ -174,7 +178,9 @@ def test_a_store_of_an_older_schema_is_refused_with_what_to_do(tmp_path):
     metadata = json.loads((path / "zarr.json").read_text())
     metadata["attributes"]["schema"] = "pathwsi.features/1"
     (path / "zarr.json").write_text(json.dumps(metadata))
-    with pytest.raises(StoreError, match=r"older pathwsi \(pathwsi.features/1\), without checksums; delete it and rerun"):
+    with pytest.raises(
+        StoreError, match=r"older pathwsi \(pathwsi.features/1\), without checksums; delete it and rerun"
+    ):
         open_store(path)
 
 
@@ -193,8 +199,13 @@ def test_unreadable_tiles_are_marked_nan_and_listed(tmp_path):
     np.testing.assert_array_equal(store.readable(), [True, True, False, True, True, False, True, True, True, True])
     features = store.features("a")[:]
     assert np.isnan(features[[2, 5]]).all() and (features[store.readable()] == 1).all()
-    assert store.attrs["unreadable_tiles"] == {"count": 2, "tiles": [
-        {"index": 2, "x": 896, "y": 0, "reason": "JPEG tile 7 cannot be decoded"}, {"index": 5, "x": 2240, "y": 0, "reason": "JPEG tile 9 cannot be decoded"}]}
+    assert store.attrs["unreadable_tiles"] == {
+        "count": 2,
+        "tiles": [
+            {"index": 2, "x": 896, "y": 0, "reason": "JPEG tile 7 cannot be decoded"},
+            {"index": 5, "x": 2240, "y": 0, "reason": "JPEG tile 9 cannot be decoded"},
+        ],
+    }
     assert describe(path)["valid"] is True  # NaN only where tiles are unreadable
 
 
@@ -213,7 +224,13 @@ if len(sys.argv) > 2:
 
 def second_writer(path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-c", SECOND_WRITER, str(path), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", SECOND_WRITER, str(path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_a_second_writer_waits_and_keeps_the_store_the_first_finished(tmp_path):

@@ -84,9 +84,15 @@ def test_ids_stay_strings(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("p\tGZMA\nP1\t1\nP2\tlow\n", r"expr.tsv: column 'GZMA', patient 'P2' \(line 3\): 'low' is not a finite number"),
+        (
+            "p\tGZMA\nP1\t1\nP2\tlow\n",
+            r"expr.tsv: column 'GZMA', patient 'P2' \(line 3\): 'low' is not a finite number",
+        ),
         ("p\tGZMA\nP1\t\nP2\t1\n", r"column 'GZMA', patient 'P1' \(line 2\): is empty"),
-        ("p\tGZMA\tCD8A\nP1\t1\t2\nP2\t3\t-0.5\n", r"column 'CD8A', patient 'P2' \(line 3\): -0.5 is negative.*transform to 'none'"),
+        (
+            "p\tGZMA\tCD8A\nP1\t1\t2\nP2\t3\t-0.5\n",
+            r"column 'CD8A', patient 'P2' \(line 3\): -0.5 is negative.*transform to 'none'",
+        ),
         ("p\tGZMA\nP1\t1\nP2\t2\nP1\t3\n", r"patient id 'P1' appears on line 2 and line 4"),
         ("p\tGZMA\tGZMA\nP1\t1\t2\n", r"column\(s\) GZMA appear more than once"),
         ("p\tGZMA\n\t1\n", r"line 2 has no patient id"),
@@ -116,7 +122,9 @@ def test_only_requested_genes_are_validated(tmp_path):
 
 
 def test_read_mutations(tmp_path):
-    table = read_mutations(write(tmp_path / "mut.tsv", "patient_id\tTP53\tKRAS\nP1\t1\t0\nP2\t0.0\t1\n"), genes=["KRAS", "TP53"])
+    table = read_mutations(
+        write(tmp_path / "mut.tsv", "patient_id\tTP53\tKRAS\nP1\t1\t0\nP2\t0.0\t1\n"), genes=["KRAS", "TP53"]
+    )
     assert table.dtypes.unique().tolist() == [np.dtype("int8")]
     assert table.to_dict() == {"TP53": {"P1": 1, "P2": 0}, "KRAS": {"P1": 0, "P2": 1}}
 
@@ -173,7 +181,10 @@ def test_match_all_columns_by_default():
 
 
 def test_match_problems():
-    with pytest.raises(TargetError, match=r"only 2 patient\(s\) have both .* fewer than the 10 needed; 3 have features \(e.g. P1, P2, X\), 8 have targets"):
+    with pytest.raises(
+        TargetError,
+        match=r"only 2 patient\(s\) have both .* fewer than the 10 needed; 3 have features \(e.g. P1, P2, X\), 8 have targets",
+    ):
         match(["P1", "P2", "X"], targets_table())
     with pytest.raises(TargetError, match="none of the 2 requested genes"):
         match([f"P{i}" for i in range(1, 9)], targets_table(), genes=["X", "Y"], min_patients=8)
@@ -202,5 +213,7 @@ def test_unreadable_tables_name_the_file(tmp_path):
 def test_a_table_with_a_header_but_no_rows_says_so(tmp_path):
     path = tmp_path / "expression.tsv"
     path.write_text("patient_id\tCD8A\tGZMB\n")
-    with pytest.raises(TargetError, match=r"expression.tsv: the table has a header but no rows; add one row per patient"):
+    with pytest.raises(
+        TargetError, match=r"expression.tsv: the table has a header but no rows; add one row per patient"
+    ):
         read_table(path)

@@ -34,11 +34,28 @@ from pathwsi.samples import load_samples
 )
 def test_parse_barcode(text, patient, site, sample_type, vial, portion):
     barcode = parse_barcode(text)
-    assert (barcode.patient, barcode.site, barcode.sample_type, barcode.vial, barcode.portion) == (patient, site, sample_type, vial, portion)
+    assert (barcode.patient, barcode.site, barcode.sample_type, barcode.vial, barcode.portion) == (
+        patient,
+        site,
+        sample_type,
+        vial,
+        portion,
+    )
     assert barcode.barcode == text.split(".")[0]
 
 
-@pytest.mark.parametrize("text", ["", "TCGA-05", "tcga-05-4244-01A", "TARGET-20-PAEFGT-03A", "TCGA-05-4244-1A", "TCGA-05-4244-01A extra", "slide_001.svs"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "TCGA-05",
+        "tcga-05-4244-01A",
+        "TARGET-20-PAEFGT-03A",
+        "TCGA-05-4244-1A",
+        "TCGA-05-4244-01A extra",
+        "slide_001.svs",
+    ],
+)
 def test_bad_barcodes(text):
     with pytest.raises(TargetError, match="is not a TCGA barcode"):
         parse_barcode(text)
@@ -47,13 +64,21 @@ def test_bad_barcodes(text):
 # --- GDC STAR - Counts ---------------------------------------------------------------------------
 
 STAR_COLUMNS = "gene_id\tgene_name\tgene_type\tunstranded\tstranded_first\tstranded_second\ttpm_unstranded\tfpkm_unstranded\tfpkm_uq_unstranded"
-GENES = [("ENSG00000141510.18", "TP53"), ("ENSG00000002586.20", "CD99"), ("ENSG00000002586.20_PAR_Y", "CD99"), ("ENSG00000133703.12", "KRAS")]
+GENES = [
+    ("ENSG00000141510.18", "TP53"),
+    ("ENSG00000002586.20", "CD99"),
+    ("ENSG00000002586.20_PAR_Y", "CD99"),
+    ("ENSG00000133703.12", "KRAS"),
+]
 
 
 def star_file(path, counts, tpm):
     """A GDC augmented STAR gene counts file with the four summary rows first."""
     lines = ["# gene-model: GENCODE v36", STAR_COLUMNS]
-    lines += [f"{name}\t\t\t{n}\t{n}\t{n}\t\t\t" for name, n in zip(("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous"), (9, 8, 7, 6))]
+    lines += [
+        f"{name}\t\t\t{n}\t{n}\t{n}\t\t\t"
+        for name, n in zip(("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous"), (9, 8, 7, 6))
+    ]
     lines += [f"{gid}\t{name}\tprotein_coding\t{c}\t0\t0\t{t}\t0\t0" for (gid, name), c, t in zip(GENES, counts, tpm)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -77,8 +102,12 @@ def gdc_expression(tmp_path):
     for uuid, case, sample, kind, counts, tpm in STAR_SAMPLES:
         name = f"{uuid}.rna_seq.augmented_star_gene_counts.tsv"
         star_file(files / uuid / name, counts, tpm)
-        rows.append(f"{uuid}\t{name}\tTranscriptome Profiling\tGene Expression Quantification\tTCGA-LUAD\t{case}\t{sample}\t{kind}")
-    rows.append("m1\tm1.wxs.aliquot_ensemble_masked.maf.gz\tSimple Nucleotide Variation\tMasked Somatic Mutation\tTCGA-LUAD\tTCGA-05-4244, TCGA-05-4244\tTCGA-05-4244-10A, TCGA-05-4244-01A\tBlood Derived Normal, Primary Tumor")
+        rows.append(
+            f"{uuid}\t{name}\tTranscriptome Profiling\tGene Expression Quantification\tTCGA-LUAD\t{case}\t{sample}\t{kind}"
+        )
+    rows.append(
+        "m1\tm1.wxs.aliquot_ensemble_masked.maf.gz\tSimple Nucleotide Variation\tMasked Somatic Mutation\tTCGA-LUAD\tTCGA-05-4244, TCGA-05-4244\tTCGA-05-4244-10A, TCGA-05-4244-01A\tBlood Derived Normal, Primary Tumor"
+    )
     sheet = tmp_path / "gdc_sample_sheet.tsv"
     sheet.write_text("\n".join(rows) + "\n")
     return sheet, files
@@ -113,7 +142,9 @@ def test_import_expression_counts_and_other_sample_types(gdc_expression):
 
 def test_import_expression_reports_missing_and_unlisted_files(gdc_expression, caplog):
     sheet, files = gdc_expression
-    (files / "f2" / "f2.rna_seq.augmented_star_gene_counts.tsv").rename(files / "stray.rna_seq.augmented_star_gene_counts.tsv")
+    (files / "f2" / "f2.rna_seq.augmented_star_gene_counts.tsv").rename(
+        files / "stray.rna_seq.augmented_star_gene_counts.tsv"
+    )
     table = import_gdc_expression(sheet, files)
     np.testing.assert_allclose(table.loc["TCGA-05-4244"], [1.0, 3.0, 6.0])
     assert "1 file(s) of the sample sheet are not under" in caplog.text and "f2.rna_seq" in caplog.text
@@ -124,7 +155,10 @@ def test_import_expression_problems(gdc_expression, tmp_path):
     sheet, files = gdc_expression
     broken = files / "f4" / "f4.rna_seq.augmented_star_gene_counts.tsv"
     broken.write_text(broken.read_text().replace("\t7.0\t", "\tNA\t"))
-    with pytest.raises(TargetError, match=r"f4.rna_seq.augmented_star_gene_counts.tsv: column 'tpm_unstranded', gene ENSG00000141510.18: 'NA'"):
+    with pytest.raises(
+        TargetError,
+        match=r"f4.rna_seq.augmented_star_gene_counts.tsv: column 'tpm_unstranded', gene ENSG00000141510.18: 'NA'",
+    ):
         import_gdc_expression(sheet, files)
     star_file(broken, (1, 2, 3), (1.0, 2.0, 3.0))  # a gene short
     with pytest.raises(TargetError, match="its genes differ from those of"):
@@ -144,7 +178,10 @@ def test_import_expression_problems(gdc_expression, tmp_path):
     not_star.write_text("# a comment\ngene\tvalue\nA\t1\n")
     other_sheet = tmp_path / "sheet4.tsv"
     other_sheet.write_text(f"File Name\tSample ID\n{not_star.name}\tTCGA-05-4244-01A\n")
-    with pytest.raises(TargetError, match=r"x.rna_seq.augmented_star_gene_counts.tsv: no column 'gene_id', 'gene_name', 'tpm_unstranded'"):
+    with pytest.raises(
+        TargetError,
+        match=r"x.rna_seq.augmented_star_gene_counts.tsv: no column 'gene_id', 'gene_name', 'tpm_unstranded'",
+    ):
         import_gdc_expression(other_sheet, not_star.parent)
 
 
@@ -168,7 +205,9 @@ MAF_HEADER = "Hugo_Symbol\tEntrez_Gene_Id\tCenter\tVariant_Classification\tVaria
 def maf_text(variants):
     """A GDC-style MAF: `#` header lines, then (gene, class, tumour barcode) rows (a '#' inside a field, too)."""
     lines = ["#version gdc-1.0.0", "#filedate 20240101", "#annotation.spec gdc-2.0.0-aliquot-merged-masked", MAF_HEADER]
-    lines += [f"{gene}\t0\tBI\t{kind}\tSNP\t{tumour}\t{tumour[:12]}-10A-01D-A000-09\tp.X1#" for gene, kind, tumour in variants]
+    lines += [
+        f"{gene}\t0\tBI\t{kind}\tSNP\t{tumour}\t{tumour[:12]}-10A-01D-A000-09\tp.X1#" for gene, kind, tumour in variants
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -204,7 +243,17 @@ def test_import_maf_binary_table_plain_and_gz(tmp_path):
 
 def test_top_genes_ties_are_alphabetical_and_logged(tmp_path, caplog):
     maf = tmp_path / "x.maf"
-    maf.write_text(maf_text([("ZNF1", "Missense_Mutation", P1), ("ABC1", "Missense_Mutation", P2), ("MID1", "Missense_Mutation", P3), ("TOP", "Missense_Mutation", P1), ("TOP", "Missense_Mutation", P2)]))
+    maf.write_text(
+        maf_text(
+            [
+                ("ZNF1", "Missense_Mutation", P1),
+                ("ABC1", "Missense_Mutation", P2),
+                ("MID1", "Missense_Mutation", P3),
+                ("TOP", "Missense_Mutation", P1),
+                ("TOP", "Missense_Mutation", P2),
+            ]
+        )
+    )
     table = import_maf([maf], top=2)
     assert list(table.columns) == ["TOP", "ABC1"]
     assert "genes ABC1, MID1, ZNF1 are mutated in 1 patients each" in caplog.text
@@ -285,7 +334,12 @@ def slide_dir(tmp_path):
 
 def test_sheet_from_tcga(slide_dir, caplog):
     samples, skipped = sheet_from_tcga(slide_dir, "TCGA-LUAD")
-    assert [s.slide_id for s in samples] == ["TCGA-05-4244-01Z-00-DX1", "TCGA-05-4244-01Z-00-DX2", "TCGA-05-4244-01Z-00-DX1_2", "TCGA-2Z-A9JE-01Z-00-DX1"]
+    assert [s.slide_id for s in samples] == [
+        "TCGA-05-4244-01Z-00-DX1",
+        "TCGA-05-4244-01Z-00-DX2",
+        "TCGA-05-4244-01Z-00-DX1_2",
+        "TCGA-2Z-A9JE-01Z-00-DX1",
+    ]
     assert [s.patient_id for s in samples] == ["TCGA-05-4244"] * 3 + ["TCGA-2Z-A9JE"]
     assert [s.site for s in samples] == ["05", "05", "05", "2Z"]
     assert {s.cohort for s in samples} == {"TCGA-LUAD"} and all(s.mpp is None for s in samples)
@@ -319,7 +373,10 @@ def test_cli_sheet_from_tcga(slide_dir, tmp_path, capsys):
     out = tmp_path / "samples.tsv"
     assert main(["sheet-from-tcga", str(slide_dir), "--cohort", "TCGA-LUAD", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "4 slides of 2 patients; 2 skipped" in printed and "notes.svs: the file name does not start with a TCGA barcode" in printed
+    assert (
+        "4 slides of 2 patients; 2 skipped" in printed
+        and "notes.svs: the file name does not start with a TCGA barcode" in printed
+    )
     assert len(load_samples(out)) == 4
     assert main(["sheet-from-tcga", str(slide_dir), "--cohort", "bad name", "-o", str(out)]) == 2
     assert "error: cohort 'bad name'" in capsys.readouterr().err

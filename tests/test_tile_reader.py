@@ -30,13 +30,23 @@ APERIO = "Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/R
 @pytest.fixture(scope="module")
 def odd_tiff(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generic TIFF at 0.25 µm/px whose size is not a multiple of 4: level 1's downsample is not whole."""
-    return write_slide(tmp_path_factory.mktemp("odd") / "odd.tiff", SyntheticTissue(300.25, 250.5, seed=4, tissue_cover=0.8), 0.25, "tiff")
+    return write_slide(
+        tmp_path_factory.mktemp("odd") / "odd.tiff",
+        SyntheticTissue(300.25, 250.5, seed=4, tissue_cover=0.8),
+        0.25,
+        "tiff",
+    )
 
 
 @pytest.fixture(scope="module")
 def files(slides, odd_tiff: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """SVS and generic TIFF, each scanned at 0.25 and at 0.5 µm/px."""
-    svs_05 = write_slide(tmp_path_factory.mktemp("svs05") / "svs05.svs", SyntheticTissue(300.0, 250.0, seed=6, tissue_cover=0.8), 0.5, "svs")
+    svs_05 = write_slide(
+        tmp_path_factory.mktemp("svs05") / "svs05.svs",
+        SyntheticTissue(300.0, 250.0, seed=6, tissue_cover=0.8),
+        0.5,
+        "svs",
+    )
     return {"svs_025": slides.svs_025, "svs_05": svs_05, "tiff_025": odd_tiff, "tiff_05": slides.tiff_05}
 
 
@@ -53,9 +63,15 @@ def _points(slide: Slide, mpp: float) -> list[tuple[int, int]]:
     w, h = slide.width, slide.height
     border = round(256 * ds)  # a stored-tile border, in level-0 px
     return [
-        (round(8 * ds), round(8 * ds)), (border - 40, border - 24), (border - span // 2, 2 * border - span // 3),
-        (w - span // 2, h // 3), (w // 4, h - span // 3), (w - span // 4, h - span // 4),
-        (w + 10, 0), (-span // 2, -span // 3), (w // 2 + 1, h // 2 + 3),
+        (round(8 * ds), round(8 * ds)),
+        (border - 40, border - 24),
+        (border - span // 2, 2 * border - span // 3),
+        (w - span // 2, h // 3),
+        (w // 4, h - span // 3),
+        (w - span // 4, h - span // 4),
+        (w + 10, 0),
+        (-span // 2, -span // 3),
+        (w // 2 + 1, h // 2 + 3),
         (2 * ((w - span // 3) // 2), 2 * ((h - span // 5) // 2)),  # even: the halved-tile path, at the far edge
     ]
 
@@ -232,8 +248,16 @@ def test_a_corrupt_tile_is_a_slide_error_naming_the_slide(tmp_path, exact, damag
 def test_non_jpeg_tiff_falls_back_to_openslide(tmp_path):
     image = SyntheticTissue(120.0, 100.0, seed=1, tissue_cover=0.9).render(0, 0, 480, 400, 0.25)
     path = tmp_path / "deflate.tiff"
-    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib",
-                     resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", metadata=None)
+    tifffile.imwrite(
+        path,
+        image,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(1e4 / 0.25, 1e4 / 0.25),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     with Slide(path) as slide, open_tile_reader(slide, 0.5, TILE) as reader:
         assert isinstance(reader, OpenSlideTileReader) and "ADOBE_DEFLATE" in reader.reason
         tile = reader.read(40, 20)
@@ -248,8 +272,16 @@ def test_a_pickled_reader_works_in_a_spawned_worker(slides, tmp_path, kind):
     if kind == "openslide":
         path = tmp_path / "deflate.tiff"
         image = np.random.default_rng(1).integers(0, 256, (400, 500, 3), dtype=np.uint8)
-        tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="zlib",
-                         resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER", metadata=None)
+        tifffile.imwrite(
+            path,
+            image,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="zlib",
+            resolution=(1e4 / 0.25, 1e4 / 0.25),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
     with Slide(path) as slide:
         reader = open_tile_reader(slide, 0.5, TILE)
         here = reader.read(200, 100)  # opens this process's handle before pickling
@@ -318,10 +350,23 @@ def _write_rgb_jpeg_svs(path: Path, jfif: bool, ycbcr: bool = False, damage: str
             "too large": bytes(imagecodecs.jpeg8_encode(np.full((512, 512, 3), 200, np.uint8), level=90)),
         }[damage]
     extratags = [(347, 7, len(tables), tables, True)] if tables else []
-    colour = {"photometric": "ycbcr", "subsampling": (2, 2)} if ycbcr else {"photometric": "rgb", "compressionargs": {"outcolorspace": "rgb"}, "subsampling": (1, 1)}
+    colour = (
+        {"photometric": "ycbcr", "subsampling": (2, 2)}
+        if ycbcr
+        else {"photometric": "rgb", "compressionargs": {"outcolorspace": "rgb"}, "subsampling": (1, 1)}
+    )
     with tifffile.TiffWriter(path) as tif:
-        tif.write(iter(tiles), shape=(600, 800, 3), dtype=np.uint8, tile=(256, 256), compression="jpeg",
-                  description=APERIO.format(w=800, h=600), metadata=None, extratags=extratags, **colour)
+        tif.write(
+            iter(tiles),
+            shape=(600, 800, 3),
+            dtype=np.uint8,
+            tile=(256, 256),
+            compression="jpeg",
+            description=APERIO.format(w=800, h=600),
+            metadata=None,
+            extratags=extratags,
+            **colour,
+        )
     return path
 
 

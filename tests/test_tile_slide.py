@@ -59,7 +59,9 @@ def test_stain_fit_is_seeded_per_slide(tmp_path, slides):
     assert first["stain"]["params"] != reseeded["stain"]["params"]
 
 
-@pytest.mark.parametrize("name, reason", [("corrupt", "corrupt"), ("not_a_slide", "OpenSlide cannot open it"), ("no_mpp", "'mpp' column")])
+@pytest.mark.parametrize(
+    "name, reason", [("corrupt", "corrupt"), ("not_a_slide", "OpenSlide cannot open it"), ("no_mpp", "'mpp' column")]
+)
 def test_unusable_slides_are_recorded_as_failed(tmp_path, slides, name, reason):
     meta, out = run(tmp_path, getattr(slides, name), slide_id=name)
     assert meta["status"] == "failed" and reason in meta["reason"] and name in meta["reason"]
@@ -84,8 +86,19 @@ def test_tile_size_and_resolution_follow_the_settings(tmp_path, slides):
 
 def test_cli_tiles_one_slide(tmp_path, slides):
     done = subprocess.run(
-        [sys.executable, "-m", "pathwsi.cli", "tile", str(slides.tiff_05), "--slide-id", "one", "--results", str(tmp_path)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pathwsi.cli",
+            "tile",
+            str(slides.tiff_05),
+            "--slide-id",
+            "one",
+            "--results",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "tiles" / "one.json").read_text())["status"] == "ok"

@@ -25,9 +25,10 @@ from pathwsi.finetune.tissue_experiment import (
 )
 from pathwsi.finetune.train import FinetuneSettings, StepSettings, finetune
 
-pytestmark = [pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"), pytest.mark.usefixtures("one_torch_thread")]
-
-
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
@@ -76,7 +77,14 @@ def test_accuracy_confusion_and_paired_test():
 def test_settings_and_model_errors_are_clear(tmp_path):
     with pytest.raises(ExperimentError, match="unknown key.*fold"):
         ExperimentSettings.from_config({"tissue_experiment": {"fold": 5}, "seed": 0})
-    config = {"models": {"allow_network": False, "backbones": {"imgnet": {"arch": "legacy_xception", "weights": "untrained"}}}, "tissue_experiment": {"test_dir": str(tmp_path), "models": ["imgnet", "ftx"]}, "seed": 0}
+    config = {
+        "models": {
+            "allow_network": False,
+            "backbones": {"imgnet": {"arch": "legacy_xception", "weights": "untrained"}},
+        },
+        "tissue_experiment": {"test_dir": str(tmp_path), "models": ["imgnet", "ftx"]},
+        "seed": 0,
+    }
     with pytest.raises(ExperimentError, match="ftx not in models.backbones"):
         run_tissue_experiment_from_config(config, out_dir=tmp_path / "out")
 
@@ -91,7 +99,9 @@ def test_experiment_writes_tables_and_figure_and_flags_untrained_models(tmp_path
     settings = ExperimentSettings(folds=2, repeats=3, batch_size=16, num_workers=0)
     summary = run_tissue_experiment(specs, test_tiles, tmp_path, settings, device="cpu")
     accuracy = read_tsv(tmp_path / "accuracy.tsv")
-    assert [(r["model"], r["class"]) for r in accuracy[:2]] == [("a", "overall"), ("a", "ADI")] and len(accuracy) == 2 * (1 + len(CLASSES))
+    assert [(r["model"], r["class"]) for r in accuracy[:2]] == [("a", "overall"), ("a", "ADI")] and len(
+        accuracy
+    ) == 2 * (1 + len(CLASSES))
     assert all(r["flag"] == "untrained" and "UNTRAINED" in r["note"] for r in accuracy)
     assert 0 <= float(accuracy[0]["mean"]) <= 1 and float(accuracy[0]["std"]) >= 0
     comparison = read_tsv(tmp_path / "comparison.tsv")
@@ -127,12 +137,20 @@ def test_fine_tuned_features_classify_held_out_tiles_clearly_better_than_untrain
         batch_size=16,
         num_workers=0,
         step1=StepSettings(epochs=1, lr=1e-3),
-        step2=StepSettings(epochs=4, lr=1e-3, optimizer="adam", schedule="cosine", unfreeze_from="block1", train_batchnorm=True),
+        step2=StepSettings(
+            epochs=4, lr=1e-3, optimizer="adam", schedule="cosine", unfreeze_from="block1", train_batchnorm=True
+        ),
     )
     finetune(base, settings, train, None, tmp_path / "ftx.safetensors", tmp_path / "work", device="cpu", progress=False)
     ftx = ModelSpec("ftx", weights=str(tmp_path / "ftx.safetensors"), input_px=px)
-    run_tissue_experiment([base, ftx], test, tmp_path / "experiment", ExperimentSettings(repeats=5, num_workers=0), device="cpu", jobs=2)
-    overall = {r["model"]: float(r["mean"]) for r in read_tsv(tmp_path / "experiment" / "accuracy.tsv") if r["class"] == "overall"}
+    run_tissue_experiment(
+        [base, ftx], test, tmp_path / "experiment", ExperimentSettings(repeats=5, num_workers=0), device="cpu", jobs=2
+    )
+    overall = {
+        r["model"]: float(r["mean"])
+        for r in read_tsv(tmp_path / "experiment" / "accuracy.tsv")
+        if r["class"] == "overall"
+    }
     row = next(r for r in read_tsv(tmp_path / "experiment" / "comparison.tsv") if r["class"] == "overall")
     assert overall["ftx"] >= overall["imgnet"] + 0.10, overall
     assert int(row["repeats_b_better"]) == 5, row

@@ -56,5 +56,7 @@ def test_colour_alone_does_not_separate_the_classes():
             tile = render_tile(label, i, 5, 48).reshape(-1, 3).astype(np.float32)
             x.append(np.concatenate([tile.mean(0), tile.std(0)]))
             y.append(k)
-    accuracy = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), np.array(x), np.array(y), cv=4).mean()
+    accuracy = cross_val_score(
+        make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), np.array(x), np.array(y), cv=4
+    ).mean()
     assert 0.3 < accuracy < 0.95

@@ -34,7 +34,12 @@ def make_project(folder: Path, slides, rows: list[tuple[str, Path, str]]) -> Pat
 
 def snakemake(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """Run Snakemake on `folder`; stdout and stderr together in `.stdout` (Snakemake mixes them)."""
-    return subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(folder), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(
+        [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(folder), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_lint_is_clean(tmp_path, slides):
@@ -47,23 +52,42 @@ def test_dry_run_reports_every_sheet_problem_before_running(tmp_path, slides):
     project = make_project(tmp_path, slides, [("a", slides.tiff_05, "x"), ("a", tmp_path / "gone.svs", "")])
     done = snakemake(project, "-n")
     assert done.returncode != 0
-    for fragment in ["row 2 (slide_id 'a'): column 'mpp'", "row 3 (slide_id 'a'): slide file", "row 3: slide_id 'a' already used on row 2"]:
+    for fragment in [
+        "row 2 (slide_id 'a'): column 'mpp'",
+        "row 3 (slide_id 'a'): slide file",
+        "row 3: slide_id 'a' already used on row 2",
+    ]:
         assert fragment in done.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "own-process"])
 def test_workflow_tiles_a_batch_and_isolates_bad_slides(tmp_path, slides, fork_server):
-    rows = [("fine", slides.svs_025, ""), ("coarse", slides.tiff_05, ""), ("blank", slides.blank, ""),
-            ("corrupt", slides.corrupt, ""), ("nompp", slides.no_mpp, ""), ("rescued", slides.no_mpp, "0.5")]
+    rows = [
+        ("fine", slides.svs_025, ""),
+        ("coarse", slides.tiff_05, ""),
+        ("blank", slides.blank, ""),
+        ("corrupt", slides.corrupt, ""),
+        ("nompp", slides.no_mpp, ""),
+        ("rescued", slides.no_mpp, "0.5"),
+    ]
     project = make_project(tmp_path, slides, rows)
     config = project / "config" / "config.yaml"
     config.write_text(config.read_text().replace("fork_server: true", f"fork_server: {str(fork_server).lower()}"))
     assert f"fork_server: {str(fork_server).lower()}" in config.read_text()
     done = snakemake(project, "--cores", "2", "tiles")
     assert done.returncode == 0, done.stdout[-3000:]
-    status = {sid: json.loads((project / "results" / "tiles" / f"{sid}.json").read_text())["status"] for sid, _, _ in rows}
-    assert status == {"fine": "ok", "coarse": "ok", "blank": "no_tissue", "corrupt": "failed", "nompp": "failed", "rescued": "ok"}
+    status = {
+        sid: json.loads((project / "results" / "tiles" / f"{sid}.json").read_text())["status"] for sid, _, _ in rows
+    }
+    assert status == {
+        "fine": "ok",
+        "coarse": "ok",
+        "blank": "no_tissue",
+        "corrupt": "failed",
+        "nompp": "failed",
+        "rescued": "ok",
+    }
     assert "nompp" in done.stdout and "'mpp' column" in done.stdout  # the failure is shown, not only logged
     for sid, _, _ in rows:
         assert (project / "results" / "qc" / f"{sid}.png").is_file()
@@ -109,11 +133,27 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
 
 def check_report(project: Path) -> None:
     """`snakemake --report` builds one HTML file holding the QC pictures, the prediction figures and the summary, with captions."""
-    done = subprocess.run([str(project / ".venv" / "bin" / "snakemake"), "--report", "report.html"], cwd=project, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(project / ".venv" / "bin" / "snakemake"), "--report", "report.html"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     html = (project / "report.html").read_text(errors="replace")
-    for entry in ["Tiling QC", "Stain QC", "Molecular prediction", "Run summary", "Tissue classification", "Fine-tuning",
-                  "mutation_roc.png", "expression_r_scatter.png", "DEMO-07-DX1", "thumbnail with the tissue mask", "Start with the"]:
+    for entry in [
+        "Tiling QC",
+        "Stain QC",
+        "Molecular prediction",
+        "Run summary",
+        "Tissue classification",
+        "Fine-tuning",
+        "mutation_roc.png",
+        "expression_r_scatter.png",
+        "DEMO-07-DX1",
+        "thumbnail with the tissue mask",
+        "Start with the",
+    ]:
         assert entry in html, entry
 
 
@@ -127,5 +167,9 @@ def check_demo_predictions(folder: Path) -> None:
     assert ftx.loc[list(PLANTED_EXPRESSION)[:2], "r_mean"].min() > 0.4, ftx
     assert ftx.loc[list(NOISE_EXPRESSION), "significant"].sum() <= 1, ftx
     mutations = pd.read_csv(folder / "mutation_ftx.tsv", sep="\t").set_index("gene")
-    assert mutations.loc[PLANTED_MUTATION, "auroc_mean"] > 0.62, mutations  # 0.69-0.70 measured; CPU runs differ slightly
-    assert "UNTRAINED" in json.dumps(json.loads((folder.parent.parent / "aggregate" / "demo-luad" / "provenance.json").read_text()))
+    assert mutations.loc[PLANTED_MUTATION, "auroc_mean"] > 0.62, (
+        mutations
+    )  # 0.69-0.70 measured; CPU runs differ slightly
+    assert "UNTRAINED" in json.dumps(
+        json.loads((folder.parent.parent / "aggregate" / "demo-luad" / "provenance.json").read_text())
+    )

@@ -37,12 +37,21 @@ TEST_SETTINGS: dict[str, Any] = {
     "tiling": {"tile_px": 64, "tile_mpp": 0.5},
     "stain": {"sample_tiles": 32},
     "qc": {"max_px": 300, "stain_tiles": 2},
-    "features": {"batch_size": 4, "chunk_tiles": 8, "num_workers": 0, "dtype": "float32", "device": "cpu", "threads": 1},
+    "features": {
+        "batch_size": 4,
+        "chunk_tiles": 8,
+        "num_workers": 0,
+        "dtype": "float32",
+        "device": "cpu",
+        "threads": 1,
+    },
     "targets": {"cohorts": {}},
-    "models": {"backbones": {
-        "imgnet": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 0},
-        "ftx": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 1},
-    }},
+    "models": {
+        "backbones": {
+            "imgnet": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 0},
+            "ftx": {"arch": "test_resnet", "weights": "untrained", "input_px": 64, "seed": 1},
+        }
+    },
 }
 
 
@@ -70,7 +79,9 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """`base` with `changes` merged in, recursively (a mapping replaces keys; anything else the value)."""
     out = dict(base)
     for key, value in changes.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and value and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and value and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -102,7 +113,9 @@ def command(project: Path, *args: str) -> list[str]:
 
 def snakemake(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run Snakemake on `project` to the end; stdout and stderr together in `.stdout`."""
-    return subprocess.run(command(project, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return subprocess.run(
+        command(project, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 class Background:
@@ -111,7 +124,9 @@ class Background:
     def __init__(self, project: Path, *args: str, log_name: str = "run"):
         self.log = project / f"{log_name}.out"
         self._handle = self.log.open("w")
-        self.process = subprocess.Popen(command(project, *args), stdout=self._handle, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.process = subprocess.Popen(
+            command(project, *args), stdout=self._handle, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
 
     def signal_main(self, sig: int) -> None:
         """Signal the Snakemake process itself (what `kill PID` or a batch system's TERM does)."""
@@ -165,7 +180,9 @@ def wait_until(condition, run: Background, timeout: float = 120, poll: float = 0
         if value:
             return value
         if run.process.poll() is not None:
-            raise AssertionError(f"the run ended (rc {run.process.returncode}) before the condition held:\n{run.output[-3000:]}")
+            raise AssertionError(
+                f"the run ended (rc {run.process.returncode}) before the condition held:\n{run.output[-3000:]}"
+            )
         time.sleep(poll)
     run.kill_all()
     raise AssertionError(f"timed out waiting:\n{run.output[-3000:]}")
@@ -237,11 +254,18 @@ def assert_same_results(project: Path, reference: Path, slides: list[str], cohor
     import pandas as pd
 
     for slide in slides:
-        assert_same_store(project / "results" / "features" / f"{slide}.zarr", reference / "results" / "features" / f"{slide}.zarr")
+        assert_same_store(
+            project / "results" / "features" / f"{slide}.zarr", reference / "results" / "features" / f"{slide}.zarr"
+        )
     for cohort in cohorts:
         ours, theirs = project / "results" / "aggregate" / cohort, reference / "results" / "aggregate" / cohort
         for table in sorted(theirs.glob("*.parquet")):
-            pd.testing.assert_frame_equal(pd.read_parquet(ours / table.name), pd.read_parquet(table), check_exact=True, obj=f"{cohort}/{table.name}")
+            pd.testing.assert_frame_equal(
+                pd.read_parquet(ours / table.name),
+                pd.read_parquet(table),
+                check_exact=True,
+                obj=f"{cohort}/{table.name}",
+            )
         for name in ("slides.tsv", "patients.tsv", "provenance.json"):
             assert (ours / name).read_text() == (theirs / name).read_text(), f"{cohort}/{name} differs"
     pd.testing.assert_frame_equal(summary_table(project), summary_table(reference), obj="summary.tsv")
@@ -256,5 +280,11 @@ def snapshot(paths: list[Path]) -> dict[str, tuple[int, str]]:
 def slide_outputs(project: Path, slide: str) -> list[Path]:
     """A slide's tiling outputs and its feature store and timings."""
     results = project / "results"
-    return [results / "tiles" / f"{slide}.parquet", results / "tiles" / f"{slide}.json", results / "qc" / f"{slide}.png",
-            results / "qc" / "stain" / f"{slide}.png", results / "features" / f"{slide}.zarr", results / "features" / f"{slide}.timings.json"]
+    return [
+        results / "tiles" / f"{slide}.parquet",
+        results / "tiles" / f"{slide}.json",
+        results / "qc" / f"{slide}.png",
+        results / "qc" / "stain" / f"{slide}.png",
+        results / "features" / f"{slide}.zarr",
+        results / "features" / f"{slide}.timings.json",
+    ]

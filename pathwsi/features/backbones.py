@@ -90,7 +90,9 @@ class Backbone:
         record = asdict(self.spec)
         record.update(weights_sha256=self.weights_sha256, feature_dim=self.feature_dim, untrained=self.spec.untrained)
         if self.spec.untrained:
-            record["warning"] = f"model '{self.spec.name}' has UNTRAINED, randomly initialised weights (seed {self.spec.seed}): its features are for demos and tests only"
+            record["warning"] = (
+                f"model '{self.spec.name}' has UNTRAINED, randomly initialised weights (seed {self.spec.seed}): its features are for demos and tests only"
+            )
         return record
 
 
@@ -122,7 +124,10 @@ def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str 
         net = create_network(spec.arch, pretrained=True)
         digest = state_dict_sha256(net.state_dict())
     elif spec.untrained:
-        warnings.warn(f"model '{spec.name}' uses UNTRAINED weights (seed {spec.seed}); its features are not meaningful", stacklevel=2)
+        warnings.warn(
+            f"model '{spec.name}' uses UNTRAINED weights (seed {spec.seed}); its features are not meaningful",
+            stacklevel=2,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             net = create_network(spec.arch)
@@ -142,7 +147,9 @@ def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str 
 def load_weights(path: Path, model_name: str = "?") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state dict and its metadata from .safetensors (preferred) or .pth (weights_only)."""
     if not path.is_file():
-        raise WeightsError(f"model '{model_name}': weights file '{path}' not found; fix models.backbones.{model_name}.weights")
+        raise WeightsError(
+            f"model '{model_name}': weights file '{path}' not found; fix models.backbones.{model_name}.weights"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -151,7 +158,9 @@ def load_weights(path: Path, model_name: str = "?") -> tuple[dict[str, torch.Ten
                 return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file: name it and say what to do
-        raise WeightsError(f"model '{model_name}': cannot read weights '{path}' ({type(err).__name__}: {err}); give a .safetensors or a plain .pth state dict") from err
+        raise WeightsError(
+            f"model '{model_name}': cannot read weights '{path}' ({type(err).__name__}: {err}); give a .safetensors or a plain .pth state dict"
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -164,7 +173,11 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     from safetensors.torch import save_file
 
     with atomic_path(path) as temporary:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(temporary), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()},
+            str(temporary),
+            metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
+        )
     return file_sha256(path)
 
 

@@ -47,13 +47,17 @@ class ExtractSettings:
     chunk_tiles: int = 512  # tiles per Zarr chunk and per resume step (rounded up to whole batches)
     num_workers: int = 1
     dtype: str = "float16"
-    reader: str = "fast"  # fast: half-size JPEG decode where it applies; exact: OpenSlide's pixels (pathwsi.slides.readers)
+    reader: str = (
+        "fast"  # fast: half-size JPEG decode where it applies; exact: OpenSlide's pixels (pathwsi.slides.readers)
+    )
     device: str = "auto"  # auto: CUDA when present, else CPU
     compile: bool = False
 
     def __post_init__(self) -> None:
         if self.reader not in READERS:
-            raise ConfigError("features", [f"key 'features.reader': '{self.reader}' is not one of {', '.join(READERS)}"])
+            raise ConfigError(
+                "features", [f"key 'features.reader': '{self.reader}' is not one of {', '.join(READERS)}"]
+            )
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> ExtractSettings:
@@ -68,8 +72,17 @@ class ExtractSettings:
 class SlideTiles(Dataset):
     """Tiles of one slide by index; each worker process opens its own slide handle on first use."""
 
-    def __init__(self, sample: Sample, coords: np.ndarray, tile_px: int, tile_mpp: float, start: int = 0, exact: bool = False):
-        self.sample, self.coords, self.tile_px, self.tile_mpp, self.start, self.exact = sample, coords, tile_px, tile_mpp, start, exact
+    def __init__(
+        self, sample: Sample, coords: np.ndarray, tile_px: int, tile_mpp: float, start: int = 0, exact: bool = False
+    ):
+        self.sample, self.coords, self.tile_px, self.tile_mpp, self.start, self.exact = (
+            sample,
+            coords,
+            tile_px,
+            tile_mpp,
+            start,
+            exact,
+        )
         self._reader: Any = None
 
     def __len__(self) -> int:
@@ -85,7 +98,9 @@ class SlideTiles(Dataset):
         try:
             return torch.from_numpy(self._reader.read(int(x), int(y))), ""
         except SlideError as err:  # a damaged tile of the file: record it, go on with the others
-            log.warning("%s: tile at level-0 (%d, %d) cannot be read; it is left out: %s", self.sample.slide_id, x, y, err)
+            log.warning(
+                "%s: tile at level-0 (%d, %d) cannot be read; it is left out: %s", self.sample.slide_id, x, y, err
+            )
             self._reader = None  # OpenSlide handles stay in an error state: the next tile opens the slide anew
             return torch.zeros((self.tile_px, self.tile_px, 3), dtype=torch.uint8), str(err)
 
@@ -118,37 +133,66 @@ def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
-def store_attrs(sample: Sample, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings) -> dict[str, Any]:
+def store_attrs(
+    sample: Sample, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings
+) -> dict[str, Any]:
     """The store's attrs (all but `complete`): ids, geometry, stain, model provenance, hash."""
     warnings = [m.provenance()["warning"] for m in models if m.spec.untrained]
-    return json.loads(json.dumps({
-        "slide_id": sample.slide_id,
-        "patient_id": sample.patient_id,
-        "cohort": sample.cohort,
-        "tiling_status": tiles_meta["status"],
-        "tiling_reason": tiles_meta.get("reason"),
-        "tile": tiles_meta.get("tile"),
-        "mpp": tiles_meta.get("mpp"),
-        "stain": _stain_record(tiles_meta, ("status", "reason", "params", "target")),
-        "models": {m.spec.name: m.provenance() for m in models},
-        "warnings": warnings,
-        "pathwsi_version": __version__,
-        "reader": settings.reader,
-        "config_hash": settings_hash(tiles_meta, models, settings.dtype, settings.reader),
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "slide_id": sample.slide_id,
+                "patient_id": sample.patient_id,
+                "cohort": sample.cohort,
+                "tiling_status": tiles_meta["status"],
+                "tiling_reason": tiles_meta.get("reason"),
+                "tile": tiles_meta.get("tile"),
+                "mpp": tiles_meta.get("mpp"),
+                "stain": _stain_record(tiles_meta, ("status", "reason", "params", "target")),
+                "models": {m.spec.name: m.provenance() for m in models},
+                "warnings": warnings,
+                "pathwsi_version": __version__,
+                "reader": settings.reader,
+                "config_hash": settings_hash(tiles_meta, models, settings.dtype, settings.reader),
+            }
+        )
+    )
 
 
-def extract_slide(sample: Sample, tiles: np.ndarray, fractions: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, store_path: Path) -> dict[str, float]:
+def extract_slide(
+    sample: Sample,
+    tiles: np.ndarray,
+    fractions: np.ndarray,
+    tiles_meta: dict[str, Any],
+    models: list[Backbone],
+    settings: ExtractSettings,
+    store_path: Path,
+) -> dict[str, float]:
     """Extract and store the features of one slide's tiles; resumes a killed run; tiles that cannot be
     read are recorded in the store and left out. Returns timings."""
-    writer = open_writer(store_path, tiles, fractions, {m.spec.name: m.feature_dim for m in models}, store_attrs(sample, tiles_meta, models, settings), settings.aligned_chunk, settings.dtype)
+    writer = open_writer(
+        store_path,
+        tiles,
+        fractions,
+        {m.spec.name: m.feature_dim for m in models},
+        store_attrs(sample, tiles_meta, models, settings),
+        settings.aligned_chunk,
+        settings.dtype,
+    )
     try:
         return _extract(sample, tiles, tiles_meta, models, settings, writer)
     finally:
         writer.close()
 
 
-def _extract(sample: Sample, tiles: np.ndarray, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings, writer: StoreWriter) -> dict[str, float]:
+def _extract(
+    sample: Sample,
+    tiles: np.ndarray,
+    tiles_meta: dict[str, Any],
+    models: list[Backbone],
+    settings: ExtractSettings,
+    writer: StoreWriter,
+) -> dict[str, float]:
     device = next(models[0].net.parameters()).device
     start = len(tiles) if writer.already_complete else writer.first_pending_tile
     timings = {"read": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
@@ -156,7 +200,13 @@ def _extract(sample: Sample, tiles: np.ndarray, tiles_meta: dict[str, Any], mode
         writer.finish()
         return timings
     if start:
-        log.info("%s: resuming at tile %d of %d (%d chunks already stored)", sample.slide_id, start, len(tiles), writer.chunks_done)
+        log.info(
+            "%s: resuming at tile %d of %d (%d chunks already stored)",
+            sample.slide_id,
+            start,
+            len(tiles),
+            writer.chunks_done,
+        )
     stain = StainFit.from_json(tiles_meta["stain"])
     tile = tiles_meta["tile"]
     loader = DataLoader(
@@ -171,7 +221,10 @@ def _extract(sample: Sample, tiles: np.ndarray, tiles_meta: dict[str, Any], mode
     unreadable: dict[int, str] = {}  # tile index -> why, in the chunk being gathered
     chunk_index, done = writer.chunks_done, start
     started = time.perf_counter()
-    with ThreadPoolExecutor(1) as write_pool, tqdm(total=len(tiles), initial=start, unit="tile", desc=sample.slide_id, disable=None) as progress:
+    with (
+        ThreadPoolExecutor(1) as write_pool,
+        tqdm(total=len(tiles), initial=start, unit="tile", desc=sample.slide_id, disable=None) as progress,
+    ):
         last: Future | None = None
 
         def collect(batch: Launched) -> None:
@@ -224,15 +277,26 @@ class Launched:
         return {name: values.numpy() for name, values in self.features.items()}
 
 
-def _launch(batch: torch.Tensor, unreadable: list[str], stain: StainFit, models: list[Backbone], nets: dict[str, torch.nn.Module], device: torch.device) -> Launched:
+def _launch(
+    batch: torch.Tensor,
+    unreadable: list[str],
+    stain: StainFit,
+    models: list[Backbone],
+    nets: dict[str, torch.nn.Module],
+    device: torch.device,
+) -> Launched:
     """Queue the batch's normalization (once) and every model on it, and the copy of the features back."""
     marks = [_mark(device)]
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    x = normalize_batch(x, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8)
+    x = normalize_batch(
+        x, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8
+    )
     marks.append(_mark(device))
     features = {}
     for model in models:
-        autocast = torch.autocast("cuda", dtype=PRECISIONS[model.spec.precision]) if device.type == "cuda" else nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=PRECISIONS[model.spec.precision]) if device.type == "cuda" else nullcontext()
+        )
         with torch.inference_mode(), autocast:
             features[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().to("cpu", non_blocking=True)
     marks.append(_mark(device))
@@ -252,7 +316,15 @@ def _seconds(begin: Any, end: Any) -> float:
     return begin.elapsed_time(end) / 1000 if isinstance(begin, torch.cuda.Event) else end - begin
 
 
-def _submit(pool: ThreadPoolExecutor, writer: Any, index: int, pending: dict[str, list[np.ndarray]], unreadable: dict[int, str], timings: dict[str, float], last: Future | None) -> Future:
+def _submit(
+    pool: ThreadPoolExecutor,
+    writer: Any,
+    index: int,
+    pending: dict[str, list[np.ndarray]],
+    unreadable: dict[int, str],
+    timings: dict[str, float],
+    last: Future | None,
+) -> Future:
     """Queue chunk `index` for writing after the previous one (one writer thread keeps the order)."""
     arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
 

@@ -23,28 +23,66 @@ log = logging.getLogger(__name__)
 SHOWN_IN_TIMINGS = 5  # unreadable tiles listed in the timings record (the store lists more)
 
 
-def run_feature_job(sample: Sample, tiles_path: Path, meta_path: Path, store_path: Path, timings_path: Path, models_config: dict[str, Any], settings: ExtractSettings, threads: int = 1) -> dict[str, Any]:
+def run_feature_job(
+    sample: Sample,
+    tiles_path: Path,
+    meta_path: Path,
+    store_path: Path,
+    timings_path: Path,
+    models_config: dict[str, Any],
+    settings: ExtractSettings,
+    threads: int = 1,
+) -> dict[str, Any]:
     """Extract one slide's features with every configured model; write the store and the timings."""
     torch.set_num_threads(max(1, threads))
     meta = json.loads(meta_path.read_text())
     table = pq.read_table(tiles_path)
-    coords = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64).reshape(-1, 2)
+    coords = (
+        np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64).reshape(-1, 2)
+    )
     fractions = table.column("tissue_fraction").to_numpy().astype(np.float32)
     device = resolve_device(settings.device)
-    models = [build_backbone(spec, allow_network=models_config["allow_network"], device=device) for spec in specs_from_config(models_config).values()]
+    models = [
+        build_backbone(spec, allow_network=models_config["allow_network"], device=device)
+        for spec in specs_from_config(models_config).values()
+    ]
     for model in models:
         if model.spec.untrained:
             log.warning("%s", model.provenance()["warning"])
     if meta["status"] != "ok":
-        log.warning("%s: tiling status %s (%s); writing an empty feature store", sample.slide_id, meta["status"], meta.get("reason"))
+        log.warning(
+            "%s: tiling status %s (%s); writing an empty feature store",
+            sample.slide_id,
+            meta["status"],
+            meta.get("reason"),
+        )
     timings = extract_slide(sample, coords, fractions, meta, models, settings, store_path)
     unreadable = open_store(store_path).attrs["unreadable_tiles"]
-    record = {"slide_id": sample.slide_id, "device": str(device), "models": [m.spec.name for m in models], "seconds": {k: round(v, 3) for k, v in timings.items()},
-              "unreadable_tiles": {"count": unreadable["count"], "tiles": unreadable["tiles"][:SHOWN_IN_TIMINGS]}}
+    record = {
+        "slide_id": sample.slide_id,
+        "device": str(device),
+        "models": [m.spec.name for m in models],
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "unreadable_tiles": {"count": unreadable["count"], "tiles": unreadable["tiles"][:SHOWN_IN_TIMINGS]},
+    }
     if unreadable["count"]:
-        log.warning("%s: %d of %d tiles could not be read and are left out (listed in the store's attrs and the run summary)", sample.slide_id, unreadable["count"], len(coords))
+        log.warning(
+            "%s: %d of %d tiles could not be read and are left out (listed in the store's attrs and the run summary)",
+            sample.slide_id,
+            unreadable["count"],
+            len(coords),
+        )
     write_json(record, timings_path)
-    log.info("%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)", sample.slide_id, timings["tiles"], timings.get("tiles_per_s", 0.0), timings["read"], timings["normalize"], timings["model"], timings["write"])
+    log.info(
+        "%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)",
+        sample.slide_id,
+        timings["tiles"],
+        timings.get("tiles_per_s", 0.0),
+        timings["read"],
+        timings["normalize"],
+        timings["model"],
+        timings["write"],
+    )
     return record
 
 
@@ -52,4 +90,13 @@ def run_request(request: FeatureRequest) -> None:
     """Rule `features`' job (what a fork-server child runs): log to the request's log, extract the slide."""
     with job_log(request.log):
         settings = ExtractSettings.from_config(request.features)
-        run_feature_job(request.sample, request.tiles, request.meta, request.store, request.timings, request.models, settings, threads=request.threads)
+        run_feature_job(
+            request.sample,
+            request.tiles,
+            request.meta,
+            request.store,
+            request.timings,
+            request.models,
+            settings,
+            threads=request.threads,
+        )

@@ -56,7 +56,9 @@ def from_keras(src: Path, dst: Path) -> WrittenWeights:
     """Convert Keras's published Xception ImageNet file, after checking that it is that file."""
     src = Path(src)
     if not src.is_file():
-        raise WeightsSourceError(f"'{src}': no such file; download {KERAS_URL}{KERAS_MD5['b0042744bf5b25fce3cb969f33bebb97']}")
+        raise WeightsSourceError(
+            f"'{src}': no such file; download {KERAS_URL}{KERAS_MD5['b0042744bf5b25fce3cb969f33bebb97']}"
+        )
     md5 = file_md5(src)
     if md5 not in KERAS_MD5:
         raise WeightsSourceError(
@@ -64,7 +66,16 @@ def from_keras(src: Path, dst: Path) -> WrittenWeights:
             f"download it again from {KERAS_URL}, or convert another Keras file (e.g. your own fine-tuned model) with `pathwsi convert-keras`"
         )
     url = KERAS_URL + KERAS_MD5[md5]
-    report = convert_keras(src, dst, {"source": "keras.applications.Xception weights='imagenet'", "source_url": url, "source_md5": md5, "pathwsi_version": __version__})
+    report = convert_keras(
+        src,
+        dst,
+        {
+            "source": "keras.applications.Xception weights='imagenet'",
+            "source_url": url,
+            "source_md5": md5,
+            "pathwsi_version": __version__,
+        },
+    )
     return WrittenWeights(Path(dst), report.dst_sha256, f"{url} (md5 {md5}, sha256 {report.source_sha256})")
 
 
@@ -78,14 +89,25 @@ def from_timm(dst: Path, offline: bool = False) -> WrittenWeights:
     url = timm.models.get_pretrained_cfg(TIMM_TAG).url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if offline and not cached.is_file():
-        raise WeightsSourceError(f"{TIMM_TAG}: '{cached}' is not in torch's hub cache; run without --offline where {url} can be reached, or copy the file there")
+        raise WeightsSourceError(
+            f"{TIMM_TAG}: '{cached}' is not in torch's hub cache; run without --offline where {url} can be reached, or copy the file there"
+        )
     try:
         net = timm.create_model(TIMM_TAG, pretrained=True, num_classes=0)
     except Exception as err:  # no network, a proxy, a broken download: say where it was fetched from
-        raise WeightsSourceError(f"{TIMM_TAG}: cannot get {url} ({type(err).__name__}: {err}); run this where it can be reached, or put the file at '{cached}'") from err
+        raise WeightsSourceError(
+            f"{TIMM_TAG}: cannot get {url} ({type(err).__name__}: {err}); run this where it can be reached, or put the file at '{cached}'"
+        ) from err
     source_sha256 = file_sha256(cached)
-    metadata = {"source": f"timm {TIMM_TAG}", "source_url": url, "source_file": cached.name, "source_sha256": source_sha256,
-                "timm_version": timm.__version__, "written_by": "pathwsi weights timm", "pathwsi_version": __version__}
+    metadata = {
+        "source": f"timm {TIMM_TAG}",
+        "source_url": url,
+        "source_file": cached.name,
+        "source_sha256": source_sha256,
+        "timm_version": timm.__version__,
+        "written_by": "pathwsi weights timm",
+        "pathwsi_version": __version__,
+    }
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     sha = save_weights(net.state_dict(), Path(dst), metadata)
     return WrittenWeights(Path(dst), sha, f"{url} (sha256 {source_sha256}), through timm {timm.__version__}")

@@ -88,22 +88,34 @@ class ConversionReport:
 
 def _xception_slots() -> list[Slot]:
     """Every weight layer of keras.applications.Xception, in the order Keras builds them."""
-    slots = [Slot("block1_conv1", "conv1", "conv"), Slot("block1_conv1_bn", "bn1", "bn"),
-             Slot("block1_conv2", "conv2", "conv"), Slot("block1_conv2_bn", "bn2", "bn")]
+    slots = [
+        Slot("block1_conv1", "conv1", "conv"),
+        Slot("block1_conv1_bn", "bn1", "bn"),
+        Slot("block1_conv2", "conv2", "conv"),
+        Slot("block1_conv2_bn", "bn2", "bn"),
+    ]
     for keras_block in range(2, 14):
         block = keras_block - 1  # timm counts the middle blocks from 1
         if block in SHORTCUTS:
             c_in, c_out = SHORTCUTS[block]
             where = f"{c_in}->{c_out} shortcut of block{keras_block}"
-            slots += [Slot(f"unnamed Conv2D {where}", f"block{block}.skip", "conv", ("conv", c_in, c_out)),
-                      Slot(f"unnamed BatchNormalization {where}", f"block{block}.skipbn", "bn", ("bn", c_out))]
+            slots += [
+                Slot(f"unnamed Conv2D {where}", f"block{block}.skip", "conv", ("conv", c_in, c_out)),
+                Slot(f"unnamed BatchNormalization {where}", f"block{block}.skipbn", "bn", ("bn", c_out)),
+            ]
         first = 0 if keras_block == 2 else 1  # timm's block1 has no leading ReLU in `rep`
         for index in range(3 if 5 <= keras_block <= 12 else 2):
             name, position = f"block{keras_block}_sepconv{index + 1}", first + 3 * index
-            slots += [Slot(name, f"block{block}.rep.{position}", "sep"),
-                      Slot(f"{name}_bn", f"block{block}.rep.{position + 1}", "bn")]
-    return slots + [Slot("block14_sepconv1", "conv3", "sep"), Slot("block14_sepconv1_bn", "bn3", "bn"),
-                    Slot("block14_sepconv2", "conv4", "sep"), Slot("block14_sepconv2_bn", "bn4", "bn")]
+            slots += [
+                Slot(name, f"block{block}.rep.{position}", "sep"),
+                Slot(f"{name}_bn", f"block{block}.rep.{position + 1}", "bn"),
+            ]
+    return slots + [
+        Slot("block14_sepconv1", "conv3", "sep"),
+        Slot("block14_sepconv1_bn", "bn3", "bn"),
+        Slot("block14_sepconv2", "conv4", "sep"),
+        Slot("block14_sepconv2_bn", "bn4", "bn"),
+    ]
 
 
 SLOTS = _xception_slots()
@@ -125,10 +137,18 @@ def convert_keras(src: Path, dst: Path, provenance: dict[str, str] | None = None
     except KerasConversionError as err:
         raise KerasConversionError(f"'{src}': {err}") from None
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        raise KerasConversionError(f"'{src}': cannot be read as a Keras weight file ({type(err).__name__}: {err})") from err
+        raise KerasConversionError(
+            f"'{src}': cannot be read as a Keras weight file ({type(err).__name__}: {err})"
+        ) from err
     source_sha256 = file_sha256(src)
-    metadata = {"bn_eps": str(KERAS_BN_EPS), "source_file": src.name, "source_sha256": source_sha256,
-                "converted_by": CONVERTED_BY, "keras_format": keras_format, **(provenance or {})}
+    metadata = {
+        "bn_eps": str(KERAS_BN_EPS),
+        "source_file": src.name,
+        "source_sha256": source_sha256,
+        "converted_by": CONVERTED_BY,
+        "keras_format": keras_format,
+        **(provenance or {}),
+    }
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst_sha256 = save_weights(state, dst, metadata)
     return ConversionReport(len(state), skipped, source_sha256, dst_sha256, keras_format)
@@ -155,7 +175,9 @@ def _h5_layers(src: Path) -> list[KerasLayer]:
             hint = ""
             if "layers" in root or "vars" in root:
                 hint = "; this looks like a Keras 3 .weights.h5, which stores no layer names: save the model as .keras and convert that"
-            raise KerasConversionError(f"no 'layer_names' attribute, so not a Keras HDF5 weight file (top-level keys: {sorted(root)[:8]}){hint}")
+            raise KerasConversionError(
+                f"no 'layer_names' attribute, so not a Keras HDF5 weight file (top-level keys: {sorted(root)[:8]}){hint}"
+            )
         return [layer for name in names for layer in _h5_group_layers(root[name], name)]
 
 
@@ -193,7 +215,9 @@ def _keras_archive_layers(src: Path) -> list[KerasLayer]:
     with zipfile.ZipFile(src) as archive:
         members = archive.namelist()
         if "config.json" not in members or "model.weights.h5" not in members:
-            raise KerasConversionError(f".keras archive without config.json and model.weights.h5 (it holds {members[:6]})")
+            raise KerasConversionError(
+                f".keras archive without config.json and model.weights.h5 (it holds {members[:6]})"
+            )
         config = json.loads(archive.read("config.json"))
         with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
             return _keras_model_layers(config, weights, "")
@@ -207,7 +231,9 @@ def _keras_model_layers(model_config: dict, group: h5py.Group, path: str) -> lis
     """
     layer_configs = model_config.get("config", {}).get("layers")
     if layer_configs is None:
-        raise KerasConversionError(f"config.json: model '{path or 'top'}' has no layer list (subclassed models are not supported)")
+        raise KerasConversionError(
+            f"config.json: model '{path or 'top'}' has no layer list (subclassed models are not supported)"
+        )
     if "layers" not in group:
         raise KerasConversionError(
             f"model.weights.h5 has no 'layers' group at '{group.name}' (keys: {sorted(group)[:8]}); "
@@ -227,7 +253,9 @@ def _keras_model_layers(model_config: dict, group: h5py.Group, path: str) -> lis
             layers += _keras_model_layers(layer_config, entry, f"{path}{name}/")
         elif "vars" in entry:
             variables = entry["vars"]
-            layers.append(KerasLayer(f"{path}{name}", name, tuple(_array(variables[k]) for k in sorted(variables, key=int))))
+            layers.append(
+                KerasLayer(f"{path}{name}", name, tuple(_array(variables[k]) for k in sorted(variables, key=int)))
+            )
     return layers
 
 
@@ -258,7 +286,9 @@ def _to_timm(layers: list[KerasLayer]) -> tuple[dict[str, torch.Tensor], list[st
         )
     missing = [slot.keras for slot in SLOTS if slot not in found]
     if missing:
-        raise KerasConversionError(f"not a complete Keras Xception: {len(missing)} of its {len(SLOTS)} weight layers are missing: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        raise KerasConversionError(
+            f"not a complete Keras Xception: {len(missing)} of its {len(SLOTS)} weight layers are missing: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+        )
     reference = _reference_shapes()
     state: dict[str, torch.Tensor] = {}
     for slot, layer in found.items():
@@ -274,7 +304,9 @@ def _assign(layers: list[KerasLayer]) -> tuple[dict[Slot, KerasLayer], list[str]
     for layer in (layer for layer in layers if layer.arrays):
         slot = NAMED_SLOTS.get(layer.name) or SHORTCUT_SLOTS.get(_shape_key(layer))
         if slot is not None and slot.named and slot in found:
-            raise KerasConversionError(f"two layers named '{layer.name}' ({found[slot].path}, {layer.path}): more than one Xception in one file is not supported")
+            raise KerasConversionError(
+                f"two layers named '{layer.name}' ({found[slot].path}, {layer.path}): more than one Xception in one file is not supported"
+            )
         if slot is None or slot in found:
             skipped.append(layer.path)
         else:
@@ -305,7 +337,9 @@ def _convert(slot: Slot, layer: KerasLayer, reference: dict[str, tuple[int, ...]
     tensors = _timm_arrays(slot, layer.arrays)
     for key, value in tensors.items():
         if value.shape != reference[key]:
-            raise KerasConversionError(f"layer {what} has arrays of shapes {shapes}, which do not fit timm '{key}' {reference[key]}")
+            raise KerasConversionError(
+                f"layer {what} has arrays of shapes {shapes}, which do not fit timm '{key}' {reference[key]}"
+            )
     return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in tensors.items()}
 
 
@@ -314,8 +348,10 @@ def _timm_arrays(slot: Slot, arrays: tuple[np.ndarray, ...]) -> dict[str, np.nda
     if slot.kind == "conv":
         return {f"{slot.timm}.weight": arrays[0].transpose(3, 2, 0, 1)}
     if slot.kind == "sep":
-        return {f"{slot.timm}.conv1.weight": arrays[0].transpose(2, 3, 0, 1),
-                f"{slot.timm}.pointwise.weight": arrays[1].transpose(3, 2, 0, 1)}
+        return {
+            f"{slot.timm}.conv1.weight": arrays[0].transpose(2, 3, 0, 1),
+            f"{slot.timm}.pointwise.weight": arrays[1].transpose(3, 2, 0, 1),
+        }
     return {f"{slot.timm}.{field}": value for field, value in zip(BN_FIELDS, arrays)}
 
 

@@ -89,7 +89,9 @@ class StoreWriter:
     def first_pending_tile(self) -> int:
         return min(self.chunks_done * self.chunk_tiles, self.n_tiles)
 
-    def write_chunk(self, index: int, features: dict[str, np.ndarray], unreadable: dict[int, str] | None = None) -> None:
+    def write_chunk(
+        self, index: int, features: dict[str, np.ndarray], unreadable: dict[int, str] | None = None
+    ) -> None:
         """Write chunk `index` (all models; `unreadable`: tile index -> why it could not be read), then record it as done."""
         if index != self.chunks_done:
             raise ValueError(f"chunks are written in order: expected chunk {self.chunks_done}, got {index}")
@@ -107,7 +109,17 @@ class StoreWriter:
             coords = self.group["coords"][start:end]
             with (partial_path(self.path) / UNREADABLE).open("a") as handle:
                 for i, reason in sorted(unreadable.items()):
-                    handle.write(json.dumps({"index": i, "x": int(coords[i - start, 0]), "y": int(coords[i - start, 1]), "reason": reason}) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "index": i,
+                                "x": int(coords[i - start, 0]),
+                                "y": int(coords[i - start, 1]),
+                                "reason": reason,
+                            }
+                        )
+                        + "\n"
+                    )
         self.chunks_done += 1
         _write_progress(partial_path(self.path), self.chunks_done)
 
@@ -142,7 +154,15 @@ class StoreWriter:
             self.lock = None
 
 
-def open_writer(path: Path, coords: np.ndarray, tissue: np.ndarray, feature_dims: dict[str, int], attrs: dict[str, Any], chunk_tiles: int, dtype: str = "float16") -> StoreWriter:
+def open_writer(
+    path: Path,
+    coords: np.ndarray,
+    tissue: np.ndarray,
+    feature_dims: dict[str, int],
+    attrs: dict[str, Any],
+    chunk_tiles: int,
+    dtype: str = "float16",
+) -> StoreWriter:
     """Take the store's lock (waiting while another writer has it); then resume the partial store at `path`
     if it was started with the same attrs, else start anew. A complete store with the same attrs that
     verifies (finished by the writer this one waited for) is kept as it is."""
@@ -181,7 +201,9 @@ def _same_complete_store(path: Path, attrs: dict[str, Any], coords: np.ndarray) 
     return same and np.array_equal(store.coords(), coords) and not verify_store(path)
 
 
-def _resume(partial: Path, attrs: dict[str, Any], coords: np.ndarray, chunk_tiles: int, dtype: str) -> zarr.Group | None:
+def _resume(
+    partial: Path, attrs: dict[str, Any], coords: np.ndarray, chunk_tiles: int, dtype: str
+) -> zarr.Group | None:
     """The partial group when it matches these attrs, coordinates, chunk size and dtype and has
     progress, else None. Progress counts chunks, so a partial store written with other chunks
     (another features.batch_size or chunk_tiles) cannot be resumed: it is started over."""
@@ -189,10 +211,18 @@ def _resume(partial: Path, attrs: dict[str, Any], coords: np.ndarray, chunk_tile
         return None
     try:
         group = zarr.open_group(str(partial), mode="r+", zarr_format=3)
-        same = group.attrs.get("schema") == SCHEMA and all(group.attrs.get(k) == json.loads(json.dumps(v)) for k, v in attrs.items())
+        same = group.attrs.get("schema") == SCHEMA and all(
+            group.attrs.get(k) == json.loads(json.dumps(v)) for k, v in attrs.items()
+        )
         if same and (group.attrs.get("chunk_tiles"), group.attrs.get("dtype")) != (chunk_tiles, dtype):
-            log.warning("%s: written in chunks of %s tiles (%s), this run writes %d (%s); starting it over",
-                        partial, group.attrs.get("chunk_tiles"), group.attrs.get("dtype"), chunk_tiles, dtype)
+            log.warning(
+                "%s: written in chunks of %s tiles (%s), this run writes %d (%s); starting it over",
+                partial,
+                group.attrs.get("chunk_tiles"),
+                group.attrs.get("dtype"),
+                chunk_tiles,
+                dtype,
+            )
             return None
         return group if same and np.array_equal(group["coords"][:], coords) else None
     except (FileNotFoundError, KeyError, ValueError):
@@ -229,7 +259,11 @@ def _manifest(root: Path, group: zarr.Group) -> dict[str, Any]:
             file = Path(folder) / name
             files[file.relative_to(root).as_posix()] = [file.stat().st_size, _sha256(file)]
     arrays = {name: int(array.nchunks) for name, array in group.arrays()}
-    arrays.update({f"features/{name}": int(array.nchunks) for name, array in group["features"].arrays()} if "features" in group else {})
+    arrays.update(
+        {f"features/{name}": int(array.nchunks) for name, array in group["features"].arrays()}
+        if "features" in group
+        else {}
+    )
     return {"files": dict(sorted(files.items())), "chunks": arrays}
 
 
@@ -296,7 +330,11 @@ def open_store(path: Path) -> FeatureStore:
     there with the sizes its manifest records."""
     path = Path(path)
     if not path.exists():
-        hint = " (an unfinished run left a .partial store: rerun the workflow to resume it)" if partial_path(path).exists() else ""
+        hint = (
+            " (an unfinished run left a .partial store: rerun the workflow to resume it)"
+            if partial_path(path).exists()
+            else ""
+        )
         raise StoreError(f"{path}: no feature store here{hint}")
     try:
         # absolute: arrays sent to a remote dask cluster's workers must not depend on their directory
@@ -306,13 +344,17 @@ def open_store(path: Path) -> FeatureStore:
     schema = group.attrs.get("schema")
     if schema != SCHEMA:
         old = isinstance(schema, str) and schema.startswith("pathwsi.features/")
-        raise StoreError(f"{path}: {'written by an older pathwsi (' + schema + '), without checksums' if old else f'not a pathwsi feature store (schema {schema!r})'}; "
-                         "delete it and rerun the workflow to extract the slide again")
+        raise StoreError(
+            f"{path}: {'written by an older pathwsi (' + schema + '), without checksums' if old else f'not a pathwsi feature store (schema {schema!r})'}; "
+            "delete it and rerun the workflow to extract the slide again"
+        )
     if group.attrs.get("complete") is not True:
         raise StoreError(f"{path}: incomplete store (`complete` is not true); do not use it, rerun the workflow")
     problems = _manifest_problems(path, deep=False)
     if problems:
-        raise StoreError(f"{path}: damaged store: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; delete it and rerun the workflow to extract the slide again")
+        raise StoreError(
+            f"{path}: damaged store: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}; delete it and rerun the workflow to extract the slide again"
+        )
     return FeatureStore(path, group)
 
 
@@ -346,7 +388,10 @@ def describe(path: Path, verify: bool = False) -> dict[str, Any]:
         valid=not problems,
         problems=problems,
         verified=verify and not problems,
-        arrays={name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)} for name, a in arrays.items()},
+        arrays={
+            name: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
+            for name, a in arrays.items()
+        },
         attrs=store.attrs,
     )
     return report

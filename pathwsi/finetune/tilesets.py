@@ -19,7 +19,6 @@ class FinetuneError(PathwsiError):
     """A problem with the tiles, the settings or a checkpoint; the message says what to do."""
 
 
-
 @dataclass(frozen=True)
 class AugmentSettings:
     """Training-time augmentation (config `finetune.augment`): random flips, 90° rotations, colour jitter."""
@@ -38,7 +37,9 @@ class LabelledTiles:
     labels: tuple[int, ...]
 
     def subset(self, indices: np.ndarray) -> LabelledTiles:
-        return LabelledTiles(self.classes, tuple(self.files[i] for i in indices), tuple(self.labels[i] for i in indices))
+        return LabelledTiles(
+            self.classes, tuple(self.files[i] for i in indices), tuple(self.labels[i] for i in indices)
+        )
 
     def counts(self) -> dict[str, int]:
         found = np.bincount(np.asarray(self.labels, np.int64), minlength=len(self.classes))
@@ -53,17 +54,27 @@ def scan_tile_folder(root: Path, classes: tuple[str, ...] | None = None) -> Labe
     """
     root = Path(root)
     if not root.is_dir():
-        raise FinetuneError(f"tile folder '{root}' not found; it must hold one sub-folder of images per class (NCT-CRC-HE-100K layout)")
+        raise FinetuneError(
+            f"tile folder '{root}' not found; it must hold one sub-folder of images per class (NCT-CRC-HE-100K layout)"
+        )
     found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if classes is not None and found != tuple(classes):
-        raise FinetuneError(f"tile folder '{root}' has classes {list(found)} but the model was trained on {list(classes)}; the class sub-folders must be the same")
+        raise FinetuneError(
+            f"tile folder '{root}' has classes {list(found)} but the model was trained on {list(classes)}; the class sub-folders must be the same"
+        )
     if len(found) < 2:
-        raise FinetuneError(f"tile folder '{root}' has {len(found)} class sub-folder(s) ({', '.join(found) or 'none'}); at least 2 are needed")
+        raise FinetuneError(
+            f"tile folder '{root}' has {len(found)} class sub-folder(s) ({', '.join(found) or 'none'}); at least 2 are needed"
+        )
     files, labels = [], []
     for index, name in enumerate(found):
-        images = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        images = sorted(
+            p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         if not images:
-            raise FinetuneError(f"class folder '{root / name}' has no images ({', '.join(IMAGE_SUFFIXES)}); add tiles or remove the folder")
+            raise FinetuneError(
+                f"class folder '{root / name}' has no images ({', '.join(IMAGE_SUFFIXES)}); add tiles or remove the folder"
+            )
         files += images
         labels += [index] * len(images)
     return LabelledTiles(found, tuple(files), tuple(labels))
@@ -77,7 +88,9 @@ def stratified_split(tiles: LabelledTiles, val_fraction: float, seed: int) -> tu
     for index, name in enumerate(tiles.classes):
         members = np.flatnonzero(labels == index)
         if len(members) < 2:
-            raise FinetuneError(f"class '{name}' has {len(members)} tile; at least 2 are needed to hold one out for validation (or give finetune.val_dir)")
+            raise FinetuneError(
+                f"class '{name}' has {len(members)} tile; at least 2 are needed to hold one out for validation (or give finetune.val_dir)"
+            )
         members = rng.permutation(members)
         n_val = min(max(1, round(len(members) * val_fraction)), len(members) - 1)
         val += members[:n_val].tolist()

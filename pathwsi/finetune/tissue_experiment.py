@@ -70,7 +70,9 @@ class ExperimentSettings:
 
     def __post_init__(self) -> None:
         if self.folds < 2 or self.repeats < 1 or self.C <= 0 or self.batch_size < 1 or self.max_iter < 1:
-            raise ExperimentError(f"tissue_experiment: folds >= 2, repeats >= 1, C > 0, batch_size >= 1 and max_iter >= 1 are required (got {self})")
+            raise ExperimentError(
+                f"tissue_experiment: folds >= 2, repeats >= 1, C > 0, batch_size >= 1 and max_iter >= 1 are required (got {self})"
+            )
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ExperimentSettings:
@@ -101,14 +103,18 @@ def run_tissue_experiment(
 
     started = time.perf_counter()
     if len({s.name for s in specs}) != len(specs) or not specs:
-        raise ExperimentError(f"tissue_experiment.models: give one or more distinct model names (got {[s.name for s in specs]})")
+        raise ExperimentError(
+            f"tissue_experiment.models: give one or more distinct model names (got {[s.name for s in specs]})"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tiles = scan_tile_folder(test_dir)
     labels = np.asarray(tiles.labels)
     smallest = min(tiles.counts().items(), key=lambda item: item[1])
     if smallest[1] < settings.folds:
-        raise ExperimentError(f"class '{smallest[0]}' of '{test_dir}' has {smallest[1]} tiles, fewer than tissue_experiment.folds ({settings.folds}); add tiles or lower folds")
+        raise ExperimentError(
+            f"class '{smallest[0]}' of '{test_dir}' has {smallest[1]} tiles, fewer than tissue_experiment.folds ({settings.folds}); add tiles or lower folds"
+        )
     device = resolve_device(device)
     backbones = [build_backbone(spec, allow_network=allow_network, device=device) for spec in specs]
     features = extract_features(backbones, tiles, settings, device)
@@ -118,10 +124,20 @@ def run_tissue_experiment(
         name = backbone.spec.name
         fit_started = time.perf_counter()
         predictions, unconverged = cross_validate(features[name], labels, splits, settings, jobs)
-        results[name] = {"predictions": predictions, "unconverged": unconverged, "seconds": time.perf_counter() - fit_started}
+        results[name] = {
+            "predictions": predictions,
+            "unconverged": unconverged,
+            "seconds": time.perf_counter() - fit_started,
+        }
         log.info("%s: %d folds fitted in %.1f s", name, len(splits) * settings.folds, results[name]["seconds"])
         if unconverged:
-            log.warning("%s: %d of %d fits stopped at max_iter=%d before converging", name, unconverged, settings.repeats * settings.folds, settings.max_iter)
+            log.warning(
+                "%s: %d of %d fits stopped at max_iter=%d before converging",
+                name,
+                unconverged,
+                settings.repeats * settings.folds,
+                settings.max_iter,
+            )
     notes = {b.spec.name: model_flag(b) for b in backbones}
     accuracy = {name: per_repeat_accuracy(r["predictions"], labels, len(tiles.classes)) for name, r in results.items()}
     _write_accuracy(out_dir / "accuracy.tsv", accuracy, tiles.classes, notes)
@@ -136,8 +152,19 @@ def run_tissue_experiment(
         "classes": list(tiles.classes),
         "tiles": tiles.counts(),
         "settings": asdict(settings),
-        "models": {b.spec.name: {**b.provenance(), "flag": notes[b.spec.name][0], "note": notes[b.spec.name][1], "unconverged_fits": results[b.spec.name]["unconverged"]} for b in backbones},
-        "overall_accuracy": {name: {"mean": float(a[:, 0].mean()), "std": float(a[:, 0].std(ddof=1)) if len(a) > 1 else 0.0} for name, a in accuracy.items()},
+        "models": {
+            b.spec.name: {
+                **b.provenance(),
+                "flag": notes[b.spec.name][0],
+                "note": notes[b.spec.name][1],
+                "unconverged_fits": results[b.spec.name]["unconverged"],
+            }
+            for b in backbones
+        },
+        "overall_accuracy": {
+            name: {"mean": float(a[:, 0].mean()), "std": float(a[:, 0].std(ddof=1)) if len(a) > 1 else 0.0}
+            for name, a in accuracy.items()
+        },
         "pathwsi_version": __version__,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -145,7 +172,9 @@ def run_tissue_experiment(
     return summary
 
 
-def extract_features(backbones: list[Backbone], tiles: LabelledTiles, settings: ExperimentSettings, device: torch.device) -> dict[str, np.ndarray]:
+def extract_features(
+    backbones: list[Backbone], tiles: LabelledTiles, settings: ExperimentSettings, device: torch.device
+) -> dict[str, np.ndarray]:
     """(N, D) float32 features per model; tiles are read once and each batch goes through every model."""
     import torch
 
@@ -154,7 +183,9 @@ def extract_features(backbones: list[Backbone], tiles: LabelledTiles, settings: 
 
     sizes = {b.spec.input_px for b in backbones}
     dataset = TileDataset(tiles, max(sizes))  # each model's prepare() resizes to its own input size
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=settings.batch_size, num_workers=settings.num_workers, pin_memory=device.type == "cuda"
+    )
     out: dict[str, list[np.ndarray]] = {b.spec.name: [] for b in backbones}
     for backbone in backbones:
         backbone.net.to(memory_format=torch.channels_last)
@@ -167,7 +198,9 @@ def extract_features(backbones: list[Backbone], tiles: LabelledTiles, settings: 
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def repeated_splits(labels: np.ndarray, folds: int, repeats: int, seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def repeated_splits(
+    labels: np.ndarray, folds: int, repeats: int, seed: int
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """For each repeat, its `folds` stratified (train, test) index pairs; seeded, shared by every model."""
     from sklearn.model_selection import RepeatedStratifiedKFold
 
@@ -176,16 +209,26 @@ def repeated_splits(labels: np.ndarray, folds: int, repeats: int, seed: int) -> 
     return [pairs[r * folds : (r + 1) * folds] for r in range(repeats)]
 
 
-def cross_validate(features: np.ndarray, labels: np.ndarray, splits: list[list[tuple[np.ndarray, np.ndarray]]], settings: ExperimentSettings, jobs: int = 1) -> tuple[np.ndarray, int]:
+def cross_validate(
+    features: np.ndarray,
+    labels: np.ndarray,
+    splits: list[list[tuple[np.ndarray, np.ndarray]]],
+    settings: ExperimentSettings,
+    jobs: int = 1,
+) -> tuple[np.ndarray, int]:
     """Out-of-fold predictions, shape (repeats, N), and how many fits did not converge."""
     from joblib import Parallel, delayed
 
     x = features.astype(np.float64)
-    done = Parallel(n_jobs=jobs)(delayed(_one_repeat)(x, labels, repeat, settings.C, settings.max_iter) for repeat in splits)
+    done = Parallel(n_jobs=jobs)(
+        delayed(_one_repeat)(x, labels, repeat, settings.C, settings.max_iter) for repeat in splits
+    )
     return np.stack([p for p, _ in done]), sum(u for _, u in done)
 
 
-def _one_repeat(x: np.ndarray, labels: np.ndarray, repeat: list[tuple[np.ndarray, np.ndarray]], c: float, max_iter: int) -> tuple[np.ndarray, int]:
+def _one_repeat(
+    x: np.ndarray, labels: np.ndarray, repeat: list[tuple[np.ndarray, np.ndarray]], c: float, max_iter: int
+) -> tuple[np.ndarray, int]:
     """One repeat's folds, on one BLAS thread: these small problems only slow down with more (measured 8×)."""
     from threadpoolctl import threadpool_limits
 
@@ -197,7 +240,9 @@ def _one_repeat(x: np.ndarray, labels: np.ndarray, repeat: list[tuple[np.ndarray
     return predictions, unconverged
 
 
-def fit_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c: float, max_iter: int) -> tuple[np.ndarray, bool]:
+def fit_predict(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c: float, max_iter: int
+) -> tuple[np.ndarray, bool]:
     """Standardize on the training rows, fit the L2 logistic regression, predict the test rows."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -244,7 +289,10 @@ def model_flag(backbone: Backbone) -> tuple[str, str]:
     if provenance["untrained"]:
         return "untrained", provenance["warning"]
     if _weights_metadata(backbone.spec).get("untrained_base") == "true":
-        return "untrained_base", f"model '{backbone.spec.name}' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only"
+        return (
+            "untrained_base",
+            f"model '{backbone.spec.name}' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only",
+        )
     return "", ""
 
 
@@ -271,7 +319,9 @@ def _std(values: np.ndarray) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def _write_accuracy(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]) -> None:
+def _write_accuracy(
+    path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]
+) -> None:
     rows = [
         [name, label, float(a[:, j].mean()), _std(a[:, j]), len(a), *notes[name]]
         for name, a in accuracy.items()
@@ -280,7 +330,9 @@ def _write_accuracy(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[
     _write_tsv(path, ["model", "class", "mean", "std", "repeats", "flag", "note"], rows)
 
 
-def _write_repeats(path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]) -> None:
+def _write_repeats(
+    path: Path, accuracy: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]
+) -> None:
     rows = [[name, r, *(float(v) for v in a[r]), notes[name][0]] for name, a in accuracy.items() for r in range(len(a))]
     _write_tsv(path, ["model", "repeat", OVERALL, *classes, "flag"], rows)
 
@@ -292,15 +344,51 @@ def _write_comparison(path: Path, accuracy: dict[str, np.ndarray], classes: tupl
         for j, label in enumerate((OVERALL, *classes)):
             statistic, p = paired_test(a[:, j], b[:, j])
             diff = b[:, j] - a[:, j]
-            rows.append([first, second, label, float(a[:, j].mean()), float(b[:, j].mean()), float(diff.mean()), int((diff > 0).sum()), int((diff < 0).sum()), int((diff == 0).sum()), statistic, p])
-    _write_tsv(path, ["model_a", "model_b", "class", "mean_a", "mean_b", "mean_b_minus_a", "repeats_b_better", "repeats_a_better", "repeats_tied", "wilcoxon_statistic", "p_value"], rows)
+            rows.append(
+                [
+                    first,
+                    second,
+                    label,
+                    float(a[:, j].mean()),
+                    float(b[:, j].mean()),
+                    float(diff.mean()),
+                    int((diff > 0).sum()),
+                    int((diff < 0).sum()),
+                    int((diff == 0).sum()),
+                    statistic,
+                    p,
+                ]
+            )
+    _write_tsv(
+        path,
+        [
+            "model_a",
+            "model_b",
+            "class",
+            "mean_a",
+            "mean_b",
+            "mean_b_minus_a",
+            "repeats_b_better",
+            "repeats_a_better",
+            "repeats_tied",
+            "wilcoxon_statistic",
+            "p_value",
+        ],
+        rows,
+    )
 
 
 def _write_confusion(path: Path, counts: np.ndarray, classes: tuple[str, ...]) -> None:
     _write_tsv(path, ["true\\predicted", *classes], [[label, *row.tolist()] for label, row in zip(classes, counts)])
 
 
-def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.ndarray], classes: tuple[str, ...], notes: dict[str, tuple[str, str]]) -> None:
+def plot(
+    path: Path,
+    accuracy: dict[str, np.ndarray],
+    confusions: dict[str, np.ndarray],
+    classes: tuple[str, ...],
+    notes: dict[str, tuple[str, str]],
+) -> None:
     """Per-class accuracy bars (mean ± std over repeats) per model, and each model's row-normalized confusion matrix."""
     import matplotlib
 
@@ -309,7 +397,10 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
 
     names = list(accuracy)
     labels = [OVERALL, *classes]
-    tags = {name: {"untrained": " (UNTRAINED)", "untrained_base": " (from UNTRAINED)"}.get(notes[name][0], "") for name in names}
+    tags = {
+        name: {"untrained": " (UNTRAINED)", "untrained_base": " (from UNTRAINED)"}.get(notes[name][0], "")
+        for name in names
+    }
     figure = plt.figure(figsize=(max(10, 1.1 * len(labels)), 4 + 4 * ((len(names) + 2) // 3)), layout="constrained")
     grid = figure.add_gridspec(1 + (len(names) + 2) // 3, 3)
     bars = figure.add_subplot(grid[0, :])
@@ -317,7 +408,14 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
     for i, name in enumerate(names):
         a = accuracy[name]
         stds = [_std(a[:, j]) for j in range(len(labels))]
-        bars.bar(np.arange(len(labels)) + (i - (len(names) - 1) / 2) * width, a.mean(axis=0), width, yerr=stds, capsize=2, label=name + tags[name])
+        bars.bar(
+            np.arange(len(labels)) + (i - (len(names) - 1) / 2) * width,
+            a.mean(axis=0),
+            width,
+            yerr=stds,
+            capsize=2,
+            label=name + tags[name],
+        )
     bars.set_xticks(np.arange(len(labels)), labels)
     bars.set_ylabel(f"accuracy (mean ± std, {len(next(iter(accuracy.values())))} repeats)")
     bars.set_ylim(max(0.0, min(float(a.mean(axis=0).min()) for a in accuracy.values()) - 0.1), 1.0)
@@ -329,7 +427,15 @@ def plot(path: Path, accuracy: dict[str, np.ndarray], confusions: dict[str, np.n
         ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
         for (row, col), value in np.ndenumerate(share):
             if value >= 0.01:
-                ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
+                ax.text(
+                    col,
+                    row,
+                    f"{100 * value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > 0.5 else "black",
+                )
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted")
@@ -364,7 +470,9 @@ def run_tissue_experiment_from_config(
     names = list(models or section["models"])
     missing = [n for n in names if n not in specs]
     if missing:
-        raise ExperimentError(f"tissue_experiment.models: {', '.join(missing)} not in models.backbones ({', '.join(specs)})")
+        raise ExperimentError(
+            f"tissue_experiment.models: {', '.join(missing)} not in models.backbones ({', '.join(specs)})"
+        )
     return run_tissue_experiment(
         [specs[n] for n in names],
         Path(test_dir or section["test_dir"]),

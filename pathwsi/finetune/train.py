@@ -61,7 +61,13 @@ from pathwsi.runtime.locks import hold_exclusive
 from pathwsi.runtime.outputs import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
-CHECKPOINT, BEST, HEAD, METRICS, SUMMARY = "checkpoint.pt", "best.safetensors", "head.safetensors", "metrics.tsv", "summary.json"
+CHECKPOINT, BEST, HEAD, METRICS, SUMMARY = (
+    "checkpoint.pt",
+    "best.safetensors",
+    "head.safetensors",
+    "metrics.tsv",
+    "summary.json",
+)
 LOCK = "finetune.lock"  # held by the run that works in the folder (pathwsi.runtime.locks)
 CHECKPOINT_FORMAT = "pathwsi.finetune-checkpoint/1"
 WEIGHTS_FORMAT = "pathwsi.ftx/1"
@@ -83,7 +89,9 @@ class StepSettings:
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | cosine (decay to 0 over the step's epochs)
     unfreeze_from: str | None = None  # first timm block trained with the head; None: head only
-    train_batchnorm: bool = False  # BatchNorm of unfrozen blocks: batch statistics, re-estimated each epoch (True) or frozen (False)
+    train_batchnorm: bool = (
+        False  # BatchNorm of unfrozen blocks: batch statistics, re-estimated each epoch (True) or frozen (False)
+    )
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,16 @@ class FinetuneSettings:
     batch_size: int = 32
     num_workers: int = 2  # image-loading processes; does not change the result
     step1: StepSettings = StepSettings(epochs=2, lr=1e-3, optimizer="adam")
-    step2: StepSettings = StepSettings(epochs=3, lr=1e-4, optimizer="sgd", momentum=0.9, weight_decay=1e-4, schedule="cosine", unfreeze_from="block11", train_batchnorm=True)
+    step2: StepSettings = StepSettings(
+        epochs=3,
+        lr=1e-4,
+        optimizer="sgd",
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="cosine",
+        unfreeze_from="block11",
+        train_batchnorm=True,
+    )
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     early_stopping_patience: int = 3  # epochs without a lower validation loss before a step stops; 0: never
     dropout: float = 0.0  # before the new head
@@ -115,7 +132,9 @@ class FinetuneSettings:
         if not 0 < self.val_fraction < 1:
             problems.append(f"finetune.val_fraction: {self.val_fraction} must be between 0 and 1 (exclusive)")
         if self.batch_size < 1 or self.num_workers < 0 or self.early_stopping_patience < 0 or not 0 <= self.dropout < 1:
-            problems.append("finetune: batch_size >= 1, num_workers >= 0, early_stopping_patience >= 0 and 0 <= dropout < 1 are required")
+            problems.append(
+                "finetune: batch_size >= 1, num_workers >= 0, early_stopping_patience >= 0 and 0 <= dropout < 1 are required"
+            )
         if problems:
             raise FinetuneError("; ".join(problems))
 
@@ -173,7 +192,9 @@ def trainable_blocks(net: torch.nn.Module, unfreeze_from: str | None, key: str) 
     names = [name for name, _ in net.named_children()]
     if unfreeze_from not in names:
         choices = [n for n, m in net.named_children() if any(True for _ in m.parameters())]
-        raise FinetuneError(f"{key}.unfreeze_from: '{unfreeze_from}' is not a block of this backbone; choose one of {', '.join(choices)}")
+        raise FinetuneError(
+            f"{key}.unfreeze_from: '{unfreeze_from}' is not a block of this backbone; choose one of {', '.join(choices)}"
+        )
     return names[names.index(unfreeze_from) :]
 
 
@@ -214,7 +235,14 @@ def make_optimizer(params: list[torch.nn.Parameter], step: StepSettings) -> torc
     return optimizer(params, lr=step.lr, weight_decay=step.weight_decay)
 
 
-def train_step(backbone: Backbone, model: TileClassifier, optimizer: torch.optim.Optimizer, tiles: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None) -> tuple[float, int]:
+def train_step(
+    backbone: Backbone,
+    model: TileClassifier,
+    optimizer: torch.optim.Optimizer,
+    tiles: torch.Tensor,
+    labels: torch.Tensor,
+    dtype: torch.dtype | None,
+) -> tuple[float, int]:
     """One optimizer step on a uint8 batch already on the model's device; returns (mean loss, correct)."""
     with autocast(tiles.device, dtype):
         logits = model(backbone.prepare(tiles))
@@ -282,13 +310,22 @@ def finetune(
     workdir, out_path = Path(workdir), Path(out_path)
     workdir.mkdir(parents=True, exist_ok=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(hold_exclusive(workdir / LOCK, f"fine-tuning folder {workdir}")):  # one run at a time resumes the checkpoint
+    with contextlib.closing(
+        hold_exclusive(workdir / LOCK, f"fine-tuning folder {workdir}")
+    ):  # one run at a time resumes the checkpoint
         tiles = scan_tile_folder(train_dir)
         if val_dir is None:
             train, val = stratified_split(tiles, settings.val_fraction, settings.seed)
         else:
             train, val = tiles, scan_tile_folder(val_dir, tiles.classes)
-        log.info("fine-tuning '%s' on %d training and %d validation tiles, classes %s, on %s", spec.name, len(train.files), len(val.files), ", ".join(tiles.classes), device)
+        log.info(
+            "fine-tuning '%s' on %d training and %d validation tiles, classes %s, on %s",
+            spec.name,
+            len(train.files),
+            len(val.files),
+            ", ".join(tiles.classes),
+            device,
+        )
 
         backbone = build_backbone(spec, allow_network=allow_network, device="cpu")
         model = TileClassifier(backbone.net, backbone.feature_dim, len(tiles.classes), settings.dropout)
@@ -298,14 +335,18 @@ def finetune(
         model.to(device).to(memory_format=torch.channels_last)
         fingerprint = _fingerprint(settings, backbone, train, val)
         state = _resume(workdir, fingerprint, model, restart, device)
-        _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)  # as of the checkpoint (a failed job's was removed)
+        _write_metrics(
+            workdir / METRICS, state.progress.rows, tiles.classes
+        )  # as of the checkpoint (a failed job's was removed)
         runner = _Runner(backbone, model, settings, train, val, device, progress, on_batch)
 
         for number, step in ((1, settings.step1), (2, settings.step2)):
             if state.progress.step > number or step.epochs == 0:
                 continue
             if state.progress.step < number:
-                state.progress = replace(state.progress, step=number, epoch=0, stopped=False, stale=0, best={"val_loss": math.inf})
+                state.progress = replace(
+                    state.progress, step=number, epoch=0, stopped=False, stale=0, best={"val_loss": math.inf}
+                )
                 state.optimizer = None
             blocks = trainable_blocks(backbone.net, step.unfreeze_from, f"finetune.step{number}")
             optimizer = make_optimizer(set_trainable(model, blocks, step.train_batchnorm), step)
@@ -318,13 +359,37 @@ def finetune(
                 state.progress.epoch = epoch
                 _save_checkpoint(workdir, fingerprint, model, optimizer, state.progress)
                 _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)
-        return _export(spec, backbone, model, settings, tiles.classes, train, val, train_dir, val_dir, state.progress, out_path, workdir, started)
+        return _export(
+            spec,
+            backbone,
+            model,
+            settings,
+            tiles.classes,
+            train,
+            val,
+            train_dir,
+            val_dir,
+            state.progress,
+            out_path,
+            workdir,
+            started,
+        )
 
 
 class _Runner:
     """Trains and validates one epoch at a time."""
 
-    def __init__(self, backbone: Backbone, model: TileClassifier, settings: FinetuneSettings, train: LabelledTiles, val: LabelledTiles, device: torch.device, progress: bool | None, on_batch: Callable[[int, int, int], None] | None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        model: TileClassifier,
+        settings: FinetuneSettings,
+        train: LabelledTiles,
+        val: LabelledTiles,
+        device: torch.device,
+        progress: bool | None,
+        on_batch: Callable[[int, int, int], None] | None,
+    ):
         self.backbone, self.model, self.settings, self.device = backbone, model, settings, device
         self.train_set = TileDataset(train, backbone.spec.input_px, settings.augment)
         self.val_set = TileDataset(val, backbone.spec.input_px)
@@ -334,10 +399,16 @@ class _Runner:
 
     def _loader(self, dataset: TileDataset, items: list) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
-            dataset, batch_size=self.settings.batch_size, sampler=items, num_workers=self.settings.num_workers, pin_memory=self.device.type == "cuda"
+            dataset,
+            batch_size=self.settings.batch_size,
+            sampler=items,
+            num_workers=self.settings.num_workers,
+            pin_memory=self.device.type == "cuda",
         )
 
-    def epoch(self, number: int, step: StepSettings, epoch: int, optimizer: torch.optim.Optimizer, blocks: list[str]) -> dict[str, Any]:
+    def epoch(
+        self, number: int, step: StepSettings, epoch: int, optimizer: torch.optim.Optimizer, blocks: list[str]
+    ) -> dict[str, Any]:
         """One training epoch then validation; returns the metrics row."""
         started = time.perf_counter()
         rng = np.random.default_rng([self.settings.seed, number, epoch])
@@ -350,7 +421,11 @@ class _Runner:
             reset_batchnorm_statistics(self.model, blocks)
         loss_sum, correct, seen = 0.0, 0, 0
         bar = _bar(len(loader), f"step {number} epoch {epoch}/{step.epochs}", self.progress)
-        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else []
+        cuda = (
+            [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+            if self.device.type == "cuda"
+            else []
+        )
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(_seed(self.settings.seed, number, epoch, 1))
             for batch, (tiles, labels) in enumerate(loader):
@@ -368,10 +443,28 @@ class _Runner:
         bar.close()
         trained = time.perf_counter() - started
         val_loss, val_acc, per_class = self.validate()
-        row = {"step": number, "epoch": epoch, "lr": learning_rate(step, epoch * len(loader) - 1, total), "train_loss": loss_sum / seen, "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+        row = {
+            "step": number,
+            "epoch": epoch,
+            "lr": learning_rate(step, epoch * len(loader) - 1, total),
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+        }
         row.update({f"val_acc_{name}": acc for name, acc in zip(self.classes, per_class)})
         row.update(train_images_per_s=seen / trained, seconds=time.perf_counter() - started)
-        log.info("step %d epoch %d/%d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f images/s)", number, epoch, step.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["train_images_per_s"])
+        log.info(
+            "step %d epoch %d/%d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f images/s)",
+            number,
+            epoch,
+            step.epochs,
+            row["train_loss"],
+            row["train_acc"],
+            val_loss,
+            val_acc,
+            row["train_images_per_s"],
+        )
         return row
 
     def validate(self) -> tuple[float, float, list[float]]:
@@ -394,7 +487,14 @@ class _Runner:
 def _bar(total: int, desc: str, progress: bool | None):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress, file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=None if progress is None else not progress,
+        file=sys.stderr,
+    )
 
 
 def _seed(*parts: int) -> int:
@@ -409,14 +509,24 @@ def _record(progress: Progress, row: dict[str, Any], patience: int, model: TileC
     """
     progress.rows.append(row)
     if row["val_loss"] < progress.best["val_loss"]:
-        progress.best = {"val_loss": row["val_loss"], "val_acc": row["val_acc"], "step": row["step"], "epoch": row["epoch"]}
+        progress.best = {
+            "val_loss": row["val_loss"],
+            "val_acc": row["val_acc"],
+            "step": row["step"],
+            "epoch": row["epoch"],
+        }
         save_weights(model.state_dict(), workdir / BEST, {"step": row["step"], "epoch": row["epoch"]})
         progress.stale = 0
     else:
         progress.stale += 1
     progress.stopped = patience > 0 and progress.stale >= patience
     if progress.stopped:
-        log.info("step %d stops early after epoch %d: no lower validation loss for %d epochs", row["step"], row["epoch"], patience)
+        log.info(
+            "step %d stops early after epoch %d: no lower validation loss for %d epochs",
+            row["step"],
+            row["epoch"],
+            patience,
+        )
 
 
 # -- checkpoint ---------------------------------------------------------------------------------
@@ -432,17 +542,34 @@ def _fingerprint(settings: FinetuneSettings, backbone: Backbone, train: Labelled
     """What a checkpoint must have been made with to be resumed: settings, base weights, tiles."""
     record = {
         "settings": settings.result_relevant(),
-        "base": {"arch": backbone.spec.arch, "input_px": backbone.spec.input_px, "mean": backbone.spec.mean, "std": backbone.spec.std, "weights_sha256": backbone.weights_sha256},
+        "base": {
+            "arch": backbone.spec.arch,
+            "input_px": backbone.spec.input_px,
+            "mean": backbone.spec.mean,
+            "std": backbone.spec.std,
+            "weights_sha256": backbone.weights_sha256,
+        },
         "tiles": [[p.parent.name, p.name, p.stat().st_size] for subset in (train, val) for p in subset.files],
         "split": [len(train.files), len(val.files)],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_checkpoint(workdir: Path, fingerprint: str, model: TileClassifier, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+def _save_checkpoint(
+    workdir: Path, fingerprint: str, model: TileClassifier, optimizer: torch.optim.Optimizer, progress: Progress
+) -> None:
     """Write the checkpoint atomically (tensors and plain Python values only)."""
     with atomic_path(workdir / CHECKPOINT) as temporary:
-        torch.save({"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": asdict(progress)}, temporary)
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "progress": asdict(progress),
+            },
+            temporary,
+        )
 
 
 def _resume(workdir: Path, fingerprint: str, model: TileClassifier, restart: bool, device: torch.device) -> _State:
@@ -456,7 +583,9 @@ def _resume(workdir: Path, fingerprint: str, model: TileClassifier, restart: boo
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a damaged checkpoint: say which and what to do
-        raise FinetuneError(f"cannot read checkpoint '{path}' ({type(err).__name__}: {err}); delete it (or use --restart) to start over") from err
+        raise FinetuneError(
+            f"cannot read checkpoint '{path}' ({type(err).__name__}: {err}); delete it (or use --restart) to start over"
+        ) from err
     if saved.get("format") != CHECKPOINT_FORMAT or saved.get("fingerprint") != fingerprint:
         raise FinetuneError(
             f"checkpoint '{path}' was made with other settings, base weights or tiles; "
@@ -470,7 +599,18 @@ def _resume(workdir: Path, fingerprint: str, model: TileClassifier, restart: boo
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]], classes: tuple[str, ...]) -> None:
     """metrics.tsv, rewritten whole (atomically) from the rows so far."""
-    columns = ["step", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", *(f"val_acc_{c}" for c in classes), "train_images_per_s", "seconds"]
+    columns = [
+        "step",
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        *(f"val_acc_{c}" for c in classes),
+        "train_images_per_s",
+        "seconds",
+    ]
     lines = ["\t".join(columns)] + ["\t".join(_cell(row[c]) for c in columns) for row in rows]
     write_text("\n".join(lines) + "\n", path)
 
@@ -515,7 +655,9 @@ def _export(
         "settings": asdict(settings),
         "classes": list(classes),
         "train_dir": str(train_dir),
-        "val_dir": str(val_dir) if val_dir is not None else f"stratified split of train_dir ({settings.val_fraction:g}, seed {settings.seed})",
+        "val_dir": str(val_dir)
+        if val_dir is not None
+        else f"stratified split of train_dir ({settings.val_fraction:g}, seed {settings.seed})",
         "tiles": {"train": train.counts(), "val": val.counts()},
         "best": {k: v for k, v in progress.best.items() if k != "val_loss" or math.isfinite(v)},
         "pathwsi_version": __version__,
@@ -523,7 +665,11 @@ def _export(
     if eps is not None:
         metadata[BN_EPS_KEY] = repr(float(eps))
     sha = save_weights(net, out_path, metadata)
-    save_weights(head, workdir / HEAD, {"classes": list(classes), "backbone_sha256": sha, "feature_dim": str(backbone.feature_dim)})
+    save_weights(
+        head,
+        workdir / HEAD,
+        {"classes": list(classes), "backbone_sha256": sha, "feature_dim": str(backbone.feature_dim)},
+    )
     summary = {
         "weights": str(out_path),
         "weights_sha256": sha,
@@ -538,7 +684,13 @@ def _export(
     write_json(summary, workdir / SUMMARY)
     for name in (CHECKPOINT, BEST):
         (workdir / name).unlink(missing_ok=True)
-    log.info("wrote %s (best: step %s epoch %s, val acc %s)", out_path, metadata["best"].get("step"), metadata["best"].get("epoch"), metadata["best"].get("val_acc"))
+    log.info(
+        "wrote %s (best: step %s epoch %s, val acc %s)",
+        out_path,
+        metadata["best"].get("step"),
+        metadata["best"].get("epoch"),
+        metadata["best"].get("val_acc"),
+    )
     return summary
 
 

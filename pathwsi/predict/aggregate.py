@@ -43,7 +43,9 @@ def check_statistics(names: list[str]) -> list[str]:
     """The statistics as given, or AggregateError naming the unknown ones (mean, std, min, max, q0..q100)."""
     unknown = [n for n in names if n not in _STREAMING and not _QUANTILE.match(n)]
     if unknown or not names:
-        raise AggregateError(f"aggregate.statistics: unknown {unknown or 'empty list'}; use mean, std, min, max or qNN (q0..q100, e.g. q50)")
+        raise AggregateError(
+            f"aggregate.statistics: unknown {unknown or 'empty list'}; use mean, std, min, max or qNN (q0..q100, e.g. q50)"
+        )
     return list(names)
 
 
@@ -85,7 +87,9 @@ def feature_columns(statistics: list[str], dim: int) -> list[str]:
     return [f"{name}_{i:04d}" for name in statistics for i in range(dim)]
 
 
-def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: DaskScheduler = DaskScheduler()) -> CohortFeatures:
+def aggregate_cohort(
+    entries: list[SlideEntry], models: list[str], statistics: list[str], scheduler: DaskScheduler = DaskScheduler()
+) -> CohortFeatures:
     """Slide- and patient-level features of every model from the cohort's usable stores (their readable
     tiles), computed by `scheduler`. A store whose chunks fail their checksum while being read is verified,
     named and left out, and the rest computed again."""
@@ -101,14 +105,24 @@ def aggregate_cohort(entries: list[SlideEntry], models: list[str], statistics: l
             raise
         for row in rows:
             if row[0] in damaged:
-                row[2:] = ["left_out", f"{usable[row[0]].store.path}: damaged store: {'; '.join(damaged[row[0]][:3])}; delete it and rerun the workflow to extract the slide again", 0]
+                row[2:] = [
+                    "left_out",
+                    f"{usable[row[0]].store.path}: damaged store: {'; '.join(damaged[row[0]][:3])}; delete it and rerun the workflow to extract the slide again",
+                    0,
+                ]
                 log.warning("slide %s left out: %s", row[0], row[3])
         usable = {slide: entry for slide, entry in usable.items() if slide not in damaged}
         slides, patients = _reduce(usable, patient_of, models, statistics, scheduler)
     slide_table = pd.DataFrame(rows, columns=["slide_id", "patient_id", "status", "reason", "n_tiles"])
     used = slide_table[slide_table.status == "used"]
-    patient_table = used.groupby("patient_id", sort=True).agg(n_slides=("slide_id", "size"), n_tiles=("n_tiles", "sum")).reset_index()
-    return CohortFeatures(slides, patients, slide_table, patient_table, {"statistics": statistics, "models": provenance})
+    patient_table = (
+        used.groupby("patient_id", sort=True)
+        .agg(n_slides=("slide_id", "size"), n_tiles=("n_tiles", "sum"))
+        .reset_index()
+    )
+    return CohortFeatures(
+        slides, patients, slide_table, patient_table, {"statistics": statistics, "models": provenance}
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,13 @@ class UsableStore:
         return array if self.tiles is None else array[self.tiles]
 
 
-def _reduce(usable: dict[str, UsableStore], patient_of: dict[str, str], models: list[str], statistics: list[str], scheduler: DaskScheduler) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+def _reduce(
+    usable: dict[str, UsableStore],
+    patient_of: dict[str, str],
+    models: list[str],
+    statistics: list[str],
+    scheduler: DaskScheduler,
+) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Per model, the slide and patient feature tables."""
     slides: dict[str, pd.DataFrame] = {}
     patients: dict[str, pd.DataFrame] = {}
@@ -133,7 +153,10 @@ def _reduce(usable: dict[str, UsableStore], patient_of: dict[str, str], models: 
             arrays = {slide: entry.features(model) for slide, entry in usable.items()}
             dim = next(iter(arrays.values())).shape[1] if arrays else 0
             per_slide = [reduce_tiles(arrays[s], statistics) for s in usable]
-            per_patient = [reduce_tiles(da.concatenate([arrays[s] for s in usable if patient_of[s] == p]), statistics) for p in patient_ids]
+            per_patient = [
+                reduce_tiles(da.concatenate([arrays[s] for s in usable if patient_of[s] == p]), statistics)
+                for p in patient_ids
+            ]
             slide_values, patient_values = dask.compute(per_slide, per_patient, **options)
             columns = feature_columns(statistics, dim)
             slides[model] = _frame(slide_values, list(usable), "slide_id", columns)
@@ -175,7 +198,9 @@ def _usable_stores(entries: list[SlideEntry], models: list[str]) -> tuple[dict[s
 
 def _first_unreadable(record: dict[str, Any]) -> str:
     tiles = record.get("tiles") or []
-    return f"first at level-0 ({tiles[0]['x']}, {tiles[0]['y']}): {tiles[0]['reason']}" if tiles else "no reason recorded"
+    return (
+        f"first at level-0 ({tiles[0]['x']}, {tiles[0]['y']}): {tiles[0]['reason']}" if tiles else "no reason recorded"
+    )
 
 
 def _open_usable(entry: SlideEntry, models: list[str]) -> tuple[FeatureStore | None, str]:
@@ -188,7 +213,10 @@ def _open_usable(entry: SlideEntry, models: list[str]) -> tuple[FeatureStore | N
         return None, f"store lacks features of {missing}; rerun its features job"
     if not store.attrs.get("n_tiles"):
         attrs = store.attrs
-        return None, f"no tiles (tiling status {attrs.get('tiling_status')}: {attrs.get('tiling_reason') or 'no reason recorded'})"
+        return (
+            None,
+            f"no tiles (tiling status {attrs.get('tiling_status')}: {attrs.get('tiling_reason') or 'no reason recorded'})",
+        )
     return store, ""
 
 
@@ -203,8 +231,12 @@ def _model_provenance(usable: dict[str, UsableStore], models: list[str]) -> dict
             by_network.setdefault(_network(record), []).append(slide)
             provenance.setdefault(model, record)
         if len(by_network) > 1:
-            groups = "; ".join(f"{network}: {', '.join(s[:3])}{' ...' if len(s) > 3 else ''}" for network, s in by_network.items())
-            raise AggregateError(f"model '{model}': the cohort's stores were made with different networks ({groups}); rerun the features of the stale slides")
+            groups = "; ".join(
+                f"{network}: {', '.join(s[:3])}{' ...' if len(s) > 3 else ''}" for network, s in by_network.items()
+            )
+            raise AggregateError(
+                f"model '{model}': the cohort's stores were made with different networks ({groups}); rerun the features of the stale slides"
+            )
     return provenance
 
 
@@ -241,7 +273,10 @@ def write_cohort(result: CohortFeatures, outputs: AggregateOutputs) -> None:
     for level, tables in (("slides", result.slides), ("patients", result.patients)):
         for model, frame in tables.items():
             index = frame.index.name
-            write_table({index: frame.index.to_numpy(dtype=str), **{c: frame[c].to_numpy() for c in frame.columns}}, outputs.features(model, level))
+            write_table(
+                {index: frame.index.to_numpy(dtype=str), **{c: frame[c].to_numpy() for c in frame.columns}},
+                outputs.features(model, level),
+            )
     write_frame(result.slide_table, outputs.slides, sep="\t")
     write_frame(result.patient_table, outputs.patients, sep="\t")
     warnings = sorted({m["warning"] for m in result.provenance["models"].values() if m.get("warning")})

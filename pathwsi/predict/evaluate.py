@@ -57,7 +57,6 @@ class EvaluationError(PathwsiError, ValueError):
     """Settings, features or targets that cannot be cross-validated; the message says what to change."""
 
 
-
 @dataclass(frozen=True)
 class EvaluationSettings:
     """Defaults are OUR choices except folds and repeats (the paper's 5 × 50); docs/evaluate.md explains each."""
@@ -79,7 +78,11 @@ class EvaluationSettings:
         problems = []
         if self.folds < 2 or self.repeats < 1:
             problems.append("folds >= 2 and repeats >= 1")
-        if not self.ridge_penalties or not self.logistic_penalties or min(self.ridge_penalties + self.logistic_penalties) <= 0:
+        if (
+            not self.ridge_penalties
+            or not self.logistic_penalties
+            or min(self.ridge_penalties + self.logistic_penalties) <= 0
+        ):
             problems.append("non-empty penalty grids of positive factors")
         if not 0 < self.fdr < 1 or self.bootstrap < 1:
             problems.append("0 < fdr < 1 and bootstrap >= 1")
@@ -118,7 +121,13 @@ class TaskResult:
 # -- cross-validation ---------------------------------------------------------------------------
 
 
-def evaluate_task(task: str, features: dict[str, pd.DataFrame], targets: pd.DataFrame, settings: EvaluationSettings = EvaluationSettings(), sites: pd.Series | None = None) -> TaskResult:
+def evaluate_task(
+    task: str,
+    features: dict[str, pd.DataFrame],
+    targets: pd.DataFrame,
+    settings: EvaluationSettings = EvaluationSettings(),
+    sites: pd.Series | None = None,
+) -> TaskResult:
     """Cross-validate every model on `targets` (patients × genes; mutation: 0/1) and compute per-gene metrics.
 
     features: model -> patients × features; sites: patient -> tissue source site (needed when group_by_site).
@@ -148,7 +157,15 @@ def evaluate_task(task: str, features: dict[str, pd.DataFrame], targets: pd.Data
             log.warning("%s: %s = %d (see the per-gene tables)", task, name, count)
     per_repeat = {name: repeat_metrics(task, p, y) for name, p in predictions.items()}
     tables = {
-        name: gene_table(task, predictions[name], y, per_repeat[name], targets.columns, _median_penalty(np.stack([r.chosen for r in run]), factors), failed[name])
+        name: gene_table(
+            task,
+            predictions[name],
+            y,
+            per_repeat[name],
+            targets.columns,
+            _median_penalty(np.stack([r.chosen for r in run]), factors),
+            failed[name],
+        )
         for name, run in runs.items()
     }
     if task == "mutation":
@@ -170,7 +187,9 @@ def align(features: dict[str, pd.DataFrame], targets: pd.DataFrame) -> tuple[dic
         raise EvaluationError("no feature tables given")
     for name, frame in {**features, "targets": targets}.items():
         if not frame.index.is_unique:
-            raise EvaluationError(f"{name}: patient id(s) {', '.join(map(str, frame.index[frame.index.duplicated()].unique()[:5]))} repeat; give one row per patient")
+            raise EvaluationError(
+                f"{name}: patient id(s) {', '.join(map(str, frame.index[frame.index.duplicated()].unique()[:5]))} repeat; give one row per patient"
+            )
     first, *others = features
     patients = features[first].index[features[first].index.isin(targets.index)]
     for name in others:
@@ -182,8 +201,12 @@ def align(features: dict[str, pd.DataFrame], targets: pd.DataFrame) -> tuple[dic
                 f"({', '.join(map(str, missing[:5]))}), only '{name}' has {len(extra)} ({', '.join(map(str, extra[:5]))}); give every model the same patients"
             )
     if len(patients) < 2:
-        raise EvaluationError(f"only {len(patients)} patient(s) have both features and targets (features e.g. {', '.join(map(str, features[first].index[:3]))}; targets e.g. {', '.join(map(str, targets.index[:3]))})")
-    return {name: frame.loc[patients].to_numpy() for name, frame in features.items()}, targets.loc[patients].astype(np.float64)
+        raise EvaluationError(
+            f"only {len(patients)} patient(s) have both features and targets (features e.g. {', '.join(map(str, features[first].index[:3]))}; targets e.g. {', '.join(map(str, targets.index[:3]))})"
+        )
+    return {name: frame.loc[patients].to_numpy() for name, frame in features.items()}, targets.loc[patients].astype(
+        np.float64
+    )
 
 
 class RepeatFit(NamedTuple):
@@ -195,7 +218,9 @@ class RepeatFit(NamedTuple):
     unconverged: int  # logistic fits that stopped at max_iter
 
 
-def cross_validate(task: str, arrays: dict[str, np.ndarray], y: np.ndarray, fold_of: np.ndarray, factors: np.ndarray) -> dict[str, list[RepeatFit]]:
+def cross_validate(
+    task: str, arrays: dict[str, np.ndarray], y: np.ndarray, fold_of: np.ndarray, factors: np.ndarray
+) -> dict[str, list[RepeatFit]]:
     """Every model on every repeat of `fold_of`, serially on one BLAS thread, with a progress bar.
 
     One thread: these many small factorizations only slow down with more on 2 shared cores
@@ -236,7 +261,9 @@ def _fit_repeat(task: str, x: np.ndarray, y: np.ndarray, fold_row: np.ndarray, f
                 predictions[np.ix_(test, genes)], chosen[fold, genes] = ridge_loo(kc, kc_test, target, factors)
                 continue
             for column in np.flatnonzero(fittable):
-                predictions[test, genes[column]], chosen[fold, genes[column]], stopped = logistic_loo(kc, kc_test, target[:, column] > 0, factors)
+                predictions[test, genes[column]], chosen[fold, genes[column]], stopped = logistic_loo(
+                    kc, kc_test, target[:, column] > 0, factors
+                )
                 unconverged += stopped
     predictions[np.isnan(y)] = np.nan
     return RepeatFit(predictions, chosen, failed, unconverged)
@@ -293,7 +320,15 @@ def auroc(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (np.where(positive, ranks, 0.0).sum(axis=-2) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def gene_table(task: str, predictions: np.ndarray, y: np.ndarray, per_repeat: dict[str, np.ndarray], genes: pd.Index, penalty: np.ndarray, failed: np.ndarray) -> pd.DataFrame:
+def gene_table(
+    task: str,
+    predictions: np.ndarray,
+    y: np.ndarray,
+    per_repeat: dict[str, np.ndarray],
+    genes: pd.Index,
+    penalty: np.ndarray,
+    failed: np.ndarray,
+) -> pd.DataFrame:
     """Per-gene metrics of one model: mean and std over repeats, the metric of the repeat-averaged prediction, and for expression its p-value."""
     known = np.isfinite(y)
     table = pd.DataFrame({"gene": genes, "patients": known.sum(axis=0)})
@@ -324,7 +359,9 @@ def bh(p: np.ndarray) -> np.ndarray:
     return q
 
 
-def bootstrap_ci(predictions: dict[str, np.ndarray], targets: pd.DataFrame, n: int, seed: int, level: float = 0.95) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def bootstrap_ci(
+    predictions: dict[str, np.ndarray], targets: pd.DataFrame, n: int, seed: int, level: float = 0.95
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per model and gene: percentile CI of the AUROC of the repeat-averaged scores, over stratified bootstraps of patients.
 
     Positives and negatives are resampled separately (so each resample has both); the resamples
@@ -342,7 +379,9 @@ def bootstrap_ci(predictions: dict[str, np.ndarray], targets: pd.DataFrame, n: i
         rows = np.concatenate([rng.choice(positives, (len(positives), n)), rng.choice(negatives, (len(negatives), n))])
         labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))][:, None]
         for name, a in averaged.items():
-            out[name][0][j], out[name][1][j] = np.quantile(auroc(a[rows, j], labels), [(1 - level) / 2, (1 + level) / 2])
+            out[name][0][j], out[name][1][j] = np.quantile(
+                auroc(a[rows, j], labels), [(1 - level) / 2, (1 + level) / 2]
+            )
     return out
 
 
@@ -375,23 +414,28 @@ def compare(result: TaskResult, a: str, b: str) -> pd.DataFrame:
     metric = METRIC[result.task]
     first, second = result.per_repeat[a][metric], result.per_repeat[b][metric]
     paired = np.isfinite(first) & np.isfinite(second)
-    tests = [paired_test(second[paired[:, j], j], first[paired[:, j], j]) if paired[:, j].any() else (np.nan, np.nan) for j in range(first.shape[1])]
+    tests = [
+        paired_test(second[paired[:, j], j], first[paired[:, j], j]) if paired[:, j].any() else (np.nan, np.nan)
+        for j in range(first.shape[1])
+    ]
     difference = np.where(paired, first - second, np.nan)
-    table = pd.DataFrame({
-        "task": result.task,
-        "gene": result.genes,
-        "metric": metric,
-        "model_a": a,
-        "model_b": b,
-        "mean_a": result.tables[a][f"{metric}_mean"].to_numpy(),
-        "mean_b": result.tables[b][f"{metric}_mean"].to_numpy(),
-        "mean_a_minus_b": _nanmean(difference),
-        "repeats_a_higher": (difference > 0).sum(axis=0),
-        "repeats_b_higher": (difference < 0).sum(axis=0),
-        "repeats_tied": (difference == 0).sum(axis=0),
-        "wilcoxon_statistic": [t[0] for t in tests],
-        "wilcoxon_p": [t[1] for t in tests],
-    })
+    table = pd.DataFrame(
+        {
+            "task": result.task,
+            "gene": result.genes,
+            "metric": metric,
+            "model_a": a,
+            "model_b": b,
+            "mean_a": result.tables[a][f"{metric}_mean"].to_numpy(),
+            "mean_b": result.tables[b][f"{metric}_mean"].to_numpy(),
+            "mean_a_minus_b": _nanmean(difference),
+            "repeats_a_higher": (difference > 0).sum(axis=0),
+            "repeats_b_higher": (difference < 0).sum(axis=0),
+            "repeats_tied": (difference == 0).sum(axis=0),
+            "wilcoxon_statistic": [t[0] for t in tests],
+            "wilcoxon_p": [t[1] for t in tests],
+        }
+    )
     table["wilcoxon_q"] = bh(table["wilcoxon_p"].to_numpy())
     if result.task == "expression":
         table["significant_a"] = result.tables[a]["significant"].to_numpy()
@@ -407,12 +451,23 @@ def counts(comparison: pd.DataFrame, fdr: float) -> dict[str, Any]:
     """
     task = comparison["task"].iat[0]
     expression = task == "expression"
-    considered = (comparison["significant_a"] | comparison["significant_b"]) if expression else pd.Series(True, comparison.index)
+    considered = (
+        (comparison["significant_a"] | comparison["significant_b"]) if expression else pd.Series(True, comparison.index)
+    )
     higher_a, higher_b = comparison["mean_a"] > comparison["mean_b"], comparison["mean_a"] < comparison["mean_b"]
     differs = comparison["wilcoxon_q"] < fdr
-    out: dict[str, Any] = {"model_a": comparison["model_a"].iat[0], "model_b": comparison["model_b"].iat[0], "metric": METRIC[task], "genes": len(comparison)}
+    out: dict[str, Any] = {
+        "model_a": comparison["model_a"].iat[0],
+        "model_b": comparison["model_b"].iat[0],
+        "metric": METRIC[task],
+        "genes": len(comparison),
+    }
     if expression:
-        out |= {"significant_a": int(comparison["significant_a"].sum()), "significant_b": int(comparison["significant_b"].sum()), "significant_either": int(considered.sum())}
+        out |= {
+            "significant_a": int(comparison["significant_a"].sum()),
+            "significant_b": int(comparison["significant_b"].sum()),
+            "significant_either": int(considered.sum()),
+        }
     return out | {
         "higher_with_a": int((considered & higher_a).sum()),
         "higher_with_a_significant": int((considered & higher_a & differs).sum()),
@@ -458,7 +513,12 @@ def run_evaluation(
         repeats.append(long_repeats(result))
         write_task(result, out_dir)
         plot_task(result, comparisons[-1], out_dir, settings.fdr)
-        summary["tasks"][task] = {"patients": len(result.patients), **counts(comparisons[-1], settings.fdr), **result.notes, "seconds": round(result.seconds, 1)}
+        summary["tasks"][task] = {
+            "patients": len(result.patients),
+            **counts(comparisons[-1], settings.fdr),
+            **result.notes,
+            "seconds": round(result.seconds, 1),
+        }
     write_frame(pd.concat(comparisons, ignore_index=True), out_dir / "comparison.tsv", sep="\t")
     write_frame(pd.concat(repeats, ignore_index=True), out_dir / "repeats.tsv", sep="\t")
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -472,7 +532,11 @@ def write_task(result: TaskResult, out_dir: Path) -> None:
     over repeats, patients × genes) and {task}_splits.tsv (each patient's test fold per repeat)."""
     for name, table in result.tables.items():
         write_frame(table, out_dir / f"{result.task}_{name}.tsv", sep="\t")
-        write_frame(result.averaged(name).rename_axis("patient_id").reset_index(), out_dir / f"{result.task}_{name}_oof.tsv", sep="\t")
+        write_frame(
+            result.averaged(name).rename_axis("patient_id").reset_index(),
+            out_dir / f"{result.task}_{name}_oof.tsv",
+            sep="\t",
+        )
     write_splits(result.fold_of, result.patients, out_dir / f"{result.task}_splits.tsv")
 
 
@@ -482,7 +546,18 @@ def long_repeats(result: TaskResult) -> pd.DataFrame:
     for name, metrics in result.per_repeat.items():
         for metric, values in metrics.items():
             n_repeats, n_genes = values.shape
-            parts.append(pd.DataFrame({"task": result.task, "model": name, "gene": np.tile(result.genes, n_repeats), "repeat": np.repeat(np.arange(n_repeats), n_genes), "metric": metric, "value": values.ravel()}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "task": result.task,
+                        "model": name,
+                        "gene": np.tile(result.genes, n_repeats),
+                        "repeat": np.repeat(np.arange(n_repeats), n_genes),
+                        "metric": metric,
+                        "value": values.ravel(),
+                    }
+                )
+            )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -490,13 +565,22 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     """The paper's counts in a few lines, for people."""
     settings = summary["settings"]
     fdr = settings["fdr"]
-    lines = ["# Molecular prediction from image features", "", f"{settings['folds']}-fold cross-validation × {settings['repeats']} repeats, seed {settings['seed']}; significant: q < {fdr}.", ""]
+    lines = [
+        "# Molecular prediction from image features",
+        "",
+        f"{settings['folds']}-fold cross-validation × {settings['repeats']} repeats, seed {settings['seed']}; significant: q < {fdr}.",
+        "",
+    ]
     for task, c in summary["tasks"].items():
         a, b = c["model_a"], c["model_b"]
         lines.append(f"## {task}: {c['patients']} patients, {c['genes']} genes")
         if task == "expression":
-            lines.append(f"- significant (one-sided Pearson test, BH q < {fdr}): {a} {c['significant_a']}, {b} {c['significant_b']}, either {c['significant_either']}")
+            lines.append(
+                f"- significant (one-sided Pearson test, BH q < {fdr}): {a} {c['significant_a']}, {b} {c['significant_b']}, either {c['significant_either']}"
+            )
         among = "of those, " if task == "expression" else ""
-        lines.append(f"- {among}higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})")
+        lines.append(
+            f"- {among}higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})"
+        )
         lines += [f"- paper: {c['paper']}", ""]
     return "\n".join(lines)

@@ -67,7 +67,9 @@ def ridge_loo(k: np.ndarray, k_test: np.ndarray, y: np.ndarray, factors: np.ndar
     centred = y - mean
     projected = vectors.T @ centred  # (r, g)
     shrink = values[None, :] / (values[None, :] + alphas[:, None])  # (penalties, r)
-    fitted = vectors @ (shrink[:, :, None] * projected[None]).transpose(1, 0, 2).reshape(len(values), -1)  # (n, penalties·g)
+    fitted = vectors @ (shrink[:, :, None] * projected[None]).transpose(1, 0, 2).reshape(
+        len(values), -1
+    )  # (n, penalties·g)
     leverage = 1.0 / len(k) + (vectors**2) @ shrink.T  # (n, penalties), the intercept's 1/n included
     residual = (np.tile(centred, len(alphas)) - fitted) / np.repeat(1.0 - leverage, y.shape[1], axis=1)
     errors = np.mean(residual**2, axis=0).reshape(len(alphas), y.shape[1])
@@ -98,7 +100,9 @@ class LogisticFit:
         return self.intercept + self.c * (k_rows @ self.dual)
 
 
-def fit_logistic(k: np.ndarray, y: np.ndarray, c: float, start: LogisticFit | None = None, tol: float = 1e-7, max_iter: int = 300) -> LogisticFit:
+def fit_logistic(
+    k: np.ndarray, y: np.ndarray, c: float, start: LogisticFit | None = None, tol: float = 1e-7, max_iter: int = 300
+) -> LogisticFit:
     """L2 logistic regression with balanced class weights and an unpenalised intercept, by Newton's method in the dual.
 
     A Newton step is a weighted kernel ridge problem, solved with the Cholesky factor of
@@ -133,15 +137,29 @@ def fit_logistic(k: np.ndarray, y: np.ndarray, c: float, start: LogisticFit | No
             system = None
             continue
         step = 1.0
-        while (trial := _objective(f + step * (new_f - f), y, weights, c, k, dual + step * (new_dual - dual))) > objective and step > 1e-6:
+        while (
+            trial := _objective(f + step * (new_f - f), y, weights, c, k, dual + step * (new_dual - dual))
+        ) > objective and step > 1e-6:
             step /= 2
         if step < 1.0 or move > 0.5 * last_move:
             system = None
         last_move = move * step
-        intercept, dual, f, objective = intercept + step * (new_intercept - intercept), dual + step * (new_dual - dual), f + step * (new_f - f), trial
+        intercept, dual, f, objective = (
+            intercept + step * (new_intercept - intercept),
+            dual + step * (new_dual - dual),
+            f + step * (new_f - f),
+            trial,
+        )
     root_w, factor = _newton_system(f, weights, c, k)
     p, q = expit(f), expit(-f)
-    return LogisticFit(intercept, dual, c, _alo(f, y, p, q, root_w, factor, cho_solve(factor, root_w, check_finite=False)), max_iter, False)
+    return LogisticFit(
+        intercept,
+        dual,
+        c,
+        _alo(f, y, p, q, root_w, factor, cho_solve(factor, root_w, check_finite=False)),
+        max_iter,
+        False,
+    )
 
 
 def _objective(f: np.ndarray, y: np.ndarray, weights: np.ndarray, c: float, k: np.ndarray, dual: np.ndarray) -> float:
@@ -149,7 +167,9 @@ def _objective(f: np.ndarray, y: np.ndarray, weights: np.ndarray, c: float, k: n
     return float(weights @ (np.logaddexp(0.0, f) - y * f) + 0.5 * c * dual @ (k @ dual))
 
 
-def _newton_system(f: np.ndarray, weights: np.ndarray, c: float, k: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, bool]]:
+def _newton_system(
+    f: np.ndarray, weights: np.ndarray, c: float, k: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, bool]]:
     """√W at f and the Cholesky factor of I + C·√W·K·√W."""
     f = np.clip(f, -500.0, 500.0)
     root_w = np.sqrt(weights * expit(f) * expit(-f))
@@ -158,7 +178,15 @@ def _newton_system(f: np.ndarray, weights: np.ndarray, c: float, k: np.ndarray) 
     return root_w, cho_factor(system, lower=True, overwrite_a=True, check_finite=False)
 
 
-def _alo(f: np.ndarray, y: np.ndarray, p: np.ndarray, q: np.ndarray, root_w: np.ndarray, factor: tuple[np.ndarray, bool], u: np.ndarray) -> np.ndarray:
+def _alo(
+    f: np.ndarray,
+    y: np.ndarray,
+    p: np.ndarray,
+    q: np.ndarray,
+    root_w: np.ndarray,
+    factor: tuple[np.ndarray, bool],
+    u: np.ndarray,
+) -> np.ndarray:
     """ALO leave-one-out decision values: fᵢ + (ℓ′ᵢ/Wᵢ)·Hᵢᵢ/(1 − Hᵢᵢ), H the weighted hat matrix.
 
     With M = I + C·√W·K·√W, v = √W and u = M⁻¹v: Hᵢᵢ = 1 − (M⁻¹)ᵢᵢ + uᵢ²/(vᵀu).

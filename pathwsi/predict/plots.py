@@ -42,7 +42,13 @@ def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float) -> None
     x, y = comparison["mean_b"].to_numpy(float), comparison["mean_a"].to_numpy(float)
     figure, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
     ax.scatter(x[~significant], y[~significant], s=10, color="0.7", label=f"not significant ({(~significant).sum()})")
-    ax.scatter(x[significant], y[significant], s=14, color="tab:red", label=f"q < {fdr} with either ({significant.sum()}; {int((y > x)[significant].sum())} above the diagonal)")
+    ax.scatter(
+        x[significant],
+        y[significant],
+        s=14,
+        color="tab:red",
+        label=f"q < {fdr} with either ({significant.sum()}; {int((y > x)[significant].sum())} above the diagonal)",
+    )
     finite = np.isfinite(np.r_[x, y])
     low, high = (float(np.r_[x, y][finite].min()), float(np.r_[x, y][finite].max())) if finite.any() else (0.0, 1.0)
     ax.plot([low, high], [low, high], color="black", linewidth=0.8)
@@ -61,8 +67,17 @@ def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFram
     genes = list(targets.columns)
     columns = min(3, len(genes))
     rows = -(-len(genes) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.3 * rows + 0.6), sharex=True, sharey=True, squeeze=False)
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.6 / (3.3 * rows + 0.6) + 0.04, top=1 - 0.5 / (3.3 * rows + 0.6), wspace=0.08, hspace=0.25)  # fixed: constrained layout of many panels is slow
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.3 * columns, 3.3 * rows + 0.6), sharex=True, sharey=True, squeeze=False
+    )
+    figure.subplots_adjust(
+        left=0.08,
+        right=0.98,
+        bottom=0.6 / (3.3 * rows + 0.6) + 0.04,
+        top=1 - 0.5 / (3.3 * rows + 0.6),
+        wspace=0.08,
+        hspace=0.25,
+    )  # fixed: constrained layout of many panels is slow
     for ax, gene in zip(axes.ravel(), genes):
         for name, frame in scores.items():
             truth, score = targets[gene].to_numpy(float), frame[gene].to_numpy(float)
@@ -91,7 +106,14 @@ def auroc_bars(path: Path, tables: dict[str, pd.DataFrame]) -> None:
     figure, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(genes) + 1.5), 3.8), layout="constrained")
     for i, name in enumerate(names):
         table = tables[name]
-        ax.bar(np.arange(len(genes)) + (i - (len(names) - 1) / 2) * width, table["auroc_mean"], width, yerr=table["auroc_std"], capsize=2, label=name)
+        ax.bar(
+            np.arange(len(genes)) + (i - (len(names) - 1) / 2) * width,
+            table["auroc_mean"],
+            width,
+            yerr=table["auroc_std"],
+            capsize=2,
+            label=name,
+        )
     ax.axhline(0.5, color="0.5", linewidth=0.8, linestyle="--")
     ax.set_xticks(np.arange(len(genes)), genes, rotation=45, ha="right")
     ax.set_ylabel("AUROC (mean ± std over repeats)")

@@ -53,7 +53,14 @@ def settings_from_config(section: dict[str, Any], seed: int) -> EvaluationSettin
     return EvaluationSettings(seed=seed, **values)
 
 
-def run_predict_job(feature_files: dict[str, Path], cohort: CohortTargets, targets: TargetSettings, settings: EvaluationSettings, sites: dict[str, str], out_dir: Path) -> dict[str, Any]:
+def run_predict_job(
+    feature_files: dict[str, Path],
+    cohort: CohortTargets,
+    targets: TargetSettings,
+    settings: EvaluationSettings,
+    sites: dict[str, str],
+    out_dir: Path,
+) -> dict[str, Any]:
     """Cross-validate every task the cohort has targets for; write tables, figures and summaries to `out_dir`."""
     features = {model: read_features(path) for model, path in feature_files.items()}
     patients = list(next(iter(features.values())).index)
@@ -73,14 +80,25 @@ def run_predict_job(feature_files: dict[str, Path], cohort: CohortTargets, targe
     site_of = pd.Series(sites).reindex(patients) if settings.group_by_site else None
     if site_of is not None and site_of.isna().any():
         missing = list(site_of[site_of.isna()].index[:5])
-        raise EvaluationError(f"predict.group_by_site is true but patient(s) {', '.join(missing)} have no 'site' in the sample sheet; fill the column or set group_by_site: false")
-    summary = run_evaluation(features, out_dir, settings, expression=tables.get("expression"), mutations=tables.get("mutations"), sites=site_of)
+        raise EvaluationError(
+            f"predict.group_by_site is true but patient(s) {', '.join(missing)} have no 'site' in the sample sheet; fill the column or set group_by_site: false"
+        )
+    summary = run_evaluation(
+        features,
+        out_dir,
+        settings,
+        expression=tables.get("expression"),
+        mutations=tables.get("mutations"),
+        sites=site_of,
+    )
     for task, counts in summary["tasks"].items():
         log.info("%s: %s", task, {k: v for k, v in counts.items() if k != "paper"})
     return summary
 
 
-def _matched(patients: list[str], table: pd.DataFrame, genes: list[str] | None, min_patients: int, name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _matched(
+    patients: list[str], table: pd.DataFrame, genes: list[str] | None, min_patients: int, name: str
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     aligned, report = match(patients, table, genes, min_patients)
     for line in report.lines():
         log.info("%s targets: %s", name, line)

@@ -26,7 +26,6 @@ class SplitError(PathwsiError, ValueError):
     """Patients, sites or folds that cannot be split as configured; the message says which and what to change."""
 
 
-
 def split_groups(patients: np.ndarray, sites: np.ndarray | None = None) -> np.ndarray:
     """Group key of each row: its site when `sites` is given (each patient must have one site), else its patient."""
     patients = np.asarray(patients).astype(str)
@@ -36,15 +35,21 @@ def split_groups(patients: np.ndarray, sites: np.ndarray | None = None) -> np.nd
     pairs = pd.DataFrame({"patient": patients, "site": sites}).drop_duplicates()
     split = pairs[pairs["patient"].duplicated(keep=False)]
     if len(split):
-        raise SplitError(f"patient(s) {', '.join(split['patient'].unique()[:5])} have rows at more than one site; a patient must belong to one site to group by site")
+        raise SplitError(
+            f"patient(s) {', '.join(split['patient'].unique()[:5])} have rows at more than one site; a patient must belong to one site to group by site"
+        )
     return sites
 
 
-def make_splits(groups: np.ndarray, folds: int = 5, repeats: int = 50, seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:
+def make_splits(
+    groups: np.ndarray, folds: int = 5, repeats: int = 50, seed: int = 0, labels: np.ndarray | None = None
+) -> np.ndarray:
     """`fold_of[repeat, row]` (int16): rows of one group share a fold; positives of each `labels` column are balanced."""
     keys, group_of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     if len(keys) < folds:
-        raise SplitError(f"{len(keys)} group(s) cannot fill {folds} folds; lower folds or group by patient instead of site")
+        raise SplitError(
+            f"{len(keys)} group(s) cannot fill {folds} folds; lower folds or group by patient instead of site"
+        )
     load = _group_load(group_of, len(keys), labels)
     rng = np.random.default_rng(seed)
     fold_of = np.empty((repeats, len(group_of)), np.int16)

@@ -51,8 +51,14 @@ def load_gene_list(spec: str | Path | Sequence[str] | None = "default") -> list[
 
 def _genes_from_file(path: Path | Traversable) -> list[str]:
     if not path.is_file():
-        raise TargetError(f"{path}: gene list file not found; give a file with one gene symbol per line, a list of genes, or 'default' for the shipped immune gene list")
-    fields = [line.split("\t")[0].strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        raise TargetError(
+            f"{path}: gene list file not found; give a file with one gene symbol per line, a list of genes, or 'default' for the shipped immune gene list"
+        )
+    fields = [
+        line.split("\t")[0].strip()
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     if fields and fields[0].lower() == "gene":
         fields = fields[1:]
     genes = _unique([f for f in fields if f], str(path))
@@ -66,7 +72,9 @@ def _unique(items: list[str], source: str) -> list[str]:
     unique = list(dict.fromkeys(items))
     if len(unique) < len(items):
         repeated = sorted(i for i, n in Counter(items).items() if n > 1)
-        log.warning("%s: %d repeated entries ignored: %s", source, len(items) - len(unique), ", ".join(repeated[:SHOWN_IDS]))
+        log.warning(
+            "%s: %d repeated entries ignored: %s", source, len(items) - len(unique), ", ".join(repeated[:SHOWN_IDS])
+        )
     return unique
 
 
@@ -82,7 +90,9 @@ def read_table(path: Path, genes: Sequence[str] | None = None, id_column: str | 
     if repeated:
         raise TargetError(f"{path}: column(s) {', '.join(repeated)} appear more than once; give each gene one column")
     if id_column is not None and id_column not in header:
-        raise TargetError(f"{path}: no column '{id_column}' for the patient id; the columns start with {', '.join(header[:5])}")
+        raise TargetError(
+            f"{path}: no column '{id_column}' for the patient id; the columns start with {', '.join(header[:5])}"
+        )
     id_at = header.index(id_column) if id_column is not None else 0
     wanted = set(header) - {header[id_at]} if genes is None else set(genes)
     positions = [id_at] + [i for i, h in enumerate(header) if i != id_at and h in wanted]
@@ -105,7 +115,9 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, pa.ArrowException) as err:
-        raise TargetError(f"{path}: cannot read it as a {'Parquet' if is_parquet(path) else 'delimited text'} table: {err}") from err
+        raise TargetError(
+            f"{path}: cannot read it as a {'Parquet' if is_parquet(path) else 'delimited text'} table: {err}"
+        ) from err
 
 
 def _header(path: Path) -> list[str]:
@@ -120,18 +132,24 @@ def _read_columns(path: Path, positions: list[int]) -> pd.DataFrame:
     if is_parquet(path):
         names = pq.read_schema(path).names
         return pq.read_table(path, columns=[names[i] for i in positions]).to_pandas(ignore_metadata=True)
-    body = pd.read_csv(path, sep=text_separator(path), header=None, skiprows=1, usecols=positions, dtype={positions[0]: str})
+    body = pd.read_csv(
+        path, sep=text_separator(path), header=None, skiprows=1, usecols=positions, dtype={positions[0]: str}
+    )
     return body[positions]
 
 
 def _check_ids(path: Path, ids: pd.Series, empty: pd.Series) -> None:
     if empty.any():
-        raise TargetError(f"{path}: {_where(path, int(np.argmax(empty.to_numpy())))} has no patient id; fill it in or delete the row")
+        raise TargetError(
+            f"{path}: {_where(path, int(np.argmax(empty.to_numpy())))} has no patient id; fill it in or delete the row"
+        )
     repeated = ids[ids.duplicated(keep=False)]
     if len(repeated):
         first = repeated.iloc[0]
         rows = [_where(path, int(i)) for i in np.flatnonzero(ids == first)]
-        raise TargetError(f"{path}: patient id '{first}' appears on {' and '.join(rows)} ({repeated.nunique()} id(s) repeat); give one row per patient, e.g. average its samples first (`pathwsi import-expression` does this for GDC files)")
+        raise TargetError(
+            f"{path}: patient id '{first}' appears on {' and '.join(rows)} ({repeated.nunique()} id(s) repeat); give one row per patient, e.g. average its samples first (`pathwsi import-expression` does this for GDC files)"
+        )
 
 
 def _where(path: Path, row: int) -> str:
@@ -150,7 +168,9 @@ def _numeric(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         row, col = (int(i) for i in bad[0])
         raw = table.iat[row, col]
         what = "is empty" if pd.isna(raw) or str(raw).strip() == "" else f"'{raw}' is not a finite number"
-        raise TargetError(f"{path}: {_cell(path, table, row, col)} {what}; every cell must be a number: fix it, or drop that gene (column) or patient (row)")
+        raise TargetError(
+            f"{path}: {_cell(path, table, row, col)} {what}; every cell must be a number: fix it, or drop that gene (column) or patient (row)"
+        )
     return values
 
 
@@ -158,7 +178,9 @@ def _cell(path: Path, table: pd.DataFrame, row: int, col: int) -> str:
     return f"column '{table.columns[col]}', patient '{table.index[row]}' ({_where(path, row)}):"
 
 
-def read_expression(path: Path, genes: Sequence[str] | None = None, transform: str = "log2p1", id_column: str | None = None) -> pd.DataFrame:
+def read_expression(
+    path: Path, genes: Sequence[str] | None = None, transform: str = "log2p1", id_column: str | None = None
+) -> pd.DataFrame:
     """Expression of `genes` (those the table has; all when None) per patient, float64, transformed:
     "log2p1" = log2(x + 1) of non-negative values (TPM or counts), or "none"."""
     if transform not in TRANSFORMS:
@@ -170,7 +192,9 @@ def read_expression(path: Path, genes: Sequence[str] | None = None, transform: s
     negative = np.argwhere(values.to_numpy() < 0)
     if len(negative):
         row, col = (int(i) for i in negative[0])
-        raise TargetError(f"{path}: {_cell(path, values, row, col)} {values.iat[row, col]:g} is negative, so log2(x + 1) is undefined; give raw non-negative values (TPM or counts), or set the transform to 'none' if the table is already log-scaled")
+        raise TargetError(
+            f"{path}: {_cell(path, values, row, col)} {values.iat[row, col]:g} is negative, so log2(x + 1) is undefined; give raw non-negative values (TPM or counts), or set the transform to 'none' if the table is already log-scaled"
+        )
     return np.log2(values + 1.0)
 
 
@@ -181,7 +205,9 @@ def read_mutations(path: Path, genes: Sequence[str] | None = None, id_column: st
     outside = np.argwhere(~np.isin(values.to_numpy(), (0.0, 1.0)))
     if len(outside):
         row, col = (int(i) for i in outside[0])
-        raise TargetError(f"{path}: {_cell(path, values, row, col)} {values.iat[row, col]:g} is not 0 or 1; a mutation table holds 1 (mutated) or 0 (not) per patient and gene; `pathwsi import-maf` makes one from MAF files")
+        raise TargetError(
+            f"{path}: {_cell(path, values, row, col)} {values.iat[row, col]:g} is not 0 or 1; a mutation table holds 1 (mutated) or 0 (not) per patient and gene; `pathwsi import-maf` makes one from MAF files"
+        )
     return values.astype("int8")
 
 
@@ -218,20 +244,29 @@ class MatchReport:
         return out
 
 
-def match(feature_patients: Iterable[str], target_table: pd.DataFrame, genes: Sequence[str] | None = None, min_patients: int = 10) -> tuple[pd.DataFrame, MatchReport]:
+def match(
+    feature_patients: Iterable[str],
+    target_table: pd.DataFrame,
+    genes: Sequence[str] | None = None,
+    min_patients: int = 10,
+) -> tuple[pd.DataFrame, MatchReport]:
     """Targets of the patients that have features (rows in feature order) for the requested `genes`
     (all columns when None) that vary among them; raise TargetError if fewer than `min_patients`
     (e.g. 2 × folds) match or no gene is left."""
     features = list(dict.fromkeys(str(p) for p in feature_patients))
     targets = target_table.set_axis(target_table.index.astype(str), axis=0)
     if not targets.index.is_unique:
-        raise TargetError(f"the target table repeats patient id(s) {', '.join(targets.index[targets.index.duplicated()].unique()[:SHOWN_IDS])}; give one row per patient")
+        raise TargetError(
+            f"the target table repeats patient id(s) {', '.join(targets.index[targets.index.duplicated()].unique()[:SHOWN_IDS])}; give one row per patient"
+        )
     have_targets, have_features = set(targets.index), set(features)
     requested = list(targets.columns) if genes is None else list(dict.fromkeys(genes))
     present = [g for g in requested if g in targets.columns]
     matched = [p for p in features if p in have_targets]
     aligned = targets.loc[matched, present]
-    dropped = {g: "all NaN" if aligned[g].isna().all() else "constant" for g in present if aligned[g].nunique(dropna=True) < 2}
+    dropped = {
+        g: "all NaN" if aligned[g].isna().all() else "constant" for g in present if aligned[g].nunique(dropna=True) < 2
+    }
     report = MatchReport(
         matched=matched,
         features_without_targets=[p for p in features if p not in have_targets],
@@ -247,9 +282,13 @@ def match(feature_patients: Iterable[str], target_table: pd.DataFrame, genes: Se
             "check that both use the same patient ids (for TCGA the 12-character barcode, e.g. TCGA-05-4244)"
         )
     if not present:
-        raise TargetError(f"none of the {len(requested)} requested genes (e.g. {', '.join(requested[:3])}) is a column of the target table; check the gene list and that the table has one row per patient and one column per gene")
+        raise TargetError(
+            f"none of the {len(requested)} requested genes (e.g. {', '.join(requested[:3])}) is a column of the target table; check the gene list and that the table has one row per patient and one column per gene"
+        )
     if not report.genes_kept:
-        raise TargetError(f"all {len(present)} genes are constant or empty among the {len(matched)} matched patients; nothing to predict")
+        raise TargetError(
+            f"all {len(present)} genes are constant or empty among the {len(matched)} matched patients; nothing to predict"
+        )
     return aligned[report.genes_kept], report
 
 

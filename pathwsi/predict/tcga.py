@@ -22,12 +22,31 @@ from pathwsi.samples import COLUMNS, Sample
 
 log = logging.getLogger(__name__)
 PRIMARY_TUMOUR = (1,)  # TCGA sample type codes kept by default
-BARCODE = re.compile(r"TCGA-(?P<site>[A-Z0-9]{2})-(?P<participant>[A-Z0-9]{4})(?:-(?P<sample>\d{2})(?P<vial>[A-Z])?(?:-(?P<portion>\d{2})[A-Z]?(?:-[A-Z0-9]+)*)?)?")
+BARCODE = re.compile(
+    r"TCGA-(?P<site>[A-Z0-9]{2})-(?P<participant>[A-Z0-9]{4})(?:-(?P<sample>\d{2})(?P<vial>[A-Z])?(?:-(?P<portion>\d{2})[A-Z]?(?:-[A-Z0-9]+)*)?)?"
+)
 STAR_SUFFIX = ".augmented_star_gene_counts.tsv"
-STAR_VALUES = ("unstranded", "stranded_first", "stranded_second", "tpm_unstranded", "fpkm_unstranded", "fpkm_uq_unstranded")
+STAR_VALUES = (
+    "unstranded",
+    "stranded_first",
+    "stranded_second",
+    "tpm_unstranded",
+    "fpkm_unstranded",
+    "fpkm_uq_unstranded",
+)
 STAR_SUMMARY_ROWS = ("N_unmapped", "N_multimapping", "N_noFeature", "N_ambiguous")
 # maftools' default non-synonymous classes (read.maf, vc_nonSyn = NULL): protein-altering or splice-site variants.
-NON_SILENT = ("Frame_Shift_Del", "Frame_Shift_Ins", "Splice_Site", "Translation_Start_Site", "Nonsense_Mutation", "Nonstop_Mutation", "In_Frame_Del", "In_Frame_Ins", "Missense_Mutation")
+NON_SILENT = (
+    "Frame_Shift_Del",
+    "Frame_Shift_Ins",
+    "Splice_Site",
+    "Translation_Start_Site",
+    "Nonsense_Mutation",
+    "Nonstop_Mutation",
+    "In_Frame_Del",
+    "In_Frame_Ins",
+    "Missense_Mutation",
+)
 MAF_COLUMNS = ("Hugo_Symbol", "Variant_Classification", "Tumor_Sample_Barcode")
 COHORT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
@@ -53,9 +72,18 @@ def parse_barcode(text: str) -> Barcode:
     barcode = text.strip().split(".")[0]
     found = BARCODE.fullmatch(barcode)
     if not found:
-        raise TargetError(f"'{text}' is not a TCGA barcode; expected e.g. TCGA-05-4244-01A-01R-1107-07, or a slide file named TCGA-05-4244-01Z-00-DX1.<uuid>.svs")
+        raise TargetError(
+            f"'{text}' is not a TCGA barcode; expected e.g. TCGA-05-4244-01A-01R-1107-07, or a slide file named TCGA-05-4244-01Z-00-DX1.<uuid>.svs"
+        )
     sample, portion = found["sample"], found["portion"]
-    return Barcode(barcode, found["site"], found["participant"], int(sample) if sample else None, found["vial"], int(portion) if portion else None)
+    return Barcode(
+        barcode,
+        found["site"],
+        found["participant"],
+        int(sample) if sample else None,
+        found["vial"],
+        int(portion) if portion else None,
+    )
 
 
 def _codes(sample_types: Iterable[int]) -> str:
@@ -79,8 +107,19 @@ def _read_commented_tsv(path: Path, columns: Sequence[str], kind: str) -> pd.Dat
             header = line.rstrip("\r\n").split("\t")
             missing = [c for c in columns if c not in header]
             if missing:
-                raise TargetError(f"{path}: no column {', '.join(repr(c) for c in missing)} (its header starts {', '.join(header[:6])}); is it a {kind}?")
-            return pd.read_csv(handle, sep="\t", header=None, names=header, usecols=list(columns), dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+                raise TargetError(
+                    f"{path}: no column {', '.join(repr(c) for c in missing)} (its header starts {', '.join(header[:6])}); is it a {kind}?"
+                )
+            return pd.read_csv(
+                handle,
+                sep="\t",
+                header=None,
+                names=header,
+                usecols=list(columns),
+                dtype=str,
+                keep_default_na=False,
+                quoting=csv.QUOTE_NONE,
+            )
     except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as err:
         raise TargetError(f"{path}: cannot read it as a {kind}: {err}; download it again") from err
 
@@ -96,19 +135,28 @@ def read_star_counts(path: Path, value: str = "tpm_unstranded") -> pd.Series:
     bad = np.flatnonzero(values.isna().to_numpy() | (values.to_numpy() < 0))
     if len(bad):
         row = genes.iloc[bad[0]]
-        raise TargetError(f"{path}: column '{value}', gene {row['gene_id']}: '{row[value]}' is not a non-negative number; the file may be damaged, download it again")
+        raise TargetError(
+            f"{path}: column '{value}', gene {row['gene_id']}: '{row[value]}' is not a non-negative number; the file may be damaged, download it again"
+        )
     symbols = genes["gene_name"].where(genes["gene_name"] != "", genes["gene_id"])
     return values.groupby(symbols.to_numpy(), sort=False).sum()
 
 
-def import_gdc_expression(sample_sheet: Path, files_dir: Path, value: str = "tpm_unstranded", sample_types: Sequence[int] = PRIMARY_TUMOUR) -> pd.DataFrame:
+def import_gdc_expression(
+    sample_sheet: Path, files_dir: Path, value: str = "tpm_unstranded", sample_types: Sequence[int] = PRIMARY_TUMOUR
+) -> pd.DataFrame:
     """Patients × genes expression from GDC STAR - Counts files found under `files_dir`, matched to
     samples by the GDC sample sheet; samples of other types are skipped, a patient's samples averaged."""
     sheet = _read_gdc_sheet(Path(sample_sheet))
     files = _files_by_name(Path(files_dir), STAR_SUFFIX)
     star = sheet[sheet["File Name"].str.endswith(STAR_SUFFIX)]
     if len(star) < len(sheet):
-        log.info("%s: %d row(s) are not STAR - Counts files (*%s); ignored", sample_sheet, len(sheet) - len(star), STAR_SUFFIX)
+        log.info(
+            "%s: %d row(s) are not STAR - Counts files (*%s); ignored",
+            sample_sheet,
+            len(sheet) - len(star),
+            STAR_SUFFIX,
+        )
     samples, other_types, missing = [], 0, []
     for line, row in star.iterrows():
         try:
@@ -121,27 +169,43 @@ def import_gdc_expression(sample_sheet: Path, files_dir: Path, value: str = "tpm
             missing.append(row["File Name"])
         else:
             samples.append((barcode.patient, files[row["File Name"]]))
-    log.info("%d STAR - Counts file(s) of sample types %s; %d of other types skipped", len(samples), _codes(sample_types), other_types)
+    log.info(
+        "%d STAR - Counts file(s) of sample types %s; %d of other types skipped",
+        len(samples),
+        _codes(sample_types),
+        other_types,
+    )
     if missing:
-        log.warning("%d file(s) of the sample sheet are not under %s, skipped: %s", len(missing), files_dir, ", ".join(missing[:SHOWN_IDS]))
+        log.warning(
+            "%d file(s) of the sample sheet are not under %s, skipped: %s",
+            len(missing),
+            files_dir,
+            ", ".join(missing[:SHOWN_IDS]),
+        )
     unlisted = len(files) - len(set(star["File Name"]) & set(files))
     if unlisted:
         log.warning("%d STAR - Counts file(s) under %s are not in the sample sheet; ignored", unlisted, files_dir)
     if not samples:
-        raise TargetError(f"{sample_sheet}: no STAR - Counts file of sample types {_codes(sample_types)} found under {files_dir}; check the folder, the sheet and --sample-types")
+        raise TargetError(
+            f"{sample_sheet}: no STAR - Counts file of sample types {_codes(sample_types)} found under {files_dir}; check the folder, the sheet and --sample-types"
+        )
     return _average_patients(samples, value)
 
 
 def _read_gdc_sheet(path: Path) -> pd.DataFrame:
     if not path.is_file():
-        raise TargetError(f"{path}: GDC sample sheet not found; download it from the GDC portal cart (the 'Sample Sheet' button)")
+        raise TargetError(
+            f"{path}: GDC sample sheet not found; download it from the GDC portal cart (the 'Sample Sheet' button)"
+        )
     try:
         sheet = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise TargetError(f"{path}: cannot read it as a GDC sample sheet (tab-separated): {err}") from err
     missing = [c for c in ("File Name", "Sample ID") if c not in sheet.columns]
     if missing:
-        raise TargetError(f"{path}: no column {', '.join(repr(c) for c in missing)} (it has {', '.join(sheet.columns[:8])}); give the sample sheet the GDC portal exports for the files")
+        raise TargetError(
+            f"{path}: no column {', '.join(repr(c) for c in missing)} (it has {', '.join(sheet.columns[:8])}); give the sample sheet the GDC portal exports for the files"
+        )
     return sheet
 
 
@@ -165,14 +229,18 @@ def _average_patients(samples: list[tuple[str, Path]], value: str) -> pd.DataFra
         if genes is None:
             genes, first = series.index, path
         elif not series.index.equals(genes):
-            raise TargetError(f"{path}: its genes differ from those of {first}; use files of one GDC release and gene model")
+            raise TargetError(
+                f"{path}: its genes differ from those of {first}; use files of one GDC release and gene model"
+            )
         rows.append(series.to_numpy())
     patients = pd.Index([p for p, _ in samples], name=ID_COLUMN)
     table = pd.DataFrame(np.vstack(rows), index=patients, columns=genes).groupby(level=0).mean()
     several = patients.value_counts()
     several = several[several > 1]
     if len(several):
-        log.info("averaged the samples of %d patient(s) with several: %s", len(several), ", ".join(several.index[:SHOWN_IDS]))
+        log.info(
+            "averaged the samples of %d patient(s) with several: %s", len(several), ", ".join(several.index[:SHOWN_IDS])
+        )
     return table
 
 
@@ -188,11 +256,19 @@ def maf_files(paths: Iterable[Path]) -> list[Path]:
         else:
             raise TargetError(f"{path}: MAF file or folder not found")
     if not files:
-        raise TargetError(f"no *.maf or *.maf.gz file under {', '.join(map(str, paths))}; download the Masked Somatic Mutation files from the GDC")
+        raise TargetError(
+            f"no *.maf or *.maf.gz file under {', '.join(map(str, paths))}; download the Masked Somatic Mutation files from the GDC"
+        )
     return files
 
 
-def import_maf(paths: Iterable[Path], genes: Sequence[str] | None = None, top: int = 9, sample_types: Sequence[int] = PRIMARY_TUMOUR, classes: Sequence[str] = NON_SILENT) -> pd.DataFrame:
+def import_maf(
+    paths: Iterable[Path],
+    genes: Sequence[str] | None = None,
+    top: int = 9,
+    sample_types: Sequence[int] = PRIMARY_TUMOUR,
+    classes: Sequence[str] = NON_SILENT,
+) -> pd.DataFrame:
     """Binary patients × genes table (int8) from MAF files: 1 where the patient's tumour sample has a
     variant of `classes` in the gene. Every patient with a row of the right sample type is listed.
     Genes: `genes`, else the `top` genes mutated in most patients (ties: alphabetical)."""
@@ -201,18 +277,28 @@ def import_maf(paths: Iterable[Path], genes: Sequence[str] | None = None, top: i
     variants = pd.concat([_read_maf(path, sample_types) for path in maf_files(paths)], ignore_index=True)
     patients = sorted(variants["patient"].unique())
     if not patients:
-        raise TargetError(f"no variant of a sample of type {_codes(sample_types)} in the MAF file(s); check --sample-types")
+        raise TargetError(
+            f"no variant of a sample of type {_codes(sample_types)} in the MAF file(s); check --sample-types"
+        )
     pairs = variants.loc[variants["Variant_Classification"].isin(classes), ["patient", "Hugo_Symbol"]].drop_duplicates()
     counts = pairs["Hugo_Symbol"].value_counts()
     ranked = sorted(counts.index, key=lambda gene: (-counts[gene], gene))
     selected = load_gene_list(genes) if genes is not None else _top_genes(ranked, counts, top)
     absent = [g for g in selected if g not in counts.index]
     if absent:
-        log.warning("%d requested gene(s) have no qualifying variant in any patient (all 0): %s", len(absent), ", ".join(absent[:SHOWN_IDS]))
+        log.warning(
+            "%d requested gene(s) have no qualifying variant in any patient (all 0): %s",
+            len(absent),
+            ", ".join(absent[:SHOWN_IDS]),
+        )
     table = pd.DataFrame(0, index=pd.Index(patients, name=ID_COLUMN), columns=selected, dtype="int8")
     for gene, hits in pairs[pairs["Hugo_Symbol"].isin(selected)].groupby("Hugo_Symbol"):
         table.loc[hits["patient"], gene] = 1
-    log.info("%d patients; mutated patients per gene: %s", len(patients), ", ".join(f"{g} {int(table[g].sum())}" for g in selected))
+    log.info(
+        "%d patients; mutated patients per gene: %s",
+        len(patients),
+        ", ".join(f"{g} {int(table[g].sum())}" for g in selected),
+    )
     return table
 
 
@@ -228,7 +314,9 @@ def _read_maf(path: Path, sample_types: Sequence[int]) -> pd.DataFrame:
     kept = variants["Tumor_Sample_Barcode"].map(lambda text: barcodes[text].sample_type in sample_types)
     other = sorted(t for t, b in barcodes.items() if b.sample_type not in sample_types)
     if other:
-        log.info("%s: %d tumour sample(s) of other sample types skipped: %s", path, len(other), ", ".join(other[:SHOWN_IDS]))
+        log.info(
+            "%s: %d tumour sample(s) of other sample types skipped: %s", path, len(other), ", ".join(other[:SHOWN_IDS])
+        )
     variants = variants[kept.astype(bool)]
     return variants.assign(patient=variants["Tumor_Sample_Barcode"].map(lambda text: barcodes[text].patient))
 
@@ -237,11 +325,18 @@ def _top_genes(ranked: list[str], counts: pd.Series, top: int) -> list[str]:
     selected = ranked[:top]
     if len(ranked) > top and counts[ranked[top]] == counts[ranked[top - 1]]:
         tied = [g for g in ranked if counts[g] == counts[ranked[top - 1]]]
-        log.warning("genes %s are mutated in %d patients each; kept the alphabetically first to make %d genes; pass --genes to choose", ", ".join(tied), counts[ranked[top - 1]], top)
+        log.warning(
+            "genes %s are mutated in %d patients each; kept the alphabetically first to make %d genes; pass --genes to choose",
+            ", ".join(tied),
+            counts[ranked[top - 1]],
+            top,
+        )
     return selected
 
 
-def sheet_from_tcga(slide_dir: Path, cohort: str, sample_types: Sequence[int] = PRIMARY_TUMOUR) -> tuple[list[Sample], list[tuple[Path, str]]]:
+def sheet_from_tcga(
+    slide_dir: Path, cohort: str, sample_types: Sequence[int] = PRIMARY_TUMOUR
+) -> tuple[list[Sample], list[tuple[Path, str]]]:
     """Sample-sheet rows for the TCGA slides (*.svs, recursively) under `slide_dir` of `sample_types`,
     and the slides skipped with the reason. slide_id is the barcode (the file name before its first
     dot); a barcode found twice gets `_2`, `_3`, ... in path order."""
@@ -249,7 +344,9 @@ def sheet_from_tcga(slide_dir: Path, cohort: str, sample_types: Sequence[int] = 
     if not slide_dir.is_dir():
         raise TargetError(f"{slide_dir}: slide folder not found")
     if not COHORT.fullmatch(cohort):
-        raise TargetError(f"cohort '{cohort}': use only letters, digits, '.', '_' and '-', not starting with '.' or '-'")
+        raise TargetError(
+            f"cohort '{cohort}': use only letters, digits, '.', '_' and '-', not starting with '.' or '-'"
+        )
     samples: list[Sample] = []
     skipped: list[tuple[Path, str]] = []
     seen: dict[str, list[Path]] = {}
@@ -269,11 +366,18 @@ def sheet_from_tcga(slide_dir: Path, cohort: str, sample_types: Sequence[int] = 
         samples.append(Sample(cohort, slide_id, barcode.patient, path.as_posix(), None, barcode.site))
     for barcode, paths in seen.items():
         if len(paths) > 1:
-            log.warning("barcode %s names %d slides; their slide_ids get _2, _3, ... in path order: %s", barcode, len(paths), ", ".join(map(str, paths)))
+            log.warning(
+                "barcode %s names %d slides; their slide_ids get _2, _3, ... in path order: %s",
+                barcode,
+                len(paths),
+                ", ".join(map(str, paths)),
+            )
     for path, reason in skipped:
         log.info("skipped %s: %s", path, reason)
     if not samples:
-        raise TargetError(f"{slide_dir}: no TCGA slide (*.svs) of sample type {_codes(sample_types)}; {len(skipped)} skipped")
+        raise TargetError(
+            f"{slide_dir}: no TCGA slide (*.svs) of sample type {_codes(sample_types)}; {len(skipped)} skipped"
+        )
     return samples, skipped
 
 

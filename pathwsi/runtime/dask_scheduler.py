@@ -48,17 +48,33 @@ def compute_options(scheduler: DaskScheduler) -> Iterator[dict[str, Any]]:
     from distributed import Client, LocalCluster
 
     if scheduler.address is None:
-        with LocalCluster(n_workers=1, threads_per_worker=scheduler.workers, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                n_workers=1, threads_per_worker=scheduler.workers, processes=False, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             log.info("dask: local cluster in this process, dashboard %s", client.dashboard_link)
             yield {"scheduler": client}
         return
-    where = {"scheduler_file": scheduler.address} if scheduler.address.endswith(".json") else {"address": scheduler.address}
+    where = (
+        {"scheduler_file": scheduler.address} if scheduler.address.endswith(".json") else {"address": scheduler.address}
+    )
     if "scheduler_file" in where and not Path(scheduler.address).is_file():  # Client would wait for it forever
-        raise SchedulerError(f"aggregate.scheduler_address '{scheduler.address}': no such scheduler file; start the cluster first (docs/cluster.md) or fix the path")
+        raise SchedulerError(
+            f"aggregate.scheduler_address '{scheduler.address}': no such scheduler file; start the cluster first (docs/cluster.md) or fix the path"
+        )
     try:
         client = Client(**where, timeout=f"{scheduler.connect_timeout_s}s")
     except (OSError, TimeoutError) as err:
-        raise SchedulerError(f"aggregate.scheduler_address '{scheduler.address}': no dask scheduler answers ({err}); start one (docs/cluster.md) or remove the address to use a local cluster") from err
+        raise SchedulerError(
+            f"aggregate.scheduler_address '{scheduler.address}': no dask scheduler answers ({err}); start one (docs/cluster.md) or remove the address to use a local cluster"
+        ) from err
     with client:
-        log.info("dask: cluster at %s, %d workers, dashboard %s", scheduler.address, len(client.scheduler_info()["workers"]), client.dashboard_link)
+        log.info(
+            "dask: cluster at %s, %d workers, dashboard %s",
+            scheduler.address,
+            len(client.scheduler_info()["workers"]),
+            client.dashboard_link,
+        )
         yield {"scheduler": client}

@@ -46,11 +46,14 @@ IDLE_S = 300.0  # the server exits after this long without a job
 KILL_GRACE_S = 10.0  # a stopped job's child gets SIGTERM, then SIGKILL after this long
 START_TIMEOUT_S = 180.0  # how long a client waits for its child to be forked (a new server's imports included)
 _LENGTH = struct.Struct("!Q")
-_REPLY = struct.Struct("!cq")  # b"P" + child pid, then b"X" + exit status (negative: killed by that signal); b"E": not started
+_REPLY = struct.Struct(
+    "!cq"
+)  # b"P" + child pid, then b"X" + exit status (negative: killed by that signal); b"E": not started
 _BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}  # held back across fork until the child has its own handlers
 _PR_SET_PDEATHSIG = 1
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the pathwsi package: every file of it is in the server key
+
 
 class ForkServerError(PathwsiError, RuntimeError):
     """The fork server could not be started or reached, or vanished during a job."""
@@ -106,8 +109,14 @@ def resolve(target: str) -> Callable[..., Any]:
 def socket_path() -> Path:
     """The server socket of this user, host, SLURM job, Python and pathwsi source, in a private folder of the temp dir."""
     package = PACKAGE_ROOT
-    stamps = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    stamps.append(("site-packages", Path(sysconfig.get_paths()["purelib"]).stat().st_mtime_ns))  # changes when packages are (un)installed
+    stamps = sorted(
+        (str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size)
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    stamps.append(
+        ("site-packages", Path(sysconfig.get_paths()["purelib"]).stat().st_mtime_ns)
+    )  # changes when packages are (un)installed
     job = os.environ.get("SLURM_JOB_ID")  # a SLURM job's server serves that job only (its resources, its lifetime)
     key = repr((os.getuid(), socket.gethostname(), job, sys.executable, sys.version, str(package), stamps))
     folder = Path(tempfile.gettempdir()) / f"pathwsi-{os.getuid()}"
@@ -246,7 +255,15 @@ def _connect_or_start(path: Path) -> socket.socket:
         if log_path.exists() and log_path.stat().st_size > 2**20:
             log_path.replace(log_path.with_suffix(".log.old"))
         with open(log_path, "ab") as log:
-            server = subprocess.Popen([sys.executable, "-m", "pathwsi.runtime.forkserver", str(path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=_server_env(), start_new_session=True)
+            server = subprocess.Popen(
+                [sys.executable, "-m", "pathwsi.runtime.forkserver", str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd="/",
+                env=_server_env(),
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             sock = _try_connect(path)
@@ -276,7 +293,9 @@ def _failure(path: Path, what: str) -> ForkServerError:
     """An error saying what the server at socket `path` did wrong, with the end of its log."""
     log = path.with_suffix(".log")
     with contextlib.suppress(OSError):
-        return ForkServerError(f"the fork server {what}; its log: {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:]))
+        return ForkServerError(
+            f"the fork server {what}; its log: {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        )
     return ForkServerError(f"the fork server {what}; it left no log at {log}")
 
 
@@ -343,7 +362,9 @@ class _Server:
             resolve(request["job"].entry)  # import the job's module here, once, before forking
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_initialized():
-                raise ForkServerError(f"importing {request['job'].entry} initialised CUDA in the fork server; CUDA does not survive fork")
+                raise ForkServerError(
+                    f"importing {request['job'].entry} initialised CUDA in the fork server; CUDA does not survive fork"
+                )
             pid = self._fork(request, fds, conn)
         except Exception:
             message = f"pathwsi fork server: the job could not be started:\n{traceback.format_exc()}"
@@ -401,7 +422,9 @@ class _Server:
             peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             if peek is None:
                 return
-            _kill_group(peek.si_pid, signal.SIGKILL)  # leftovers of its group (reader processes), before the pid is freed
+            _kill_group(
+                peek.si_pid, signal.SIGKILL
+            )  # leftovers of its group (reader processes), before the pid is freed
             _, status = os.waitpid(peek.si_pid, 0)
             child = self.children.pop(peek.si_pid, None)
             if child is None:
@@ -495,7 +518,10 @@ def serve(path: Path, idle_s: float = IDLE_S) -> None:
     try:
         importlib.import_module("torch")  # the slow imports, once
         importlib.import_module("timm")
-        print(f"{time.strftime('%H:%M:%S')} fork server pid {os.getpid()} listening at {path} (exits after {idle_s:.0f} s idle)", flush=True)
+        print(
+            f"{time.strftime('%H:%M:%S')} fork server pid {os.getpid()} listening at {path} (exits after {idle_s:.0f} s idle)",
+            flush=True,
+        )
         server.serve()
     finally:
         server.close()

@@ -29,8 +29,13 @@ def hold_exclusive(lock_file: Path, what: str) -> IO[str]:
     except OSError:  # EAGAIN / EACCES: held by another process
         handle.seek(0)
         holder = handle.read().strip() or "another process"
-        log.warning("%s is being written by %s (lock %s); waiting until it ends. If it is a leftover of a killed run, "
-                    "stop it (docs/resume.md: after kill -9)", what, holder, lock_file)
+        log.warning(
+            "%s is being written by %s (lock %s); waiting until it ends. If it is a leftover of a killed run, "
+            "stop it (docs/resume.md: after kill -9)",
+            what,
+            holder,
+            lock_file,
+        )
         fcntl.lockf(handle, fcntl.LOCK_EX)
     handle.seek(0)
     handle.truncate()

@@ -31,5 +31,15 @@ def job_log(path: str) -> Iterator[None]:
         yield
     except BaseException as err:
         if not (isinstance(err, SystemExit) and not err.code):
-            to_file.handle(logging.LogRecord("pathwsi.job", logging.ERROR, __file__, 0, "the job failed: %s: %s", (type(err).__name__, err), sys.exc_info()))
+            to_file.handle(
+                logging.LogRecord(
+                    "pathwsi.job",
+                    logging.ERROR,
+                    __file__,
+                    0,
+                    "the job failed: %s: %s",
+                    (type(err).__name__, err),
+                    sys.exc_info(),
+                )
+            )
         raise

@@ -37,7 +37,9 @@ def tile_grid(width0: int, height0: int, mpp0: float, tile_um: float) -> np.ndar
     return np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
 
 
-def tissue_fractions(coords: np.ndarray, mpp0: float, tile_um: float, tissue: TissueMask, slide_um: tuple[float, float]) -> np.ndarray:
+def tissue_fractions(
+    coords: np.ndarray, mpp0: float, tile_um: float, tissue: TissueMask, slide_um: tuple[float, float]
+) -> np.ndarray:
     """Share of each tile covered by the mask (exact area of mask pixels inside the tile box).
 
     slide_um is the slide's (width, height) in µm, which the mask spans.

@@ -14,9 +14,13 @@ MASK_TINT = np.array([0, 170, 80], np.float32)
 TILE_OUTLINE = (20, 60, 220)
 
 
-def tiles_overview(thumbnail: np.ndarray, mask: np.ndarray, coords_um: np.ndarray, tile_um: float, thumb_mpp: float) -> Image.Image:
+def tiles_overview(
+    thumbnail: np.ndarray, mask: np.ndarray, coords_um: np.ndarray, tile_um: float, thumb_mpp: float
+) -> Image.Image:
     """Thumbnail with the tissue mask tinted green and each kept tile outlined in blue."""
-    mask_img = Image.fromarray(mask.astype(np.uint8) * 255).resize((thumbnail.shape[1], thumbnail.shape[0]), Image.Resampling.NEAREST)
+    mask_img = Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        (thumbnail.shape[1], thumbnail.shape[0]), Image.Resampling.NEAREST
+    )
     tinted = thumbnail.astype(np.float32)
     inside = np.asarray(mask_img) > 0
     tinted[inside] = 0.75 * tinted[inside] + 0.25 * MASK_TINT

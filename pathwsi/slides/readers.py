@@ -103,8 +103,14 @@ def jpeg_level(slide: Slide, level: Level) -> JpegLevel:
 def _check_jpeg_page(page: tifffile.TiffPage, index: int) -> None:
     if page.compression != _JPEG:
         raise NotJpegTiled(f"level {index} is {tifffile.COMPRESSION(page.compression).name}-compressed, not JPEG")
-    layout = (page.photometric in (_RGB, _YCBCR), page.planarconfig == 1, page.samplesperpixel == 3,
-              page.bitspersample == 8, not page.extrasamples, page.tiledepth == 1)
+    layout = (
+        page.photometric in (_RGB, _YCBCR),
+        page.planarconfig == 1,
+        page.samplesperpixel == 3,
+        page.bitspersample == 8,
+        not page.extrasamples,
+        page.tiledepth == 1,
+    )
     if not all(layout):
         raise NotJpegTiled(f"level {index} is not 8-bit 3-sample interleaved RGB/YCbCr JPEG")
     if min(page.databytecounts) == 0:
@@ -193,7 +199,15 @@ class JpegTileReader(TileReader):
 
     name = "jpeg-tiles"
 
-    def __init__(self, slide: Slide, mpp: float, tile_px: int, layout: JpegLevel, cache_mib: int = DEFAULT_CACHE_MIB, exact: bool = False):
+    def __init__(
+        self,
+        slide: Slide,
+        mpp: float,
+        tile_px: int,
+        layout: JpegLevel,
+        cache_mib: int = DEFAULT_CACHE_MIB,
+        exact: bool = False,
+    ):
         super().__init__(slide, mpp, tile_px)
         self.layout, self.exact = layout, exact
         self.downsample = self.level.downsample
@@ -233,7 +247,9 @@ class JpegTileReader(TileReader):
             for col in range(max(left, 0) // tw, (right - 1) // tw + 1):
                 x0, x1 = max(left, col * tw), min(right, (col + 1) * tw)
                 tile = self._tile(row * lay.tiles_across + col, shrink)
-                out[y0 - top : y1 - top, x0 - left : x1 - left] = tile[y0 - row * th : y1 - row * th, x0 - col * tw : x1 - col * tw]
+                out[y0 - top : y1 - top, x0 - left : x1 - left] = tile[
+                    y0 - row * th : y1 - row * th, x0 - col * tw : x1 - col * tw
+                ]
         return out
 
     def _dct(self, shrink: int) -> bool:
@@ -259,7 +275,9 @@ class JpegTileReader(TileReader):
         offset, count = int(lay.offsets[index]), int(lay.bytecounts[index])
         data = os.pread(self._file(), count, offset)
         if len(data) != count:
-            raise SlideError(f"slide {self.label}: JPEG tile {index} lies beyond the end of the file; it is truncated. Copy it again.")
+            raise SlideError(
+                f"slide {self.label}: JPEG tile {index} lies beyond the end of the file; it is truncated. Copy it again."
+            )
         tile = self._decode_half(index, data) if self._dct(shrink) else self._decode_words(index, data, shrink)
         self.decodes += 1
         return tile
@@ -284,7 +302,13 @@ class JpegTileReader(TileReader):
         if shrink == 2 and self._scratch is None:
             self._scratch = np.empty((lay.tile_height, lay.tile_width, 4), np.uint8)
         try:
-            rgbx = imagecodecs.jpeg8_decode(data, tables=lay.tables, colorspace=self.colorspace, outcolorspace=_RGBX, out=self._scratch if shrink == 2 else None)
+            rgbx = imagecodecs.jpeg8_decode(
+                data,
+                tables=lay.tables,
+                colorspace=self.colorspace,
+                outcolorspace=_RGBX,
+                out=self._scratch if shrink == 2 else None,
+            )
         except (imagecodecs.Jpeg8Error, ValueError) as err:  # ValueError: a tile larger than the scratch buffer
             raise self._undecodable(index, err) from err
         self._check_size(index, rgbx.shape[:2])
@@ -301,11 +325,15 @@ class JpegTileReader(TileReader):
         """SlideError unless the tile's full (height, width) is the TIFF tile size."""
         expected = (self.layout.tile_height, self.layout.tile_width)
         if size != expected:
-            raise SlideError(f"slide {self.label}: JPEG tile {index} decodes to {size}, not the TIFF tile size {expected}.")
+            raise SlideError(
+                f"slide {self.label}: JPEG tile {index} decodes to {size}, not the TIFF tile size {expected}."
+            )
 
     def _undecodable(self, index: int, err: Exception) -> SlideError:
         """The error for a tile libjpeg rejects."""
-        return SlideError(f"slide {self.label}: JPEG tile {index} of level {self.level.index} cannot be decoded ({err}); the file is probably corrupt.")
+        return SlideError(
+            f"slide {self.label}: JPEG tile {index} of level {self.level.index} cannot be decoded ({err}); the file is probably corrupt."
+        )
 
     def _file(self) -> int:
         if self._fd is not None and self._pid != os.getpid():  # forked: drop the inherited copy
@@ -325,7 +353,9 @@ class JpegTileReader(TileReader):
         return {**self.__dict__, "_fd": None, "_cache": OrderedDict(), "_scratch": None}
 
 
-def open_tile_reader(slide: Slide, mpp: float, tile_px: int, cache_mib: int = DEFAULT_CACHE_MIB, exact: bool = False) -> TileReader:
+def open_tile_reader(
+    slide: Slide, mpp: float, tile_px: int, cache_mib: int = DEFAULT_CACHE_MIB, exact: bool = False
+) -> TileReader:
     """The fast JPEG-tile reader where the level for `mpp` allows it, else the OpenSlide reader.
 
     exact=True: read_region's pixels bit for bit also where the level is shrunk by exactly 2
@@ -396,4 +426,3 @@ def _shift_bilinear(rgb: np.ndarray, wx: int, wy: int) -> np.ndarray:
     top = a[:-1, :-1] * (256 - wx) + a[:-1, 1:] * wx
     bottom = a[1:, :-1] * (256 - wx) + a[1:, 1:] * wx
     return ((top * (256 - wy) + bottom * wy + 32768) >> 16).astype(np.uint8)
-

@@ -55,7 +55,10 @@ def resolve_mpp(properties: dict[str, str], override: float | None, slide_label:
         return Mpp(float(override), "sample-sheet")
     vendor = properties.get("openslide.vendor", "unknown")
     if "openslide.mpp-x" in properties:
-        mpp = (float(properties["openslide.mpp-x"]) + float(properties.get("openslide.mpp-y", properties["openslide.mpp-x"]))) / 2
+        mpp = (
+            float(properties["openslide.mpp-x"])
+            + float(properties.get("openslide.mpp-y", properties["openslide.mpp-x"]))
+        ) / 2
         source = "tiff-resolution" if vendor == "generic-tiff" else f"openslide-property ({vendor})"
         return Mpp(mpp, source)
     unit = _TIFF_UNIT_UM.get(properties.get("tiff.ResolutionUnit", "").lower())
@@ -102,8 +105,15 @@ class Slide:
         except SlideError:
             return
         if not 1 / MPP_DISAGREEMENT <= override / own.value <= MPP_DISAGREEMENT:
-            log.warning("slide %s: the sample sheet's mpp %g is %.1fx the file's own %g µm/px (%s); the sheet's value is used. "
-                        "Check the 'mpp' column (0.25 for 40x, 0.5 for 20x) or leave it empty", self.label, override, override / own.value, own.value, own.source)
+            log.warning(
+                "slide %s: the sample sheet's mpp %g is %.1fx the file's own %g µm/px (%s); the sheet's value is used. "
+                "Check the 'mpp' column (0.25 for 40x, 0.5 for 20x) or leave it empty",
+                self.label,
+                override,
+                override / own.value,
+                own.value,
+                own.source,
+            )
 
     def __enter__(self) -> Slide:
         return self
@@ -150,7 +160,10 @@ class Slide:
             "height": self.height,
             "mpp": self.mpp.value,
             "mpp_source": self.mpp.source,
-            "levels": [{"downsample": lv.downsample, "mpp": lv.mpp, "width": lv.width, "height": lv.height} for lv in self.levels],
+            "levels": [
+                {"downsample": lv.downsample, "mpp": lv.mpp, "width": lv.width, "height": lv.height}
+                for lv in self.levels
+            ],
         }
 
 

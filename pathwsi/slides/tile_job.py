@@ -94,7 +94,9 @@ def run_request(request: TileRequest) -> None:
         tile_slide(request.sample, TilingJobSettings.from_config(request.config), request.outputs)
 
 
-def _tile(slide: Slide, settings: TilingJobSettings, outputs: TilingOutputs) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _tile(
+    slide: Slide, settings: TilingJobSettings, outputs: TilingOutputs
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Mask, grid and select; write the QC picture. Returns kept coords, their fractions, metadata."""
     tiling, tissue_settings = settings.tiling, settings.tissue
     mpp0 = slide.mpp.value
@@ -111,19 +113,39 @@ def _tile(slide: Slide, settings: TilingJobSettings, outputs: TilingOutputs) -> 
         reason=None if len(coords) else _no_tissue_reason(tissue.area_mm2, len(grid), tiling),
         slide=slide.describe(),
         mpp={"value": mpp0, "source": slide.mpp.source},
-        read={"level": read_level.index, "downsample": read_level.downsample, "level_mpp": read_level.mpp, "upsampled": read_level.mpp > tiling.tile_mpp * 1.02},
+        read={
+            "level": read_level.index,
+            "downsample": read_level.downsample,
+            "level_mpp": read_level.mpp,
+            "upsampled": read_level.mpp > tiling.tile_mpp * 1.02,
+        },
         tile={"px": tiling.tile_px, "mpp": tiling.tile_mpp, "um": tiling.tile_um, "level0_px": tiling.tile_um / mpp0},
-        mask={"mpp": tissue.mpp, "level": mask_level.index, "saturation_threshold": tissue.saturation_threshold, "tissue_area_mm2": round(tissue.area_mm2, 4)},
+        mask={
+            "mpp": tissue.mpp,
+            "level": mask_level.index,
+            "saturation_threshold": tissue.saturation_threshold,
+            "tissue_area_mm2": round(tissue.area_mm2, 4),
+        },
         counts={"grid": int(len(grid)), "kept": int(len(coords))},
     )
     if read_level.mpp > tiling.tile_mpp * 1.02:
-        log.warning("%s: finest level is %.3f µm/px, coarser than the %.3f µm/px asked for; tiles are enlarged", slide.slide_id, read_level.mpp, tiling.tile_mpp)
+        log.warning(
+            "%s: finest level is %.3f µm/px, coarser than the %.3f µm/px asked for; tiles are enlarged",
+            slide.slide_id,
+            read_level.mpp,
+            tiling.tile_mpp,
+        )
     qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
     save_png(tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp), outputs.qc)
     fit = _fit_stain(slide, coords, settings, outputs.stain_qc)
     found["stain"] = fit.to_json()
     if fit.status != "fitted" and len(coords):
-        log.warning("%s: stain fit not used (%s); normalized with the %s parameters", slide.slide_id, fit.reason, settings.stain.fallback)
+        log.warning(
+            "%s: stain fit not used (%s); normalized with the %s parameters",
+            slide.slide_id,
+            fit.reason,
+            settings.stain.fallback,
+        )
     return coords, kept_fractions, found
 
 
@@ -139,7 +161,10 @@ def _fit_stain(slide: Slide, coords: np.ndarray, settings: TilingJobSettings, qc
         after = [normalize_array(tile, fit.params, fit.target, stain.io, stain.beta) for tile in shown]
         save_png(Image.fromarray(qc_panel(shown, after)), qc_path)
     else:
-        save_png(message_card(f"{slide.slide_id}: no tissue tiles", "nothing to normalize; see the tiling QC picture"), qc_path)
+        save_png(
+            message_card(f"{slide.slide_id}: no tissue tiles", "nothing to normalize; see the tiling QC picture"),
+            qc_path,
+        )
     return fit
 
 

@@ -81,7 +81,11 @@ def hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     saturation = np.divide(chroma, value, out=np.zeros_like(value), where=value > 0)
     safe = np.where(chroma > 0, chroma, 1.0)
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    hue = np.where(value == red, ((green - blue) / safe) % 6.0, np.where(value == green, (blue - red) / safe + 2.0, (red - green) / safe + 4.0))
+    hue = np.where(
+        value == red,
+        ((green - blue) / safe) % 6.0,
+        np.where(value == green, (blue - red) / safe + 2.0, (red - green) / safe + 4.0),
+    )
     return np.where(chroma > 0, hue / 6.0, 0.0).astype(np.float32), saturation, value
 
 

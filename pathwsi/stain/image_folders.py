@@ -40,7 +40,6 @@ class ImageFolderError(PathwsiError, ValueError):
     """Inputs or an output folder that cannot be normalized as asked; the message names the path."""
 
 
-
 def normalize_files(
     inputs: Sequence[Path],
     out_dir: Path,
@@ -68,23 +67,36 @@ def normalize_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     written, fallbacks = 0, 0
     with ThreadPoolExecutor(workers) as pool, (out_dir / FITS_LOG).open("a") as fits_log:
-        shared = _shared_fit([src for src, _ in pairs], settings, target, seed, pool) if fit == "shared" and todo else None
+        shared = (
+            _shared_fit([src for src, _ in pairs], settings, target, seed, pool) if fit == "shared" and todo else None
+        )
         if shared is not None:
             fits_log.write(json.dumps({"file": None, **shared.to_json()}) + "\n")
             fallbacks += shared.status == "fallback"
         with tqdm(total=len(todo), unit="img", desc="stain-normalize", disable=None) as progress:
             for chunk in _chunks(todo, batch_size):
                 images = list(pool.map(read_rgb, [src for src, _ in chunk]))
-                fits = [shared] * len(chunk) if shared is not None else [fit_slide([image], settings, target) for image in images]
+                fits = (
+                    [shared] * len(chunk)
+                    if shared is not None
+                    else [fit_slide([image], settings, target) for image in images]
+                )
                 outputs = _normalize_images(images, fits, settings, device)
                 list(pool.map(_write_image, outputs, [dst for _, dst in chunk]))
                 if shared is None:
-                    fits_log.writelines(_fit_line(dst.relative_to(out_dir), f) for (_, dst), f in zip(chunk, fits, strict=True))
+                    fits_log.writelines(
+                        _fit_line(dst.relative_to(out_dir), f) for (_, dst), f in zip(chunk, fits, strict=True)
+                    )
                     fallbacks += sum(f.status == "fallback" for f in fits)
                 written += len(chunk)
                 progress.update(len(chunk))
     if fallbacks:
-        log.warning("%d stain fit(s) fell back to %s parameters; reasons in %s", fallbacks, settings.fallback, out_dir / FITS_LOG)
+        log.warning(
+            "%d stain fit(s) fell back to %s parameters; reasons in %s",
+            fallbacks,
+            settings.fallback,
+            out_dir / FITS_LOG,
+        )
     return written
 
 
@@ -115,13 +127,17 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def _shared_fit(paths: list[Path], settings: StainSettings, target: StainParams, seed: int, pool: ThreadPoolExecutor) -> StainFit:
+def _shared_fit(
+    paths: list[Path], settings: StainSettings, target: StainParams, seed: int, pool: ThreadPoolExecutor
+) -> StainFit:
     """One fit from a seeded sample of `settings.sample_tiles` of the images."""
     picks = np.random.default_rng(seed).choice(len(paths), size=min(settings.sample_tiles, len(paths)), replace=False)
     return fit_slide(list(pool.map(read_rgb, [paths[i] for i in sorted(picks)])), settings, target)
 
 
-def _normalize_images(images: list[np.ndarray], fits: list[StainFit], settings: StainSettings, device: str | torch.device) -> list[np.ndarray]:
+def _normalize_images(
+    images: list[np.ndarray], fits: list[StainFit], settings: StainSettings, device: str | torch.device
+) -> list[np.ndarray]:
     """Normalize images with their fits, batching those of equal size on `device`."""
     outputs: list[np.ndarray] = [np.empty(0)] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}

@@ -63,7 +63,9 @@ class StainParams:
             raise ValueError("stain parameters must be finite numbers")
         norms = np.linalg.norm(matrix, axis=0)
         if np.any(norms < 1e-6) or np.any(max_conc <= 0):
-            raise ValueError(f"stain vectors must be non-zero and max_conc positive, got norms {norms}, max_conc {max_conc}")
+            raise ValueError(
+                f"stain vectors must be non-zero and max_conc positive, got norms {norms}, max_conc {max_conc}"
+            )
         matrix /= norms
         matrix.setflags(write=False)
         max_conc.setflags(write=False)
@@ -118,7 +120,9 @@ class StainSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
-            raise StainSettingsError(f"stain settings: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+            raise StainSettingsError(
+                f"stain settings: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+            )
         return cls(**section)
 
 
@@ -235,9 +239,15 @@ def _fit(rgb: np.ndarray, io: float, beta: float, alpha: float, percentile: floa
     tissue, stained = _od_masks(rgb, io, beta)
     need = max(min_od_pixels, 3)
     if np.count_nonzero(tissue) < need:
-        raise StainFitError(f"too few tissue pixels: {np.count_nonzero(tissue)} with OD >= {beta} in every channel, need {need}")
-    stain_matrix = _stain_vectors(optical_density(_strided(np.compress(tissue, rgb, axis=1)), io).astype(np.float64), alpha)
-    concentrations = np.linalg.pinv(stain_matrix).astype(np.float32) @ optical_density(_strided(np.compress(stained, rgb, axis=1)), io)
+        raise StainFitError(
+            f"too few tissue pixels: {np.count_nonzero(tissue)} with OD >= {beta} in every channel, need {need}"
+        )
+    stain_matrix = _stain_vectors(
+        optical_density(_strided(np.compress(tissue, rgb, axis=1)), io).astype(np.float64), alpha
+    )
+    concentrations = np.linalg.pinv(stain_matrix).astype(np.float32) @ optical_density(
+        _strided(np.compress(stained, rgb, axis=1)), io
+    )
     max_conc = np.percentile(concentrations, percentile, axis=1).astype(np.float64)
     if not np.all(max_conc > 0):
         raise StainFitError(f"non-positive maximum concentration {max_conc.round(4).tolist()}")
@@ -252,8 +262,14 @@ def _strided(rgb: np.ndarray) -> np.ndarray:
 def _stain_vectors(od: np.ndarray, alpha: float) -> np.ndarray:
     """The extreme directions (alpha / 100-alpha angle percentiles) in the OD cloud's main plane."""
     eigenvalues, eigenvectors = np.linalg.eigh(np.cov(od))
-    if not np.all(np.isfinite(eigenvalues)) or eigenvalues[2] <= 0 or eigenvalues[1] <= _MIN_EIGEN_RATIO * eigenvalues[2]:
-        raise StainFitError(f"degenerate optical densities (eigenvalues {eigenvalues.round(8).tolist()}): a single colour, no stain plane")
+    if (
+        not np.all(np.isfinite(eigenvalues))
+        or eigenvalues[2] <= 0
+        or eigenvalues[1] <= _MIN_EIGEN_RATIO * eigenvalues[2]
+    ):
+        raise StainFitError(
+            f"degenerate optical densities (eigenvalues {eigenvalues.round(8).tolist()}): a single colour, no stain plane"
+        )
     plane = eigenvectors[:, [1, 2]]  # second-largest, largest
     plane[:, 1] *= np.sign(plane[:, 1].sum()) or 1.0  # largest points into positive OD
     projected = plane.T @ od
@@ -328,7 +344,9 @@ def _fallback(reason: str, settings: StainSettings, target: StainParams, **recor
 @functools.cache
 def default_reference() -> StainParams:
     """The shipped default target (see pathwsi/data/stain_reference.json for its provenance)."""
-    return StainParams.from_json(json.loads(resources.files("pathwsi").joinpath("data").joinpath(DEFAULT_REFERENCE).read_text()))
+    return StainParams.from_json(
+        json.loads(resources.files("pathwsi").joinpath("data").joinpath(DEFAULT_REFERENCE).read_text())
+    )
 
 
 def load_target(settings: StainSettings) -> StainParams:
@@ -342,19 +360,25 @@ def load_target(settings: StainSettings) -> StainParams:
         return default_reference()
     path = Path(settings.target)
     if not path.is_file():
-        raise StainSettingsError(f"key 'stain.target': file '{path}' not found; give an image, a params .json, or 'default'")
+        raise StainSettingsError(
+            f"key 'stain.target': file '{path}' not found; give an image, a params .json, or 'default'"
+        )
     if path.suffix.lower() == ".json":
         try:
             return StainParams.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise StainSettingsError(f"key 'stain.target': '{path}' is not a stain params .json ({type(err).__name__}: {err}); write it with `pathwsi normalize`'s target or give an image") from err
+            raise StainSettingsError(
+                f"key 'stain.target': '{path}' is not a stain params .json ({type(err).__name__}: {err}); write it with `pathwsi normalize`'s target or give an image"
+            ) from err
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as err:
-        raise StainSettingsError(f"key 'stain.target': cannot read '{path}' as an image ({err}); give an RGB image of H&E tissue, a params .json, or 'default'") from err
+        raise StainSettingsError(
+            f"key 'stain.target': cannot read '{path}' as an image ({err}); give an RGB image of H&E tissue, a params .json, or 'default'"
+        ) from err
     try:
         return fit_macenko(rgb, settings.io, settings.beta, settings.alpha, settings.percentile, settings.min_od_pixels)
     except StainFitError as err:
@@ -370,7 +394,9 @@ def od_transform(source: StainParams, target: StainParams) -> np.ndarray:
     return (target.stain_matrix * scale) @ np.linalg.pinv(source.stain_matrix)
 
 
-def log_affine(sources: StainParams | Sequence[StainParams], target: StainParams, io: float) -> tuple[np.ndarray, np.ndarray]:
+def log_affine(
+    sources: StainParams | Sequence[StainParams], target: StainParams, io: float
+) -> tuple[np.ndarray, np.ndarray]:
     """`od_transform` restated on log light l = ln(I + 1), as float32 (A, b) with
     l_normalized = l - (A @ l + b): A = 1 - M, b = (M - 1) @ [ln io] * 3.
 
@@ -385,7 +411,9 @@ def log_affine(sources: StainParams | Sequence[StainParams], target: StainParams
     return matrix.astype(np.float32), offset.astype(np.float32)
 
 
-def apply_log_affine(xp: Any, rgb: Any, matrix: Any, offset: Any, io: float, beta: float, shift: Any, weight: Any) -> Any:
+def apply_log_affine(
+    xp: Any, rgb: Any, matrix: Any, offset: Any, io: float, beta: float, shift: Any, weight: Any
+) -> Any:
     """The apply math, for numpy or torch (`xp`): float32 RGB (..., 3, N) in [0, 255], in place.
 
     Channels sit on axis -2, pixels on the last axis; (matrix, offset) come from `log_affine`.
@@ -433,7 +461,9 @@ def normalize_array(
 def qc_panel(tiles_before: Sequence[np.ndarray], tiles_after: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
     """A white-spaced 2-row mosaic: tiles before normalization on top, the same tiles after below."""
     if len(tiles_before) != len(tiles_after) or not tiles_before:
-        raise ValueError(f"qc_panel needs the same non-zero number of tiles before and after, got {len(tiles_before)} and {len(tiles_after)}")
+        raise ValueError(
+            f"qc_panel needs the same non-zero number of tiles before and after, got {len(tiles_before)} and {len(tiles_after)}"
+        )
     height = max(t.shape[0] for t in [*tiles_before, *tiles_after])
     width = max(t.shape[1] for t in [*tiles_before, *tiles_after])
     panel = np.full((2 * height + 3 * gap, len(tiles_before) * (width + gap) + gap, 3), 255, np.uint8)

@@ -61,7 +61,15 @@ def _scratch(step: int, pixels: int, out_dtype: torch.dtype, device: torch.devic
     return buffers + [torch.empty_like(work, dtype=torch.int16)] if out_dtype == torch.uint8 else buffers
 
 
-def _apply_chunk(batch: torch.Tensor, out: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor, io: float, beta: float, scratch: list[torch.Tensor]) -> None:
+def _apply_chunk(
+    batch: torch.Tensor,
+    out: torch.Tensor,
+    matrix: torch.Tensor,
+    offset: torch.Tensor,
+    io: float,
+    beta: float,
+    scratch: list[torch.Tensor],
+) -> None:
     """Normalize one chunk into `out`: dtype conversions around `apply_log_affine`."""
     rgb, shift, weight, *as_int16 = (buffer[: batch.shape[0]] for buffer in scratch)
     rgb.copy_(batch.reshape(rgb.shape))

@@ -7,10 +7,6 @@ rule aggregate:
         slides="results/aggregate/{cohort}/slides.tsv",
         patients="results/aggregate/{cohort}/patients.tsv",
         provenance="results/aggregate/{cohort}/provenance.json",
-    params:
-        entries=cohort_entries,
-        models=list(CONFIG["models"]["backbones"]),
-        statistics=CONFIG["aggregate"]["statistics"],  # aggregate.scheduler says how, not what: read from the config
     log:
         "logs/aggregate/{cohort}.log",
     conda:
@@ -19,5 +15,9 @@ rule aggregate:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        entries=cohort_entries,
+        models=list(CONFIG["models"]["backbones"]),
+        statistics=CONFIG["aggregate"]["statistics"],  # aggregate.scheduler says how, not what: read from the config
     script:
         "../scripts/aggregate.py"

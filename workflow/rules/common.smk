@@ -67,19 +67,28 @@ def finetune_inputs(wildcards):
 def finetune_config():
     """What shapes the FTX weights: the base model's entry, the finetune section, the seed."""
     base = CONFIG["finetune"]["base"]
-    models = {"allow_network": CONFIG["models"]["allow_network"], "backbones": {base: CONFIG["models"]["backbones"][base]}}
+    models = {
+        "allow_network": CONFIG["models"]["allow_network"],
+        "backbones": {base: CONFIG["models"]["backbones"][base]},
+    }
     return {"models": models, "finetune": CONFIG["finetune"], "seed": CONFIG["seed"]}
 
 
 def tissue_experiment_inputs(wildcards):
     """The labelled test tiles and the weights file of every compared model (FTX comes from rule finetune)."""
-    return {"tiles": CONFIG["tissue_experiment"]["test_dir"], "weights": weights_files(CONFIG["tissue_experiment"]["models"])}
+    return {
+        "tiles": CONFIG["tissue_experiment"]["test_dir"],
+        "weights": weights_files(CONFIG["tissue_experiment"]["models"]),
+    }
 
 
 def tissue_experiment_config():
     """What shapes the experiment: the compared models' entries, the section, the seed."""
     names = CONFIG["tissue_experiment"]["models"]
-    models = {"allow_network": CONFIG["models"]["allow_network"], "backbones": {n: CONFIG["models"]["backbones"][n] for n in names}}
+    models = {
+        "allow_network": CONFIG["models"]["allow_network"],
+        "backbones": {n: CONFIG["models"]["backbones"][n] for n in names},
+    }
     return {"models": models, "tissue_experiment": CONFIG["tissue_experiment"], "seed": CONFIG["seed"]}
 
 
@@ -111,7 +120,12 @@ def cohort_stores(wildcards):
 
 def aggregate_feature_files(cohort):
     """The slide- and patient-level feature tables of every model for `cohort`."""
-    return expand("results/aggregate/{cohort}/{model}.{level}.parquet", cohort=cohort, model=list(CONFIG["models"]["backbones"]), level=["slides", "patients"])
+    return expand(
+        "results/aggregate/{cohort}/{model}.{level}.parquet",
+        cohort=cohort,
+        model=list(CONFIG["models"]["backbones"]),
+        level=["slides", "patients"],
+    )
 
 
 def aggregate_outputs():
@@ -120,7 +134,9 @@ def aggregate_outputs():
         path
         for cohort in cohort_names()
         for path in aggregate_feature_files(cohort)
-        + expand("results/aggregate/{cohort}/{name}", cohort=cohort, name=["slides.tsv", "patients.tsv", "provenance.json"])
+        + expand(
+            "results/aggregate/{cohort}/{name}", cohort=cohort, name=["slides.tsv", "patients.tsv", "provenance.json"]
+        )
     ]
 
 

@@ -10,8 +10,6 @@ rule finetune:
         head="results/finetune/head.safetensors",
         metrics=report("results/finetune/metrics.tsv", caption="../report/finetune.rst", category="Fine-tuning"),
         summary="results/finetune/summary.json",
-    params:
-        config=finetune_config(),
     log:
         "logs/finetune.log",
     conda:
@@ -21,6 +19,8 @@ rule finetune:
         mem_mb=16000,
         runtime=720,
         gpu=1,
+    params:
+        config=finetune_config(),
     script:
         "../scripts/finetune.py"
 
@@ -35,9 +35,11 @@ rule tissue_experiment:
         repeats="results/tissue_experiment/repeats.tsv",
         summary="results/tissue_experiment/summary.json",
         confusion=expand("results/tissue_experiment/confusion_{model}.tsv", model=CONFIG["tissue_experiment"]["models"]),
-        figure=report("results/tissue_experiment/tissue_experiment.png", caption="../report/tissue_experiment.rst", category="Tissue classification"),
-    params:
-        config=tissue_experiment_config(),
+        figure=report(
+            "results/tissue_experiment/tissue_experiment.png",
+            caption="../report/tissue_experiment.rst",
+            category="Tissue classification",
+        ),
     log:
         "logs/tissue_experiment.log",
     conda:
@@ -47,5 +49,7 @@ rule tissue_experiment:
         mem_mb=16000,
         runtime=240,
         gpu=1,
+    params:
+        config=tissue_experiment_config(),
     script:
         "../scripts/tissue_experiment.py"

@@ -1,7 +1,9 @@
 rule predict:
     """Cross-validated expression and mutation predictors from patient features; FTX vs IMGNET."""
     input:
-        features=expand("results/aggregate/{{cohort}}/{model}.patients.parquet", model=list(CONFIG["models"]["backbones"])),
+        features=expand(
+            "results/aggregate/{{cohort}}/{model}.patients.parquet", model=list(CONFIG["models"]["backbones"])
+        ),
         targets=cohort_target_files,
     output:
         report(
@@ -11,13 +13,6 @@ rule predict:
             category="Molecular prediction",
             subcategory="{cohort}",
         ),
-    params:
-        models=list(CONFIG["models"]["backbones"]),
-        cohort_targets=lambda wildcards: CONFIG["targets"]["cohorts"][wildcards.cohort],
-        targets={k: v for k, v in CONFIG["targets"].items() if k != "cohorts"},
-        settings=CONFIG["predict"],
-        seed=CONFIG["seed"],
-        sites=cohort_sites,
     log:
         "logs/predict/{cohort}.log",
     conda:
@@ -26,5 +21,12 @@ rule predict:
     resources:
         mem_mb=8000,
         runtime=240,
+    params:
+        models=list(CONFIG["models"]["backbones"]),
+        cohort_targets=lambda wildcards: CONFIG["targets"]["cohorts"][wildcards.cohort],
+        targets={k: v for k, v in CONFIG["targets"].items() if k != "cohorts"},
+        settings=CONFIG["predict"],
+        seed=CONFIG["seed"],
+        sites=cohort_sites,
     script:
         "../scripts/predict.py"

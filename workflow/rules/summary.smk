@@ -8,8 +8,6 @@ rule summary:
         slides=report("results/summary.tsv", caption="../report/summary.rst", category="Run summary"),
         cohorts="results/summary_cohorts.tsv",
         markdown="results/summary.md",
-    params:
-        samples=[{"cohort": s.cohort, "slide_id": s.slide_id, "patient_id": s.patient_id} for s in SAMPLES.values()],
     log:
         "logs/summary.log",
     conda:
@@ -18,5 +16,7 @@ rule summary:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        samples=[{"cohort": s.cohort, "slide_id": s.slide_id, "patient_id": s.patient_id} for s in SAMPLES.values()],
     script:
         "../scripts/summary.py"

@@ -6,11 +6,18 @@ rule tile:
     output:
         tiles="results/tiles/{slide_id}.parquet",
         meta="results/tiles/{slide_id}.json",
-        qc=report("results/qc/{slide_id}.png", caption="../report/tiling_qc.rst", category="Tiling QC", subcategory="{slide_id}"),
-        stain_qc=report("results/qc/stain/{slide_id}.png", caption="../report/stain_qc.rst", category="Stain QC", subcategory="{slide_id}"),
-    params:
-        sample=slide_record,
-        settings=tiling_settings(),
+        qc=report(
+            "results/qc/{slide_id}.png",
+            caption="../report/tiling_qc.rst",
+            category="Tiling QC",
+            subcategory="{slide_id}",
+        ),
+        stain_qc=report(
+            "results/qc/stain/{slide_id}.png",
+            caption="../report/stain_qc.rst",
+            category="Stain QC",
+            subcategory="{slide_id}",
+        ),
     log:
         "logs/tile/{slide_id}.log",
     conda:
@@ -19,5 +26,8 @@ rule tile:
     resources:
         mem_mb=2000,
         runtime=15,
+    params:
+        sample=slide_record,
+        settings=tiling_settings(),
     script:
         "../scripts/tile.py"

@@ -9,4 +9,6 @@ from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    run_finetune(snakemake.params.config, out_path=Path(snakemake.output.weights), workdir=Path(snakemake.output.metrics).parent)
+    run_finetune(
+        snakemake.params.config, out_path=Path(snakemake.output.weights), workdir=Path(snakemake.output.metrics).parent
+    )

@@ -6,4 +6,10 @@ from pathwsi.runtime.logs import job_log
 from pathwsi.summary import write_summary
 
 with job_log(snakemake.log[0]):
-    write_summary(snakemake.params.samples, Path(snakemake.output.slides).parent, Path(snakemake.output.slides), Path(snakemake.output.cohorts), Path(snakemake.output.markdown))
+    write_summary(
+        snakemake.params.samples,
+        Path(snakemake.output.slides).parent,
+        Path(snakemake.output.slides),
+        Path(snakemake.output.cohorts),
+        Path(snakemake.output.markdown),
+    )

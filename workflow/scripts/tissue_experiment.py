@@ -9,4 +9,6 @@ from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     torch.set_num_threads(snakemake.threads)
-    run_tissue_experiment_from_config(snakemake.params.config, out_dir=Path(snakemake.output.accuracy).parent, jobs=snakemake.threads)
+    run_tissue_experiment_from_config(
+        snakemake.params.config, out_dir=Path(snakemake.output.accuracy).parent, jobs=snakemake.threads
+    )
