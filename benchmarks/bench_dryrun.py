@@ -67,6 +67,7 @@ def write_project(folder: Path, n: int) -> Path:
     (folder / "targets" / "mutations.tsv").write_text("patient_id\tTP53\n")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config["samples"] = "config/samples.tsv"
+    config["models"]["backbones"]["imgnet"]["weights"] = "untrained"  # no weights file to name here
     config["finetune"]["train_dir"] = "tiles/train"
     config["tissue_experiment"]["test_dir"] = "tiles/test"
     config["targets"]["cohorts"] = {

@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pathwsi.demo.cohort import make_demo
 
-    sheet = make_demo(args.out, args.jobs, args.force)
-    print(f"demo cohort written; sample sheet: {sheet}")
+    overlay = make_demo(args.out, args.jobs, args.force)
+    print(f"demo cohort written under {args.out}; run it with:  snakemake --cores 2 --configfile {overlay}")
     return 0
 
 

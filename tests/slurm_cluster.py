@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_project import demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "# written by pathwsi tests/slurm_cluster.py"
@@ -164,13 +165,12 @@ def slurm_cluster():
 
 
 def write_project(folder: Path, slide_paths: dict[str, Path], *, untrained_models: bool = True) -> Path:
-    """A working directory with config/config.yaml (the shipped one, made tiny) and a sheet of `slide_paths`.
+    """A working directory with config/config.yaml (the demo's, made tiny) and a sheet of `slide_paths`.
 
     Both backbones become untrained 64-px models, so rule features needs no fine-tuning first.
     """
     (folder / "config").mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    config["samples"] = "config/samples.tsv"
+    config = demo_config()
     if untrained_models:
         for model in config["models"]["backbones"].values():
             model.update(weights="untrained", input_px=64)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_project import demo_config
 
 from pathwsi.config import check_cross_references, load_config, load_schema, validate_config
-from pathwsi.demo.cohort import sheet_text
 from pathwsi.errors import ConfigError
+from pathwsi.finetune.train import FinetuneSettings
 from pathwsi.samples import Sample, load_samples
 from pathwsi.slides.grid import TileSettings
 from pathwsi.slides.tissue_mask import TissueSettings
@@ -43,12 +44,33 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def test_shipped_config_is_valid_and_differs_from_defaults_only_where_marked_demo():
+DATA_PATHS = {"finetune.train_dir", "tissue_experiment.test_dir", "models.backbones.imgnet.weights"}
+
+
+def test_shipped_config_is_a_real_run_with_the_documented_defaults():
     text = (ROOT / "config" / "config.yaml").read_text()
-    shipped, defaults = _flatten(validate_config(yaml.safe_load(text))), _flatten(validate_config({}))
-    differing = {key.rsplit(".", 1)[-1] for key in shipped if shipped[key] != defaults.get(key, "<absent>")}
-    marked = {line.split(":")[0].strip() for line in text.splitlines() if "# DEMO" in line}
-    assert differing == marked
+    config = validate_config(yaml.safe_load(text))
+    shipped, defaults = _flatten(config), _flatten(validate_config({}))
+    differing = {key for key in shipped if shipped[key] != defaults.get(key, "<absent>")}
+    steps = {key for key in differing if key.startswith("finetune.step")}  # their defaults live in FinetuneSettings
+    assert differing - steps == DATA_PATHS
+    assert FinetuneSettings.from_config(config) == FinetuneSettings(seed=config["seed"])
+    assert not [value for value in shipped.values() if "demo" in str(value)] and "# DEMO" not in text
+
+
+def test_the_demo_overlay_points_into_the_demo_folder_and_keeps_the_rest():
+    demo = demo_config("demo/samples.tsv")
+    config = validate_config(demo)
+    shipped = _flatten(validate_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text())))
+    changed = {key: value for key, value in _flatten(config).items() if shipped.get(key, "<absent>") != value}
+    paths = {key: value for key, value in changed.items() if isinstance(value, str) and "/" in value}
+    assert paths and all(value.startswith("demo/") for value in paths.values())
+    assert config["models"]["backbones"]["imgnet"]["weights"] == "untrained"
+    assert set(changed) - set(paths) <= {
+        "features.dtype", "features.threads", "finetune.batch_size", "finetune.step1.epochs", "finetune.step2.lr",
+        "finetune.step2.optimizer", "finetune.step2.unfreeze_from", "models.backbones.ftx.input_px",
+        "models.backbones.imgnet.input_px", "models.backbones.imgnet.weights", "tissue_experiment.repeats",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -130,8 +152,9 @@ def test_missing_sheet_says_how_to_get_one(tmp_path):
         load_samples(tmp_path / "none.tsv")
 
 
-def test_shipped_sample_sheet_is_the_demo_sheet():
-    assert (ROOT / "config" / "samples.tsv").read_text() == sheet_text()
+def test_shipped_sample_sheet_is_a_template_that_asks_for_rows():
+    with pytest.raises(ConfigError, match="header but no rows; add one row per slide"):
+        load_samples(ROOT / "config" / "samples.tsv")
 
 
 def test_sheet_schema_is_the_shipped_file():

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from workflow_project import demo_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -23,9 +24,9 @@ def readme_commands() -> list[str]:
 
 
 def make_project(folder: Path, slides, rows: list[tuple[str, Path, str]]) -> Path:
-    """A working directory with config/config.yaml and a sample sheet for `rows`."""
+    """A working directory with the demo's config (shipped config + demo overlay) and a sample sheet for `rows`."""
     (folder / "config").mkdir(parents=True)
-    shutil.copy(ROOT / "config" / "config.yaml", folder / "config" / "config.yaml")
+    (folder / "config" / "config.yaml").write_text(yaml.safe_dump(demo_config(), sort_keys=False))
     lines = ["cohort\tslide_id\tpatient_id\tpath\tmpp\tsite"]
     lines += [f"c1\t{slide_id}\tP-{slide_id}\t{path}\t{mpp}\t" for slide_id, path, mpp in rows]
     (folder / "config" / "samples.tsv").write_text("\n".join(lines) + "\n")

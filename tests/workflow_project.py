@@ -1,6 +1,6 @@
 """Small, fast Snakemake projects for end-to-end tests of the workflow (resume, reruns, locking).
 
-A project is a working directory with `config/config.yaml` (the shipped config, shrunk so that a
+A project is a working directory with `config/config.yaml` (the shipped config with the demo overlay, shrunk so that a
 slide has a few hundred tiles and dozens of feature chunks, with two seeded untrained backbones and no
 fine-tuning) and `config/samples.tsv`; the workflow runs on it with
 `snakemake -s <repo>/Snakefile --directory <project>`, exactly as a user with a separate project
@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 import yaml
+from snakemake.utils import update_config
+
+from pathwsi.demo.cohort import demo_config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -98,11 +101,18 @@ def edit_config(project: Path, changes: dict[str, Any]) -> None:
     write_config(project, merge(read_config(project), changes))
 
 
+def demo_config(samples: str = "config/samples.tsv") -> dict[str, Any]:
+    """The shipped config with the demo's overlay merged in, as `snakemake --configfile demo/config.yaml` sees it,
+    reading the sheet `samples`."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load(demo_config_text()))
+    return {**config, "samples": samples}
+
+
 def make_project(folder: Path, rows: list[Row], settings: dict[str, Any] | None = None) -> Path:
     """A working directory with the shrunk config (plus `settings`) and a sample sheet of `rows`."""
     (folder / "config").mkdir(parents=True, exist_ok=True)
-    shipped = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    write_config(folder, merge(merge(shipped, TEST_SETTINGS), settings or {}))
+    write_config(folder, merge(merge(demo_config(), TEST_SETTINGS), settings or {}))
     write_sheet(folder, rows)
     return folder
 

@@ -21,7 +21,7 @@ import numpy as np
 from pathwsi.demo.targets import write_demo_targets
 from pathwsi.demo.slides import SyntheticTissue, write_slide
 from pathwsi.demo.labelled_tiles import write_tile_set
-from pathwsi.runtime.outputs import atomic_path
+from pathwsi.runtime.outputs import atomic_path, write_text
 from pathwsi.samples import COLUMNS
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,51 @@ def write_demo_slide(spec: DemoSlide, slide_dir: Path) -> Path:
     return target
 
 
+DEMO_CONFIG = """\
+# Written by `pathwsi demo`: the demo's overlay on config/config.yaml (the settings of a real run).
+# Run it with:  snakemake --cores 2 --configfile {demo}/config.yaml
+# It points the run at the synthetic cohort and makes it small enough for a 2-core CPU in minutes;
+# everything it does not name comes from config/config.yaml.
+samples: {demo}/samples.tsv
+features:
+  dtype: float32        # untrained weights give features of ~1e-5, below float16's normal range
+  threads: 1            # the demo's slides are tiny: two one-thread jobs at once beat one two-thread job
+targets:
+  cohorts:
+    demo-luad:          # SYNTHETIC tables, with signal planted in the slides' lymphocytes ({demo}/targets/README.txt)
+      expression: {demo}/targets/expression.tsv
+      mutations: {demo}/targets/mutations.tsv
+finetune:
+  train_dir: {demo}/tissue_tiles/train
+  batch_size: 16
+  step1:
+    epochs: 1
+  step2:                # a random base must learn from early blocks, at a higher rate
+    lr: 0.001
+    optimizer: adam
+    unfreeze_from: block1
+tissue_experiment:
+  test_dir: {demo}/tissue_tiles/test
+  repeats: 10
+models:
+  backbones:
+    imgnet:
+      weights: untrained  # seeded, UNTRAINED weights: nothing is downloaded, and the numbers say nothing about tissue
+      input_px: 128
+    ftx:
+      input_px: 128
+"""
+
+
+def demo_config_text(out_dir: Path = Path("demo")) -> str:
+    """The demo's config overlay (YAML) for a demo cohort written to `out_dir`."""
+    return DEMO_CONFIG.format(demo=out_dir.as_posix())
+
+
 def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) -> Path:
-    """Write the demo slides under `out_dir/slides`, the sheet `out_dir/samples.tsv`, the
-    labelled tile sets under `out_dir/tissue_tiles` and the target tables under `out_dir/targets`."""
+    """Write the demo slides under `out_dir/slides`, the sheet `out_dir/samples.tsv`, the labelled tile sets
+    under `out_dir/tissue_tiles`, the target tables under `out_dir/targets` and the config overlay
+    `out_dir/config.yaml`; return the overlay's path."""
     slide_dir = out_dir / "slides"
     slide_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in DEMO_SLIDES if force or not (slide_dir / s.file_name).is_file()]
@@ -117,4 +159,6 @@ def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) 
     for name, (count, seed) in TISSUE_TILE_SETS.items():
         write_tile_set(out_dir / "tissue_tiles" / name, count, seed, force=force)
     write_demo_targets(out_dir / "targets", {s.patient_id: s.lymphocyte_density for s in DEMO_SLIDES if s.cohort == "demo-luad"})
-    return sheet
+    overlay = out_dir / "config.yaml"
+    write_text(demo_config_text(out_dir), overlay)
+    return overlay
