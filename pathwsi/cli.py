@@ -222,8 +222,12 @@ def _tile(args: argparse.Namespace) -> int:
         raise ConfigError("pathwsi tile", problems)
     sample = Sample(**record)
 
-    meta = tile_slide(sample, TilingJobSettings.from_config(config), TilingOutputs.under(args.results, slide_id))
-    return 0 if meta["status"] != "failed" else 1
+    outputs = TilingOutputs.under(args.results, slide_id)
+    record = tile_slide(sample, TilingJobSettings.from_config(config), outputs)
+    print(
+        f"{slide_id}: {record.status}, {record.counts.kept} tiles; outputs in {outputs.tiles.parent} and {outputs.qc.parent}"
+    )
+    return 0 if record.status != "failed" else 1
 
 
 def _normalize(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from pathwsi.runtime.outputs import write_frame, write_text
+from pathwsi.slides.tile_record import TilesRecord
 
 SLIDE_COLUMNS = [
     "cohort",
@@ -40,20 +41,20 @@ SLIDE_COLUMNS = [
 
 def slide_row(sample: dict[str, Any], tiles_meta: Path, timings: Path | None) -> dict[str, Any]:
     """One slide's line: tiling status and reason, tile count, µm/px, stain fit, seconds per stage."""
-    meta = json.loads(tiles_meta.read_text())
-    stain = meta.get("stain") or {}
+    tiling = TilesRecord.load(tiles_meta)
+    stain = tiling.stain
     row: dict[str, Any] = {
         "cohort": sample["cohort"],
         "slide_id": sample["slide_id"],
         "patient_id": sample["patient_id"],
-        "status": meta["status"],
-        "reason": meta.get("reason") or "",
-        "tiles": (meta.get("counts") or {}).get("kept", 0),
+        "status": tiling.status,
+        "reason": tiling.reason or "",
+        "tiles": tiling.counts.kept,
         "unreadable_tiles": 0,
-        "mpp": (meta.get("mpp") or {}).get("value"),
-        "mpp_source": (meta.get("mpp") or {}).get("source"),
-        "stain": stain.get("status", "") + (f" ({stain['reason']})" if stain.get("reason") else ""),
-        "tile_s": meta.get("seconds"),
+        "mpp": tiling.mpp.value if tiling.mpp else None,
+        "mpp_source": tiling.mpp.source if tiling.mpp else None,
+        "stain": "" if stain is None else stain.status + (f" ({stain.reason})" if stain.reason else ""),
+        "tile_s": tiling.seconds,
     }
     if timings is not None and timings.is_file():
         record = json.loads(timings.read_text())

@@ -21,7 +21,8 @@ from pathwsi.features.extract import ExtractSettings, extract_slide
 from pathwsi.features.store import PROGRESS, open_store, partial_path
 from pathwsi.samples import Sample
 from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
-from pathwsi.stain.macenko import StainFit, normalize_array
+from pathwsi.slides.tile_record import TilesRecord
+from pathwsi.stain.macenko import normalize_array
 
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
 SPECS = [
@@ -62,7 +63,7 @@ def test_store_matches_features_computed_directly(tiled, tmp_path, reader):
     store = open_store(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.coords(), coords)
     np.testing.assert_allclose(store.group["tissue"][:], fractions)
-    fit = StainFit.from_json(meta["stain"])
+    fit = meta.stain
     picked = [0, len(coords) // 2, len(coords) - 1]
     with Slide(sample.path) as slide:
         if reader == "exact":
@@ -170,7 +171,7 @@ def test_every_model_sees_the_same_normalized_batch(tiled, tmp_path):
 
 def test_empty_slide_gives_a_valid_empty_store(tiled, tmp_path):
     sample, _, _, _ = tiled
-    meta = {"status": "no_tissue", "reason": "no tissue detected"}
+    meta = TilesRecord(sample, "no_tissue", "no tissue detected", {}, "test")
     extract_slide(
         sample, np.zeros((0, 2), np.int64), np.zeros(0, np.float32), meta, models(), SETTINGS, tmp_path / "e.zarr"
     )
@@ -185,10 +186,11 @@ from pathlib import Path
 from pathwsi.samples import Sample
 from pathwsi.features.extract import ExtractSettings, extract_slide
 from pathwsi.features.backbones import ModelSpec, build_backbone
+from pathwsi.slides.tile_record import TilesRecord
 args = json.loads(sys.argv[1])
 nets = [build_backbone(ModelSpec(**spec)) for spec in args["specs"]]
 nets[0].net.register_forward_hook(lambda *a: time.sleep(args["delay"]))
-extract_slide(Sample(**args["sample"]), np.array(args["coords"]), np.array(args["fractions"], np.float32), args["meta"], nets,
+extract_slide(Sample(**args["sample"]), np.array(args["coords"]), np.array(args["fractions"], np.float32), TilesRecord.from_json(args["meta"]), nets,
               ExtractSettings(**args["settings"]), Path(args["store"]))
 """
 
@@ -201,7 +203,7 @@ def run_child(tiled, store: Path, delay: float) -> subprocess.Popen:
         "sample": asdict(sample),
         "coords": coords.tolist(),
         "fractions": fractions.tolist(),
-        "meta": meta,
+        "meta": meta.to_json(),
         "store": str(store),
         "delay": delay,
         "specs": [asdict(s) for s in SPECS],

@@ -6,6 +6,9 @@ import json
 
 import pandas as pd
 
+from pathwsi.samples import Sample
+from pathwsi.slides.tile_record import LevelZeroMpp, TileCounts, TilesRecord
+from pathwsi.stain.macenko import StainFit, StainSettings, default_reference
 from pathwsi.summary import build_summary, write_summary
 
 SAMPLES = [
@@ -13,30 +16,31 @@ SAMPLES = [
 ] + [{"cohort": "c2", "slide_id": "other", "patient_id": "p4"}]
 
 
+def fit(status: str, reason: str | None = None) -> StainFit:
+    reference = default_reference()
+    return StainFit(reference, reference, status, reason, StainSettings(), 4, 1000, 800)
+
+
+def record(slide: str, status: str, reason: str | None, **found) -> TilesRecord:
+    sample = next(Sample(**s, path=f"{slide}.svs") for s in SAMPLES if s["slide_id"] == slide)
+    return TilesRecord(sample, status, reason, {}, "test", **found)
+
+
 def make_results(tmp_path):
     results = tmp_path / "results"
     for folder in ("tiles", "features", "aggregate/c1", "aggregate/c2"):
         (results / folder).mkdir(parents=True)
-    metas = {
-        "good": {
-            "status": "ok",
-            "counts": {"kept": 40},
-            "mpp": {"value": 0.25, "source": "openslide"},
-            "stain": {"status": "fitted"},
-            "seconds": 1.5,
-        },
-        "blank": {
-            "status": "no_tissue",
-            "reason": "no tissue found on 2 mm²",
-            "counts": {"kept": 0},
-            "stain": {"status": "fallback", "reason": "no tiles"},
-            "seconds": 0.7,
-        },
-        "broken": {"status": "failed", "reason": "slide 'broken': file is corrupt", "seconds": 0.1},
-        "other": {"status": "ok", "counts": {"kept": 10}, "stain": {"status": "fitted"}, "seconds": 1.0},
+    ok = {"mpp": LevelZeroMpp(0.25, "openslide"), "stain": fit("fitted")}
+    records = {
+        "good": record("good", "ok", None, counts=TileCounts(60, 40), seconds=1.5, **ok),
+        "blank": record(
+            "blank", "no_tissue", "no tissue found on 2 mm²", seconds=0.7, stain=fit("fallback", "no tiles")
+        ),
+        "broken": record("broken", "failed", "slide 'broken': file is corrupt", seconds=0.1),
+        "other": record("other", "ok", None, counts=TileCounts(10, 10), seconds=1.0, stain=fit("fitted")),
     }
-    for slide, meta in metas.items():
-        (results / "tiles" / f"{slide}.json").write_text(json.dumps(meta))
+    for slide, tiling in records.items():
+        tiling.save(results / "tiles" / f"{slide}.json")
     (results / "features" / "good.timings.json").write_text(
         json.dumps(
             {

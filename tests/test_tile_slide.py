@@ -13,13 +13,14 @@ from PIL import Image
 
 from pathwsi.samples import Sample
 from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
+from pathwsi.slides.tile_record import TilesRecord, TilesRecordError
 
 
 def run(tmp_path, path, slide_id="s", mpp=None, settings=TilingJobSettings()):
     sample = Sample("c", slide_id, "p", str(path), mpp)
     outputs = TilingOutputs.under(tmp_path, slide_id)
-    meta = tile_slide(sample, settings, outputs)
-    return meta, outputs
+    record = tile_slide(sample, settings, outputs)
+    return record.to_json(), outputs
 
 
 def test_outputs_follow_the_contract(tmp_path, slides):
@@ -112,3 +113,16 @@ def test_tiling_job_does_not_import_torch(slides, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_record_reads_back_through_its_class_and_refuses_another_schema(tmp_path, slides):
+    meta, out = run(tmp_path, slides.svs_025)
+    record = TilesRecord.load(out.meta)
+    assert record.to_json() == json.loads(out.meta.read_text()) and record.tile.level0_px == meta["tile"]["level0_px"]
+    assert record.stain.status == meta["stain"]["status"] and record.counts.kept == meta["counts"]["kept"]
+    out.meta.write_text(json.dumps({**meta, "schema": "pathwsi.tiles/0"}))
+    with pytest.raises(TilesRecordError, match=rf"{out.meta}: schema 'pathwsi.tiles/0'.*rerun"):
+        TilesRecord.load(out.meta)
+    out.meta.write_text(json.dumps({k: v for k, v in meta.items() if k != "sample"}))
+    with pytest.raises(TilesRecordError, match=rf"{out.meta}: damaged \(KeyError"):
+        TilesRecord.load(out.meta)

@@ -32,6 +32,7 @@ from pathwsi.errors import ConfigError
 from pathwsi.features.backbones import PRECISIONS, Backbone
 from pathwsi.features.store import StoreWriter, open_writer
 from pathwsi.samples import Sample
+from pathwsi.slides.tile_record import TilesRecord, TilesRecordError
 from pathwsi.stain.macenko import StainFit
 from pathwsi.stain.torch_apply import normalize_batch
 
@@ -116,17 +117,21 @@ def open_reader(sample: Sample, mpp: float, tile_px: int, exact: bool = False) -
     return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px, exact=exact)
 
 
-def _stain_record(tiles_meta: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
-    stain = tiles_meta.get("stain")
+def _stain_record(record: TilesRecord, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    stain = record.stain.to_json() if record.stain is not None else None
     return {k: stain[k] for k in keys} if stain else None
 
 
-def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str, reader: str) -> str:
+def _tile_record(record: TilesRecord) -> dict[str, Any] | None:
+    return asdict(record.tile) if record.tile is not None else None
+
+
+def settings_hash(record: TilesRecord, models: list[Backbone], dtype: str, reader: str) -> str:
     """A hash of everything that shapes the features: tiles, reader, stain parameters, model weights, dtype."""
     shaping = {
-        "tile": tiles_meta.get("tile"),
+        "tile": _tile_record(record),
         "reader": reader,
-        "stain": _stain_record(tiles_meta, ("params", "target")),
+        "stain": _stain_record(record, ("params", "target")),
         "models": {m.spec.name: {**asdict(m.spec), "weights_sha256": m.weights_sha256} for m in models},
         "dtype": dtype,
     }
@@ -134,7 +139,7 @@ def settings_hash(tiles_meta: dict[str, Any], models: list[Backbone], dtype: str
 
 
 def store_attrs(
-    sample: Sample, tiles_meta: dict[str, Any], models: list[Backbone], settings: ExtractSettings
+    sample: Sample, record: TilesRecord, models: list[Backbone], settings: ExtractSettings
 ) -> dict[str, Any]:
     """The store's attrs (all but `complete`): ids, geometry, stain, model provenance, hash."""
     warnings = [m.provenance()["warning"] for m in models if m.spec.untrained]
@@ -144,16 +149,16 @@ def store_attrs(
                 "slide_id": sample.slide_id,
                 "patient_id": sample.patient_id,
                 "cohort": sample.cohort,
-                "tiling_status": tiles_meta["status"],
-                "tiling_reason": tiles_meta.get("reason"),
-                "tile": tiles_meta.get("tile"),
-                "mpp": tiles_meta.get("mpp"),
-                "stain": _stain_record(tiles_meta, ("status", "reason", "params", "target")),
+                "tiling_status": record.status,
+                "tiling_reason": record.reason,
+                "tile": _tile_record(record),
+                "mpp": asdict(record.mpp) if record.mpp is not None else None,
+                "stain": _stain_record(record, ("status", "reason", "params", "target")),
                 "models": {m.spec.name: m.provenance() for m in models},
                 "warnings": warnings,
                 "pathwsi_version": __version__,
                 "reader": settings.reader,
-                "config_hash": settings_hash(tiles_meta, models, settings.dtype, settings.reader),
+                "config_hash": settings_hash(record, models, settings.dtype, settings.reader),
             }
         )
     )
@@ -163,7 +168,7 @@ def extract_slide(
     sample: Sample,
     tiles: np.ndarray,
     fractions: np.ndarray,
-    tiles_meta: dict[str, Any],
+    record: TilesRecord,
     models: list[Backbone],
     settings: ExtractSettings,
     store_path: Path,
@@ -175,12 +180,12 @@ def extract_slide(
         tiles,
         fractions,
         {m.spec.name: m.feature_dim for m in models},
-        store_attrs(sample, tiles_meta, models, settings),
+        store_attrs(sample, record, models, settings),
         settings.aligned_chunk,
         settings.dtype,
     )
     try:
-        return _extract(sample, tiles, tiles_meta, models, settings, writer)
+        return _extract(sample, tiles, record, models, settings, writer)
     finally:
         writer.close()
 
@@ -188,7 +193,7 @@ def extract_slide(
 def _extract(
     sample: Sample,
     tiles: np.ndarray,
-    tiles_meta: dict[str, Any],
+    record: TilesRecord,
     models: list[Backbone],
     settings: ExtractSettings,
     writer: StoreWriter,
@@ -207,10 +212,13 @@ def _extract(
             len(tiles),
             writer.chunks_done,
         )
-    stain = StainFit.from_json(tiles_meta["stain"])
-    tile = tiles_meta["tile"]
+    if record.stain is None or record.tile is None:
+        raise TilesRecordError(
+            f"{sample.slide_id}: its tiling record has tiles but no stain fit or tile geometry; rerun its tiling"
+        )
+    stain, tile = record.stain, record.tile
     loader = DataLoader(
-        SlideTiles(sample, tiles, tile["px"], tile["mpp"], start, exact=settings.reader == "exact"),
+        SlideTiles(sample, tiles, tile.px, tile.mpp, start, exact=settings.reader == "exact"),
         batch_size=settings.batch_size,
         num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",

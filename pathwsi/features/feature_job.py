@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from pathwsi.features.store import open_store
 from pathwsi.runtime.logs import job_log
 from pathwsi.runtime.outputs import write_json
 from pathwsi.samples import Sample
+from pathwsi.slides.tile_record import TilesRecord
 
 log = logging.getLogger(__name__)
 SHOWN_IN_TIMINGS = 5  # unreadable tiles listed in the timings record (the store lists more)
@@ -35,7 +35,7 @@ def run_feature_job(
 ) -> dict[str, Any]:
     """Extract one slide's features with every configured model; write the store and the timings."""
     torch.set_num_threads(max(1, threads))
-    meta = json.loads(meta_path.read_text())
+    tiling = TilesRecord.load(meta_path)
     table = pq.read_table(tiles_path)
     coords = (
         np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64).reshape(-1, 2)
@@ -49,14 +49,11 @@ def run_feature_job(
     for model in models:
         if model.spec.untrained:
             log.warning("%s", model.provenance()["warning"])
-    if meta["status"] != "ok":
+    if tiling.status != "ok":
         log.warning(
-            "%s: tiling status %s (%s); writing an empty feature store",
-            sample.slide_id,
-            meta["status"],
-            meta.get("reason"),
+            "%s: tiling status %s (%s); writing an empty feature store", sample.slide_id, tiling.status, tiling.reason
         )
-    timings = extract_slide(sample, coords, fractions, meta, models, settings, store_path)
+    timings = extract_slide(sample, coords, fractions, tiling, models, settings, store_path)
     unreadable = open_store(store_path).attrs["unreadable_tiles"]
     record = {
         "slide_id": sample.slide_id,

@@ -1,7 +1,7 @@
 """The per-slide feature store: a Zarr v3 group, written under a partial path, resumable by chunk,
 verifiable once complete.
 
-Layout (DESIGN.md): arrays `coords` (N, 2) int64 level-0 px, `tissue` (N,) float32, `readable` (N,)
+Layout (README "What the workflow does"): arrays `coords` (N, 2) int64 level-0 px, `tissue` (N,) float32, `readable` (N,)
 bool (False for a tile that could not be read: its features are NaN), `features/<model>` (N, D),
 all chunked along tiles; attrs with the slide's ids, tile geometry, stain parameters, each model's
 provenance, the package version, a hash of the settings that shaped the result, the unreadable

@@ -1,6 +1,6 @@
 """The per-slide tiling job: tissue mask, tile grid, outputs. CPU only; never imports torch.
 
-Outputs (see DESIGN.md): `tiles/{slide_id}.parquet` (x, y level-0 px of each kept tile's
+Outputs (README "What the workflow does"): `tiles/{slide_id}.parquet` (x, y level-0 px of each kept tile's
 top-left corner, tissue_fraction), `tiles/{slide_id}.json` (geometry, µm/px and its source,
 the slide's Macenko fit or its fallback, status), `qc/{slide_id}.png` (mask and tiles) and
 `qc/stain/{slide_id}.png` (sampled tiles before and after normalization). A slide that cannot
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,17 @@ from PIL import Image
 
 from pathwsi import __version__
 from pathwsi.runtime.logs import job_log
-from pathwsi.runtime.outputs import write_json, write_table
+from pathwsi.runtime.outputs import write_table
 from pathwsi.samples import Sample
 from pathwsi.slides.grid import TileSettings, tile_grid, tissue_fractions
 from pathwsi.slides.qc import message_card, save_png, tiles_overview
 from pathwsi.slides.slide import Slide, SlideError
+from pathwsi.slides.tile_record import LevelZeroMpp, TileCounts, TileGeometry, TilesRecord
 from pathwsi.slides.tile_request import TileRequest, TilingOutputs
 from pathwsi.slides.tissue_mask import TissueSettings, detect_tissue
 from pathwsi.stain.macenko import StainFit, StainSettings, fit_slide, load_target, normalize_array, qc_panel
 
 log = logging.getLogger(__name__)
-SCHEMA = "pathwsi.tiles/1"
 
 
 @dataclass(frozen=True)
@@ -60,32 +60,27 @@ class TilingJobSettings:
         )
 
 
-def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutputs) -> dict[str, Any]:
-    """Tile one slide and write its outputs; return the metadata written to the JSON."""
+def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutputs) -> TilesRecord:
+    """Tile one slide and write its outputs; return the record written to the JSON."""
     for path in (outputs.tiles, outputs.meta, outputs.qc, outputs.stain_qc):
         path.parent.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "schema": SCHEMA,
-        "pathwsi_version": __version__,
-        "sample": asdict(sample),
-        "settings": {"tiling": asdict(settings.tiling), "tissue": asdict(settings.tissue), "seed": settings.seed},
-    }
+    ran_with = {"tiling": asdict(settings.tiling), "tissue": asdict(settings.tissue), "seed": settings.seed}
     started = time.perf_counter()
     try:
         with Slide(sample.path, sample.slide_id, sample.mpp) as slide:
             coords, fractions, found = _tile(slide, settings, outputs)
-        meta.update(found)
+        record = TilesRecord(sample, settings=ran_with, pathwsi_version=__version__, **found)
     except SlideError as err:
         log.error("%s", err)
-        meta.update(status="failed", reason=str(err))
+        record = TilesRecord(sample, "failed", str(err), ran_with, __version__)
         coords, fractions = np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
         for picture in (outputs.qc, outputs.stain_qc):
             save_png(message_card(f"FAILED: {sample.slide_id}", str(err)), picture)
-    meta["seconds"] = round(time.perf_counter() - started, 3)
+    record = replace(record, seconds=round(time.perf_counter() - started, 3))
     write_table({"x": coords[:, 0], "y": coords[:, 1], "tissue_fraction": fractions.astype(np.float32)}, outputs.tiles)
-    write_json(meta, outputs.meta)
-    log.info("%s: %s, %d tiles in %.2f s", sample.slide_id, meta["status"], len(coords), meta["seconds"])
-    return meta
+    record.save(outputs.meta)
+    log.info("%s: %s, %d tiles in %.2f s", sample.slide_id, record.status, len(coords), record.seconds)
+    return record
 
 
 def run_request(request: TileRequest) -> None:
@@ -112,21 +107,21 @@ def _tile(
         status="ok" if len(coords) else "no_tissue",
         reason=None if len(coords) else _no_tissue_reason(tissue.area_mm2, len(grid), tiling),
         slide=slide.describe(),
-        mpp={"value": mpp0, "source": slide.mpp.source},
+        mpp=LevelZeroMpp(mpp0, slide.mpp.source),
         read={
             "level": read_level.index,
             "downsample": read_level.downsample,
             "level_mpp": read_level.mpp,
             "upsampled": read_level.mpp > tiling.tile_mpp * 1.02,
         },
-        tile={"px": tiling.tile_px, "mpp": tiling.tile_mpp, "um": tiling.tile_um, "level0_px": tiling.tile_um / mpp0},
+        tile=TileGeometry(tiling.tile_px, tiling.tile_mpp, tiling.tile_um, tiling.tile_um / mpp0),
         mask={
             "mpp": tissue.mpp,
             "level": mask_level.index,
             "saturation_threshold": tissue.saturation_threshold,
             "tissue_area_mm2": round(tissue.area_mm2, 4),
         },
-        counts={"grid": int(len(grid)), "kept": int(len(coords))},
+        counts=TileCounts(int(len(grid)), int(len(coords))),
     )
     if read_level.mpp > tiling.tile_mpp * 1.02:
         log.warning(
@@ -138,7 +133,7 @@ def _tile(
     qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
     save_png(tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp), outputs.qc)
     fit = _fit_stain(slide, coords, settings, outputs.stain_qc)
-    found["stain"] = fit.to_json()
+    found["stain"] = fit
     if fit.status != "fitted" and len(coords):
         log.warning(
             "%s: stain fit not used (%s); normalized with the %s parameters",
