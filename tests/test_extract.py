@@ -39,7 +39,8 @@ def tiled(slides, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiled")
     sample = Sample("c", "section", "p", str(slides.svs_025))
     out = TilingOutputs.under(folder, "section")
-    meta = tile_slide(sample, TilingJobSettings(), out)
+    tile_slide(sample, TilingJobSettings(), out)
+    meta = TilesRecord.load(out.meta)  # as the feature job reads it (stain parameters rounded as stored)
     table = pq.read_table(out.tiles)
     coords = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)
     return sample, coords, table.column("tissue_fraction").to_numpy(), meta

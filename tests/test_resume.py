@@ -561,10 +561,12 @@ def small_slide(slides, tmp_path_factory):
 
     from pathwsi.samples import Sample
     from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
+    from pathwsi.slides.tile_record import TilesRecord
 
     out = TilingOutputs.under(tmp_path_factory.mktemp("small_slide"), "section")
     sample = Sample("c", "section", "p", str(slides.tiff_05))
-    meta = tile_slide(sample, TilingJobSettings(), out)
+    tile_slide(sample, TilingJobSettings(), out)
+    meta = TilesRecord.load(out.meta)  # as the feature job reads it (stain parameters rounded as stored)
     table = pq.read_table(out.tiles)
     coords = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64)
     return sample, coords, table.column("tissue_fraction").to_numpy().astype(np.float32), meta
