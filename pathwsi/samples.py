@@ -65,7 +65,10 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
             samples.append(Sample(**record))
     problems += _duplicate_problems(body, header)
     if not body:
-        problems.append("the sheet has a header but no rows; add one row per slide")
+        problems.append(
+            "the sheet has a header but no rows; add one row per slide"
+            " (for the demo: `pathwsi demo`, then `snakemake --cores 2 --configfile demo/config.yaml`)"
+        )
     if problems:
         raise ConfigError(str(path), problems)
     return samples
