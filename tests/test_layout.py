@@ -11,7 +11,13 @@ PACKAGE = Path(pathwsi.__file__).parent
 # Rooms from the bottom up. Shared types and checks first; the stages in pipeline order; then what reads
 # every stage's outputs (the run summary) and the command line.
 ORDER = ["shared", "runtime", "stain", "slides", "features", "finetune", "predict", "demo", "summary", "cli"]
-SHARED = {"pathwsi", "pathwsi.errors", "pathwsi.config", "pathwsi.samples"}  # the version, errors, config, sheet
+SHARED = {
+    "pathwsi",
+    "pathwsi.errors",
+    "pathwsi.config",
+    "pathwsi.samples",
+    "pathwsi.stats",
+}  # version, errors, config, sheet, statistics
 
 
 def room(module: str) -> str:

@@ -17,13 +17,13 @@ from pathwsi.finetune.tissue_experiment import (
     confusion,
     fit_predict,
     model_flag,
-    paired_test,
     per_repeat_accuracy,
     repeated_splits,
     run_tissue_experiment,
     run_tissue_experiment_from_config,
 )
 from pathwsi.finetune.train import FinetuneSettings, StepSettings, finetune
+from pathwsi.stats import paired_test
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights"),

@@ -135,7 +135,7 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
 def check_report(project: Path) -> None:
     """`snakemake --report` builds one HTML file holding the QC pictures, the prediction figures and the summary, with captions."""
     done = subprocess.run(
-        [str(project / ".venv" / "bin" / "snakemake"), "--report", "report.html"],
+        [str(project / ".venv" / "bin" / "snakemake"), "--report", "report.html", "--configfile", "demo/config.yaml"],
         cwd=project,
         capture_output=True,
         text=True,

@@ -40,6 +40,7 @@ import numpy as np
 from pathwsi import __version__
 from pathwsi.errors import PathwsiError
 from pathwsi.runtime.outputs import atomic_path, write_json, write_text
+from pathwsi.stats import paired_test
 
 if TYPE_CHECKING:
     import torch
@@ -271,16 +272,6 @@ def confusion(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np
     counts = np.zeros((n_classes, n_classes), np.int64)
     np.add.at(counts, (np.broadcast_to(labels, predictions.shape), predictions), 1)
     return counts
-
-
-def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Wilcoxon signed-rank statistic and two-sided p-value of b − a over repeats (p = 1 when they never differ)."""
-    from scipy.stats import wilcoxon
-
-    if np.allclose(a, b):
-        return float("nan"), 1.0
-    result = wilcoxon(b, a)
-    return float(result.statistic), float(result.pvalue)
 
 
 def model_flag(backbone: Backbone) -> tuple[str, str]:

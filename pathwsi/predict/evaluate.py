@@ -26,8 +26,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import warnings
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,10 +36,10 @@ from scipy import stats
 
 from pathwsi import __version__
 from pathwsi.errors import PathwsiError
-from pathwsi.finetune.tissue_experiment import paired_test
 from pathwsi.predict.linear_models import center_gram, logistic_loo, ridge_loo, standardized_gram
 from pathwsi.predict.splits import make_splits, split_groups, write_splits
 from pathwsi.runtime.outputs import write_frame, write_json, write_text
+from pathwsi.stats import auroc, bh, bootstrap_ci, mean_over_repeats, over_repeats, paired_test, pearson, ranks
 
 log = logging.getLogger(__name__)
 TASKS = ("expression", "mutation")
@@ -115,7 +113,9 @@ class TaskResult:
 
     def averaged(self, model: str) -> pd.DataFrame:
         """Out-of-fold predictions averaged over repeats, patients × genes."""
-        return pd.DataFrame(_nanmean(self.predictions[model]), index=self.patients, columns=self.targets.columns)
+        return pd.DataFrame(
+            mean_over_repeats(self.predictions[model]), index=self.patients, columns=self.targets.columns
+        )
 
 
 # -- cross-validation ---------------------------------------------------------------------------
@@ -290,34 +290,8 @@ def missing_patterns(y: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
 def repeat_metrics(task: str, predictions: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     """Per repeat and gene: r and spearman (expression) or auroc (mutation); NaN where a fold failed."""
     if task == "expression":
-        return {"r": pearson(predictions, y), "spearman": pearson(_ranks(predictions, y), _ranks(y, y))}
+        return {"r": pearson(predictions, y), "spearman": pearson(ranks(predictions, y), ranks(y, y))}
     return {"auroc": auroc(predictions, y)}
-
-
-def pearson(values: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r over the rows where `y` is known, per gene (last axis); NaN if a value there is NaN or constant."""
-    known = np.isfinite(y)
-    count = known.sum(axis=0)
-    v, t = np.where(known, values, 0.0), np.where(known, y, 0.0)
-    v = np.where(known, v - v.sum(axis=-2, keepdims=True) / count, 0.0)
-    t = np.where(known, t - t.sum(axis=0) / count, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (v * t).sum(axis=-2) / np.sqrt((v**2).sum(axis=-2) * (t**2).sum(axis=0))
-
-
-def _ranks(values: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Average ranks over the rows where `y` is known (NaN elsewhere); a NaN value there stays NaN."""
-    ranked = stats.rankdata(np.where(np.isfinite(y), values, np.nan), axis=-2, nan_policy="omit")
-    return np.where(np.isnan(values), np.nan, ranked)
-
-
-def auroc(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """AUROC (ties count half) over the rows where `y` is known, per gene; NaN if a score there is NaN or one class only."""
-    ranks = _ranks(scores, y)
-    positive = np.isfinite(y) & (y > 0)
-    n_pos, n_neg = positive.sum(axis=0), (np.isfinite(y) & (y == 0)).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (np.where(positive, ranks, 0.0).sum(axis=-2) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def gene_table(
@@ -335,8 +309,11 @@ def gene_table(
     if task == "mutation":
         table["positives"] = (np.where(known, y, 0) > 0).sum(axis=0)
     for metric, values in per_repeat.items():
-        table[f"{metric}_mean"], table[f"{metric}_std"] = _nanmean(values), _over_repeats(np.nanstd, values, ddof=1)
-    averaged = _nanmean(predictions)
+        table[f"{metric}_mean"], table[f"{metric}_std"] = (
+            mean_over_repeats(values),
+            over_repeats(np.nanstd, values, ddof=1),
+        )
+    averaged = mean_over_repeats(predictions)
     if task == "expression":
         table["r_averaged"] = r = pearson(averaged, y)
         df = table["patients"].to_numpy() - 2
@@ -350,56 +327,10 @@ def gene_table(
     return table
 
 
-def bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg q-values of the finite p-values (NaN stays NaN)."""
-    q = np.full(len(p), np.nan)
-    finite = np.isfinite(p)
-    if finite.any():
-        q[finite] = stats.false_discovery_control(p[finite])
-    return q
-
-
-def bootstrap_ci(
-    predictions: dict[str, np.ndarray], targets: pd.DataFrame, n: int, seed: int, level: float = 0.95
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per model and gene: percentile CI of the AUROC of the repeat-averaged scores, over stratified bootstraps of patients.
-
-    Positives and negatives are resampled separately (so each resample has both); the resamples
-    are the same for every model and are seeded by (seed, gene name).
-    """
-    averaged = {name: _nanmean(p) for name, p in predictions.items()}
-    out = {name: (np.full(targets.shape[1], np.nan), np.full(targets.shape[1], np.nan)) for name in predictions}
-    for j, gene in enumerate(targets.columns):
-        y = targets[gene].to_numpy()
-        usable = np.isfinite(y) & np.all([np.isfinite(a[:, j]) for a in averaged.values()], axis=0)
-        positives, negatives = np.flatnonzero(usable & (y == 1)), np.flatnonzero(usable & (y == 0))
-        if not len(positives) or not len(negatives):
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(str(gene).encode())])
-        rows = np.concatenate([rng.choice(positives, (len(positives), n)), rng.choice(negatives, (len(negatives), n))])
-        labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))][:, None]
-        for name, a in averaged.items():
-            out[name][0][j], out[name][1][j] = np.quantile(
-                auroc(a[rows, j], labels), [(1 - level) / 2, (1 + level) / 2]
-            )
-    return out
-
-
 def _median_penalty(chosen: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """Median chosen penalty factor per gene over repeats and folds (NaN if never fitted)."""
     values = np.where(chosen >= 0, factors[np.maximum(chosen, 0)], np.nan)
-    return _over_repeats(np.nanmedian, values.reshape(-1, values.shape[-1]))
-
-
-def _nanmean(values: np.ndarray) -> np.ndarray:
-    return _over_repeats(np.nanmean, values)
-
-
-def _over_repeats(reduce: Any, values: np.ndarray, **kwargs: Any) -> np.ndarray:
-    """A numpy nan-reduction over axis 0, NaN (without a warning) where every value is NaN."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return reduce(values, axis=0, **kwargs)
+    return over_repeats(np.nanmedian, values.reshape(-1, values.shape[-1]))
 
 
 # -- comparison, summary, outputs ---------------------------------------------------------------
@@ -428,7 +359,7 @@ def compare(result: TaskResult, a: str, b: str) -> pd.DataFrame:
             "model_b": b,
             "mean_a": result.tables[a][f"{metric}_mean"].to_numpy(),
             "mean_b": result.tables[b][f"{metric}_mean"].to_numpy(),
-            "mean_a_minus_b": _nanmean(difference),
+            "mean_a_minus_b": mean_over_repeats(difference),
             "repeats_a_higher": (difference > 0).sum(axis=0),
             "repeats_b_higher": (difference < 0).sum(axis=0),
             "repeats_tied": (difference == 0).sum(axis=0),
