@@ -61,7 +61,7 @@ def make_slides(folder: Path, count: int) -> list[dict]:
 
 def job_files(config: dict, sample: dict, out: Path) -> dict[str, Any]:
     """The two jobs' requests for one slide, as workflow/scripts/{tile,features}.py build them."""
-    from pathwsi.features.feature_request import FeatureRequest
+    from pathwsi.features.feature_request import FEATURE_SECTIONS, FeatureRequest
     from pathwsi.samples import Sample
     from pathwsi.slides.tile_request import TILING_SECTIONS, TileRequest, TilingOutputs
 
@@ -76,8 +76,7 @@ def job_files(config: dict, sample: dict, out: Path) -> dict[str, Any]:
         outputs.meta,
         out / "features" / f"{sid}.zarr",
         out / "features" / f"{sid}.timings.json",
-        {"allow_network": False, "backbones": config["models"]["backbones"]},
-        config["features"],
+        {key: config[key] for key in FEATURE_SECTIONS},
         config["features"]["threads"],
         out / f"{sid}.features.log",
     )

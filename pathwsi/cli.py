@@ -236,7 +236,7 @@ def _normalize(args: argparse.Namespace) -> int:
     from pathwsi.stain.macenko import StainSettings, load_target
 
     config = load_config(args.config)
-    settings = StainSettings.from_config(config["stain"])
+    settings = StainSettings.from_config(config)
     written = normalize_files(
         args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"]
     )

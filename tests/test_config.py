@@ -11,7 +11,14 @@ from workflow_project import demo_config
 
 from pathwsi.config import check_cross_references, load_config, load_schema, validate_config
 from pathwsi.errors import ConfigError
+from pathwsi.features.backbones import ModelSpec
+from pathwsi.features.extract import ExtractSettings
+from pathwsi.finetune.tissue_experiment import ExperimentSettings
 from pathwsi.finetune.train import FinetuneSettings
+from pathwsi.predict.aggregate import check_statistics
+from pathwsi.predict.evaluate import EvaluationSettings
+from pathwsi.predict.predict_job import TargetSettings
+from pathwsi.runtime.dask_scheduler import DaskScheduler
 from pathwsi.samples import Sample, load_samples
 from pathwsi.slides.grid import TileSettings
 from pathwsi.slides.tissue_mask import TissueSettings
@@ -73,14 +80,43 @@ def test_the_demo_overlay_points_into_the_demo_folder_and_keeps_the_rest():
     }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "section, settings", [("tiling", TileSettings()), ("tissue", TissueSettings()), ("stain", StainSettings())]
-)
-def test_schema_defaults_match_the_code_defaults(section, settings):
-    defaults = validate_config({})[section]
-    expected = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in expected.items()}
-    assert defaults == expected
+# Each config section and the settings class its stage builds with `from_config`: the keys that only the schema
+# has (read elsewhere, named here with where) and the fields only the class has. Anything else must match.
+SECTIONS = [
+    ("tiling", TileSettings, set(), set()),
+    ("tissue", TissueSettings, set(), set()),
+    ("stain", StainSettings, set(), set()),
+    ("features", ExtractSettings, {"threads"}, set()),  # the job's CPU threads (rule threads)
+    ("predict", EvaluationSettings, set(), {"seed"}),  # the top-level seed
+    ("targets", TargetSettings, {"cohorts"}, set()),  # each cohort's tables: CohortTargets
+    ("finetune", FinetuneSettings, {"train_dir", "val_dir"}, {"seed"}),  # folders: rule inputs
+    ("tissue_experiment", ExperimentSettings, {"test_dir", "models"}, {"seed"}),  # folder and compared backbones
+    ("aggregate", DaskScheduler, {"scheduler", "scheduler_address", "statistics"}, {"name", "address", "workers", "connect_timeout_s"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("section, cls, schema_only, class_only", SECTIONS, ids=[s[0] for s in SECTIONS])
+def test_schema_and_settings_class_have_the_same_keys_and_defaults(section, cls, schema_only, class_only):
+    schema = load_schema("config")["properties"][section]["properties"]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(schema) - schema_only == fields - class_only
+    assert set(schema) >= schema_only and fields >= class_only  # the exceptions name real keys
+    assert cls.from_config(validate_config({})) == cls()
+
+
+def test_every_section_of_the_schema_is_covered():
+    covered = {s[0] for s in SECTIONS} | {"qc", "models"}  # qc: TilingJobSettings; models: ModelSpec per backbone
+    sections = {k for k, v in load_schema("config")["properties"].items() if v.get("type") == "object"}
+    assert sections == covered
+
+
+def test_a_backbone_entry_has_the_model_spec_fields():
+    entry = load_schema("config")["properties"]["models"]["properties"]["backbones"]["additionalProperties"]
+    assert set(entry["properties"]) == {f.name for f in dataclasses.fields(ModelSpec)} - {"name"}  # name: the key
+
+
+def test_aggregate_statistics_defaults_are_valid():
+    assert check_statistics(validate_config({})["aggregate"]["statistics"]) == ["mean"]
 
 
 def test_every_config_problem_is_reported_at_once():

@@ -11,7 +11,8 @@ import pytest
 
 from pathwsi.demo.cohort import lymphocyte_densities
 from pathwsi.demo.targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
-from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
+from pathwsi.predict.evaluate import EvaluationSettings
+from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job
 from pathwsi.predict.targets import TargetError
 from pathwsi.runtime.outputs import write_table
 
@@ -50,7 +51,12 @@ def predict(features, expression, mutations, out_dir, sites=None, **settings):
     config = {"folds": 5, "repeats": 3, "bootstrap": 100, **settings}
     tables = CohortTargets(str(expression), str(mutations) if mutations else None)
     return run_predict_job(
-        features, tables, TargetSettings(), settings_from_config(config, seed=1), sites or {}, out_dir
+        features,
+        tables,
+        TargetSettings(),
+        EvaluationSettings.from_config({"predict": config, "seed": 1}),
+        sites or {},
+        out_dir,
     )
 
 

@@ -197,9 +197,9 @@ def test_default_reference_is_macenko_reference() -> None:
 
 
 def test_settings_from_config_rejects_unknown_keys() -> None:
-    assert StainSettings.from_config({"io": 250}).io == 250
+    assert StainSettings.from_config({"stain": {"io": 250}}).io == 250
     with pytest.raises(ValueError, match="unknown key"):
-        StainSettings.from_config({"Io": 250})
+        StainSettings.from_config({"stain": {"Io": 250}})
     with pytest.raises(ValueError, match="fallback"):
         StainSettings(fallback="skip")  # type: ignore[arg-type]
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -61,9 +62,9 @@ class ExtractSettings:
             )
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> ExtractSettings:
+    def from_config(cls, config: Mapping[str, Any]) -> ExtractSettings:
         """From a validated config's `features` section (`threads` is the job's, not the extraction's)."""
-        return cls(**{key: value for key, value in section.items() if key != "threads"})
+        return cls(**{key: value for key, value in config["features"].items() if key != "threads"})
 
     @property
     def aligned_chunk(self) -> int:

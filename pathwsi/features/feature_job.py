@@ -86,14 +86,14 @@ def run_feature_job(
 def run_request(request: FeatureRequest) -> None:
     """Rule `features`' job (what a fork-server child runs): log to the request's log, extract the slide."""
     with job_log(request.log):
-        settings = ExtractSettings.from_config(request.features)
+        settings = ExtractSettings.from_config(request.config)
         run_feature_job(
             request.sample,
             request.tiles,
             request.meta,
             request.store,
             request.timings,
-            request.models,
+            request.config["models"],
             settings,
             threads=request.threads,
         )

@@ -10,11 +10,13 @@ from typing import Any, ClassVar
 from pathwsi.runtime.forkserver import EntryJob
 from pathwsi.samples import Sample
 
+FEATURE_SECTIONS = ("models", "features")  # the config sections the feature job reads
+
 
 @dataclass(frozen=True)
 class FeatureRequest(EntryJob):
     """Extract one slide's features: its sheet row, its tiling outputs, the store and timings to write, the
-    validated `models` section (the backbones to run) and `features` section, and the job's CPU threads."""
+    validated config sections `models` (the backbones to run) and `features`, and the job's CPU threads."""
 
     entry: ClassVar[str] = "pathwsi.features.feature_job:run_request"  # imported by the fork server before it forks
 
@@ -23,7 +25,6 @@ class FeatureRequest(EntryJob):
     meta: Path
     store: Path
     timings: Path
-    models: dict[str, Any]
-    features: dict[str, Any]
+    config: dict[str, Any]  # FEATURE_SECTIONS of a validated config
     threads: int
     log: Path

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,6 +51,9 @@ PAPER = {
 }
 MIN_TRAIN_ROWS = 3
 
+# 10^-3 ... 10^4 in half decades, written out as the schema's default is (np.logspace differs in one last digit)
+RIDGE_PENALTIES = (0.001, 0.0031622776601683794, 0.01, 0.03162277660168379, 0.1, 0.31622776601683794, 1.0, 3.1622776601683795, 10.0, 31.622776601683793, 100.0, 316.22776601683796, 1000.0, 3162.2776601683795, 10000.0)  # fmt: skip
+
 
 class EvaluationError(PathwsiError, ValueError):
     """Settings, features or targets that cannot be cross-validated; the message says what to change."""
@@ -64,7 +68,7 @@ class EvaluationSettings:
     seed: int = 0
     group_by_site: bool = False  # keep each tissue source site within one fold
     stratify_mutations: bool = True  # balance each mutation's positives over the folds
-    ridge_penalties: tuple[float, ...] = tuple(float(v) for v in np.logspace(-3, 4, 15))  # × trace(K)/n
+    ridge_penalties: tuple[float, ...] = RIDGE_PENALTIES  # × trace(K)/n
     logistic_penalties: tuple[float, ...] = (0.03, 0.3, 3.0, 30.0, 300.0)  # 1/C = factor × trace(K)/n
     fdr: float = 0.05  # q threshold for "significant"
     bootstrap: int = 2000  # resamples for the AUROC confidence interval
@@ -88,6 +92,11 @@ class EvaluationSettings:
             problems.append("compare: two different model names")
         if problems:
             raise EvaluationError(f"evaluation settings need {'; '.join(problems)} (got {self})")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> EvaluationSettings:
+        """From a validated config's `predict` section and its `seed`."""
+        return cls(**config["predict"], seed=config["seed"])
 
 
 @dataclass

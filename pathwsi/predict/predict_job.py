@@ -9,6 +9,7 @@ targets, targets without slides, genes missing or constant) are logged and writt
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,15 @@ class TargetSettings:
     expression_transform: str = "log2p1"
     mutation_genes: str | list[str] = ALL_GENES
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TargetSettings:
+        """From a validated config's `targets` section (its `cohorts` name each cohort's tables: CohortTargets)."""
+        return cls(**{key: value for key, value in config["targets"].items() if key != "cohorts"})
+
 
 def gene_list(spec: str | list[str]) -> list[str] | None:
     """None for 'all' (every column of the table), else the symbols the spec names."""
     return None if spec == ALL_GENES else load_gene_list(spec)
-
-
-def settings_from_config(section: dict[str, Any], seed: int) -> EvaluationSettings:
-    """EvaluationSettings from the config's `predict` section and the run's seed."""
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
-    return EvaluationSettings(seed=seed, **values)
 
 
 def run_predict_job(

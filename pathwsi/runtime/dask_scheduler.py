@@ -11,7 +11,7 @@ processes: spawned workers would re-run a Snakemake script's top-level code. How
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,11 @@ class DaskScheduler:
     address: str | None = None
     workers: int | None = None  # CPUs of a local scheduler or local cluster (None: all)
     connect_timeout_s: float = 30.0  # how long to wait for the cluster at `address`
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], workers: int | None = None) -> DaskScheduler:
+        """From a validated config's `aggregate` section (its `statistics` say what is computed: a rule param)."""
+        return cls(config["aggregate"]["scheduler"], config["aggregate"]["scheduler_address"], workers=workers)
 
 
 @contextmanager

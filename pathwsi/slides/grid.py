@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +18,11 @@ class TileSettings:
     tile_px: int = 224
     tile_mpp: float = 0.5
     min_tissue_fraction: float = 0.5
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TileSettings:
+        """From a validated config's `tiling` section."""
+        return cls(**config["tiling"])
 
     @property
     def tile_um(self) -> float:

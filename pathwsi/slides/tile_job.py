@@ -49,11 +49,10 @@ class TilingJobSettings:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TilingJobSettings:
         """Build from a validated config (see pathwsi.config.validate_config)."""
-        tissue = dict(config["tissue"], pen_hue=tuple(config["tissue"]["pen_hue"]))
         return cls(
-            TileSettings(**config["tiling"]),
-            TissueSettings(**tissue),
-            StainSettings.from_config(config["stain"]),
+            TileSettings.from_config(config),
+            TissueSettings.from_config(config),
+            StainSettings.from_config(config),
             config["qc"]["max_px"],
             config["qc"]["stain_tiles"],
             config["seed"],

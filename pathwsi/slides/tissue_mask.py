@@ -8,7 +8,9 @@ filling of small holes, all sized in µm so that the result does not depend on t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from skimage.morphology import closing, dilation, disk, remove_small_holes, remove_small_objects
@@ -29,6 +31,11 @@ class TissueSettings:
     closing_um: float = 32.0
     min_region_um2: float = 20_000.0
     max_hole_um2: float = 20_000.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TissueSettings:
+        """From a validated config's `tissue` section."""
+        return cls(**dict(config["tissue"], pen_hue=tuple(config["tissue"]["pen_hue"])))
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,9 @@ class StainSettings:
             raise StainSettingsError("stain settings: " + "; ".join(problems))
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> StainSettings:
-        """Build from the config's `stain` section; unknown keys are an error."""
+    def from_config(cls, config: Mapping[str, Any]) -> StainSettings:
+        """From a config's `stain` section; unknown keys are an error."""
+        section = config["stain"]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:

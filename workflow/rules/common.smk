@@ -16,7 +16,7 @@ try:
     SAMPLES = {sample.slide_id: sample for sample in load_samples(CONFIG["samples"])}
     for warning in check_cross_references(CONFIG, list(SAMPLES.values())):
         logger.warning(f"pathwsi: {warning}")
-    load_target(StainSettings.from_config(CONFIG["stain"]))
+    load_target(StainSettings.from_config(CONFIG))
 except PathwsiError as err:
     raise WorkflowError(f"pathwsi: the run cannot start.\n{err}") from None
 

@@ -9,7 +9,7 @@ from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
     entries = [SlideEntry(e["slide_id"], e["patient_id"], Path(e["store"])) for e in snakemake.params.entries]
-    how = validate_config(snakemake.config)["aggregate"]  # the scheduler says how, not what: changing it reruns nothing
-    scheduler = DaskScheduler(how["scheduler"], how["scheduler_address"], workers=snakemake.threads)
+    # the scheduler says how, not what: changing it reruns nothing
+    scheduler = DaskScheduler.from_config(validate_config(snakemake.config), workers=snakemake.threads)
     result = aggregate_cohort(entries, snakemake.params.models, snakemake.params.statistics, scheduler)
     write_cohort(result, AggregateOutputs(Path(snakemake.output.slides).parent))

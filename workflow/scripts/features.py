@@ -13,9 +13,11 @@ request = FeatureRequest(
     sample=Sample(**snakemake.params.sample),
     **{key: Path(snakemake.input[key]) for key in ("tiles", "meta")},
     **{key: Path(snakemake.output[key]) for key in ("store", "timings")},
-    models={"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones},
-    # dtype and reader change results (params); the other keys say how, not what: changing them reruns nothing
-    features={**config["features"], "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
+    config={
+        "models": {"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones},
+        # dtype and reader change results (params); the other keys say how, not what: changing them reruns nothing
+        "features": {**config["features"], "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
+    },
     threads=snakemake.threads,
     log=Path(snakemake.log[0]),
 )

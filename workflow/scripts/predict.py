@@ -2,15 +2,17 @@
 
 from pathlib import Path
 
-from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job, settings_from_config
+from pathwsi.predict.evaluate import EvaluationSettings
+from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job
 from pathwsi.runtime.logs import job_log
 
+shaping = {"targets": snakemake.params.targets, "predict": snakemake.params.settings, "seed": snakemake.params.seed}
 with job_log(snakemake.log[0]):
     run_predict_job(
         dict(zip(snakemake.params.models, map(Path, snakemake.input.features))),
         CohortTargets(**snakemake.params.cohort_targets),
-        TargetSettings(**snakemake.params.targets),
-        settings_from_config(snakemake.params.settings, snakemake.params.seed),
+        TargetSettings.from_config(shaping),
+        EvaluationSettings.from_config(shaping),
         snakemake.params.sites,
         Path(snakemake.output[0]),
     )
