@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -291,7 +291,7 @@ def _launch(
     unreadable: list[str],
     stain: StainFit,
     models: list[Backbone],
-    nets: dict[str, torch.nn.Module],
+    nets: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     device: torch.device,
 ) -> Launched:
     """Queue the batch's normalization (once) and every model on it, and the copy of the features back."""

@@ -272,7 +272,7 @@ def write_cohort(result: CohortFeatures, outputs: AggregateOutputs) -> None:
     outputs.folder.mkdir(parents=True, exist_ok=True)
     for level, tables in (("slides", result.slides), ("patients", result.patients)):
         for model, frame in tables.items():
-            index = frame.index.name
+            index = str(frame.index.name)
             write_table(
                 {index: frame.index.to_numpy(dtype=str), **{c: frame[c].to_numpy() for c in frame.columns}},
                 outputs.features(model, level),

@@ -389,7 +389,7 @@ def counts(comparison: pd.DataFrame, fdr: float) -> dict[str, Any]:
     Expression: among genes significant (q < fdr) with either model; mutation: among all genes.
     "higher": higher mean metric over repeats; "…_significant": and Wilcoxon q < fdr.
     """
-    task = comparison["task"].iat[0]
+    task = str(comparison["task"].iat[0])
     expression = task == "expression"
     considered = (
         (comparison["significant_a"] | comparison["significant_b"]) if expression else pd.Series(True, comparison.index)

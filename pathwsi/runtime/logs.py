@@ -7,11 +7,12 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def log_to_file(path: str) -> logging.Handler:
+def log_to_file(path: str | Path) -> logging.Handler:
     """Send INFO and above to `path`, WARNING and above to stderr too; returns the file's handler."""
     to_file = logging.FileHandler(path, mode="w")
     to_file.setFormatter(logging.Formatter(FORMAT))
@@ -23,7 +24,7 @@ def log_to_file(path: str) -> logging.Handler:
 
 
 @contextmanager
-def job_log(path: str) -> Iterator[None]:
+def job_log(path: str | Path) -> Iterator[None]:
     """`log_to_file(path)` for the body of a job; the exception that ends it goes into the log file too,
     with its traceback (stderr shows it once, as Python prints it), and is raised on."""
     to_file = log_to_file(path)

@@ -102,7 +102,7 @@ def _tile(
     keep = fractions >= tiling.min_tissue_fraction
     coords, kept_fractions = grid[keep], fractions[keep]
     read_level = slide.level_for(tiling.tile_mpp)
-    found = dict(
+    found: dict[str, Any] = dict(
         status="ok" if len(coords) else "no_tissue",
         reason=None if len(coords) else _no_tissue_reason(tissue.area_mm2, len(grid), tiling),
         slide=slide.describe(),

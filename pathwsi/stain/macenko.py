@@ -404,7 +404,8 @@ def log_affine(
     Shapes: (3, 3) and (3, 1) for one source; (B, 3, 3) and (B, 3, 1) for a list of sources.
     """
     single = isinstance(sources, StainParams)
-    transforms = np.stack([od_transform(s, target) for s in ([sources] if single else sources)])
+    listed = [sources] if isinstance(sources, StainParams) else list(sources)
+    transforms = np.stack([od_transform(s, target) for s in listed])
     matrix = np.eye(3) - transforms
     offset = -matrix @ np.full((3, 1), math.log(io))
     if single:
