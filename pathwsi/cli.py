@@ -223,11 +223,11 @@ def _tile(args: argparse.Namespace) -> int:
     sample = Sample(**record)
 
     outputs = TilingOutputs.under(args.results, slide_id)
-    record = tile_slide(sample, TilingJobSettings.from_config(config), outputs)
+    tiled = tile_slide(sample, TilingJobSettings.from_config(config), outputs)
     print(
-        f"{slide_id}: {record.status}, {record.counts.kept} tiles; outputs in {outputs.tiles.parent} and {outputs.qc.parent}"
+        f"{slide_id}: {tiled.status}, {tiled.counts.kept} tiles; outputs in {outputs.tiles.parent} and {outputs.qc.parent}"
     )
-    return 0 if record.status != "failed" else 1
+    return 0 if tiled.status != "failed" else 1
 
 
 def _normalize(args: argparse.Namespace) -> int:

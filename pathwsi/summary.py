@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -115,7 +115,10 @@ def _aggregate_status(cohorts: list[str], results: Path) -> dict[str, str]:
         if path.is_file():
             table = pd.read_csv(path, sep="\t", keep_default_na=False)
             status.update(
-                {r.slide_id: "used" if r.status == "used" else f"left_out: {r.reason}" for r in table.itertuples()}
+                {
+                    cast(str, r.slide_id): "used" if r.status == "used" else f"left_out: {r.reason}"
+                    for r in table.itertuples()
+                }
             )
     return status
 
@@ -135,7 +138,7 @@ def summary_markdown(slides: pd.DataFrame, cohorts: pd.DataFrame) -> str:
     problems = slides[(slides["status"] != "ok") | (slides["aggregate"] != "used")]
     lines += ["", f"## Slides that failed, lost tiles or were left out: {len(problems)}", ""]
     lines += [
-        f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate}"
+        f"- `{r.slide_id}` ({r.cohort}): {r.status}; {r.reason or r.aggregate!s}"
         for r in problems.itertuples(index=False)
     ] or ["none"]
     timed = slides.dropna(subset=["tiles_per_s"])

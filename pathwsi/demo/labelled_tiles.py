@@ -21,6 +21,7 @@ import shutil
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 from PIL import Image
@@ -59,7 +60,14 @@ class _Canvas:
         box = (x0, y0, x0 + span, y0 + span)
         return np.asarray(Image.fromarray(coarse).resize((self.n, self.n), Image.Resampling.BICUBIC, box=box)) / np.float32(0.8)
 
+    @overload
+    def uniform(self, low: float, high: float, size: None = None) -> float: ...
+
+    @overload
+    def uniform(self, low: float, high: float, size: int) -> np.ndarray: ...
+
     def uniform(self, low: float, high: float, size: int | None = None) -> np.ndarray | float:
+        """One draw (a float) without `size`, else an array of `size` draws."""
         return self.rng.uniform(low, high, size)
 
     def grid_points(self, spacing_um: float, keep: float, jitter: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +79,8 @@ class _Canvas:
         kept = self.rng.random(gx.size) < keep
         return gx[kept], gy[kept]
 
-    def random_points(self, count: int, margin_um: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    def random_points(self, count: int | np.integer, margin_um: float = 5.0) -> np.ndarray:
+        """(2, count): x and y (µm) of points over the field plus a margin."""
         return self.rng.uniform(-margin_um, FIELD_UM + margin_um, (2, int(count)))
 
     def at(self, image: np.ndarray, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
@@ -247,6 +256,7 @@ def _spindles(c: _Canvas, local: np.ndarray, count: int, length: tuple[float, fl
 
 def _muscle(c: _Canvas) -> Fields:
     angle = c.uniform(0, np.pi)
+    cleft: np.ndarray | float
     striation, local = c.fibres(angle, c.uniform(4, 7), c.uniform(0, 2.5), 40.0, sharpness=0.5)
     if c.rng.random() < 0.5:  # a second bundle at another angle, behind a pale cleft
         other, other_local = c.fibres(angle + c.uniform(0.6, 1.6), c.uniform(4, 7), c.uniform(0, 2.5), 40.0, sharpness=0.5)
@@ -276,7 +286,9 @@ def _normal_mucosa(c: _Canvas) -> Fields:
     ga, gb, gt = c.uniform(24, 42, count), c.uniform(20, 34, count), c.uniform(0, np.pi, count)
     inner = c.uniform(0.45, 0.65)  # lumen radius, as a share of the gland radius
     rho = np.full((c.n, c.n), np.inf, np.float32)
-    basal, apical = [], []  # (x, y, radial angle) of nuclei near the base, goblet cells nearer the lumen
+    # (x, y, radial angle) of nuclei near the base, goblet cells nearer the lumen
+    basal: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    apical: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for k in range(count):
         cos, sin = np.cos(gt[k]), np.sin(gt[k])
         u, v = (c.x - gx[k]) * cos + (c.y - gy[k]) * sin, (c.y - gy[k]) * cos - (c.x - gx[k]) * sin

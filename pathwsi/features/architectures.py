@@ -18,6 +18,7 @@ tests' tiny `test_resnet`).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +58,8 @@ def keras_xception(pretrained: bool = False) -> torch.nn.Module:
     for module in net.modules():
         if isinstance(module, torch.nn.Sequential):
             for index, layer in enumerate(module):
-                if isinstance(layer, torch.nn.MaxPool2d):
-                    module[index] = TFSameMaxPool2d(layer.kernel_size, layer.stride)
+                if isinstance(layer, torch.nn.MaxPool2d):  # legacy_xception's pools have int kernel size and stride
+                    module[index] = TFSameMaxPool2d(cast(int, layer.kernel_size), cast(int, layer.stride))
     set_batchnorm_eps(net, KERAS_BN_EPS)
     return net
 

@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -106,10 +106,13 @@ def resize_tiles(x: torch.Tensor, px: int) -> torch.Tensor:
 
 def specs_from_config(models_config: dict[str, Any]) -> dict[str, ModelSpec]:
     """ModelSpecs from a validated config's `models.backbones` mapping, in config order."""
-    return {
-        name: ModelSpec(name=name, **{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
-        for name, entry in models_config["backbones"].items()
-    }
+    return {name: _spec(name, entry) for name, entry in models_config["backbones"].items()}
+
+
+def _spec(name: str, entry: dict[str, Any]) -> ModelSpec:
+    """One config entry as a ModelSpec (YAML lists become the spec's tuples)."""
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+    return ModelSpec(name=name, **fields)
 
 
 def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str | torch.device = "cpu") -> Backbone:
@@ -140,8 +143,10 @@ def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str 
         if BN_EPS_KEY in metadata and not has_fixed_bn_eps(spec.arch):
             set_batchnorm_eps(net, float(metadata[BN_EPS_KEY]))
         digest = file_sha256(Path(spec.weights))
-    net.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last too (prepare)
-    return Backbone(spec, net, int(net.num_features), digest)
+    # inputs are channels_last too (prepare); Module.to takes memory_format with a device at run time, its stub not
+    net.eval().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # timm sets num_features as a plain attribute; torch types Module.__getattr__ as Tensor | Module
+    return Backbone(spec, net, int(cast(int, net.num_features)), digest)
 
 
 def load_weights(path: Path, model_name: str = "?") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -86,7 +86,10 @@ def from_timm(dst: Path, offline: bool = False) -> WrittenWeights:
 
     if Path(dst).suffix != ".safetensors":
         raise WeightsSourceError(f"'{dst}': the output must be a .safetensors file")
-    url = timm.models.get_pretrained_cfg(TIMM_TAG).url
+    cfg = timm.models.get_pretrained_cfg(TIMM_TAG)
+    # timm knows this tag and its one download URL
+    assert cfg is not None and isinstance(cfg.url, str), f"timm has no download URL for {TIMM_TAG}"
+    url = cfg.url
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if offline and not cached.is_file():
         raise WeightsSourceError(

@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import zarr
@@ -51,6 +51,21 @@ class StoreError(PathwsiError):
     """A store that is missing, incomplete, damaged or not a pathwsi feature store; the message names it."""
 
 
+def _member(group: zarr.Group, name: str) -> zarr.Array:
+    """The array `name` of `group` (zarr types a member as array or group; every one read here is an array)."""
+    return cast(zarr.Array, group[name])
+
+
+def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
+    """The group `name` of `group` (zarr types a member as array or group)."""
+    return cast(zarr.Group, group[name])
+
+
+def _read(array: zarr.Array, selection: slice = slice(None)) -> np.ndarray:
+    """`array[selection]` in memory (zarr types it as array or scalar; a slice reads an array)."""
+    return cast(np.ndarray, array[selection])
+
+
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -71,7 +86,7 @@ class StoreWriter:
 
     @property
     def n_tiles(self) -> int:
-        return int(self.group["coords"].shape[0]) if self.group is not None else 0
+        return int(_member(self.group, "coords").shape[0]) if self.group is not None else 0
 
     @property
     def n_chunks(self) -> int:
@@ -106,7 +121,7 @@ class StoreWriter:
             array[start:end] = values
         self._array("readable")[start:end] = readable
         if unreadable:
-            coords = self.group["coords"][start:end]
+            coords = _read(_member(self._writing(), "coords"), slice(start, end))
             with (partial_path(self.path) / UNREADABLE).open("a") as handle:
                 for i, reason in sorted(unreadable.items()):
                     handle.write(
@@ -123,14 +138,19 @@ class StoreWriter:
         self.chunks_done += 1
         _write_progress(partial_path(self.path), self.chunks_done)
 
+    def _writing(self) -> zarr.Group:
+        """The group being written (a writer of an already complete store has none and writes nothing)."""
+        assert self.group is not None, f"{self.path}: already complete, nothing to write"
+        return self.group
+
     def _array(self, name: str) -> zarr.Array:
         """An array to write to: every chunk is written, also one of fill values (the manifest counts them)."""
-        return self.group[name].with_config({"write_empty_chunks": True})
+        return _member(self._writing(), name).with_config({"write_empty_chunks": True})
 
     def finish(self) -> Path:
         """Record the unreadable tiles, mark complete, write the manifest and move the store into place
         (flushed to disk first); release the lock. Returns the final path."""
-        if self.already_complete:
+        if self.group is None:  # already complete
             self.close()
             return self.path
         if self.chunks_done != self.n_chunks:
@@ -224,7 +244,7 @@ def _resume(
                 dtype,
             )
             return None
-        return group if same and np.array_equal(group["coords"][:], coords) else None
+        return group if same and np.array_equal(_read(_member(group, "coords")), coords) else None
     except (FileNotFoundError, KeyError, ValueError):
         return None
 
@@ -242,7 +262,7 @@ def _read_progress(partial: Path) -> int:
 def _unreadable_record(partial: Path) -> dict[str, Any]:
     """Count and (the first SHOWN_UNREADABLE) tiles that could not be read, one per tile (a resumed chunk is written twice)."""
     source = partial / UNREADABLE
-    tiles = {}
+    tiles: dict[int, dict[str, Any]] = {}
     if source.is_file():
         for line in source.read_text().splitlines():
             record = json.loads(line)
@@ -260,7 +280,7 @@ def _manifest(root: Path, group: zarr.Group) -> dict[str, Any]:
             files[file.relative_to(root).as_posix()] = [file.stat().st_size, _sha256(file)]
     arrays = {name: int(array.nchunks) for name, array in group.arrays()}
     arrays.update(
-        {f"features/{name}": int(array.nchunks) for name, array in group["features"].arrays()}
+        {f"features/{name}": int(array.nchunks) for name, array in _subgroup(group, "features").arrays()}
         if "features" in group
         else {}
     )
@@ -312,17 +332,17 @@ class FeatureStore:
 
     @property
     def models(self) -> list[str]:
-        return sorted(self.group["features"].array_keys()) if "features" in self.group else []
+        return sorted(_subgroup(self.group, "features").array_keys()) if "features" in self.group else []
 
     def coords(self) -> np.ndarray:
-        return self.group["coords"][:]
+        return _read(_member(self.group, "coords"))
 
     def readable(self) -> np.ndarray:
         """(N,) bool: the tiles that could be read (the others' features are NaN)."""
-        return self.group["readable"][:]
+        return _read(_member(self.group, "readable"))
 
     def features(self, model: str) -> zarr.Array:
-        return self.group[f"features/{model}"]
+        return _member(self.group, f"features/{model}")
 
 
 def open_store(path: Path) -> FeatureStore:
@@ -343,11 +363,11 @@ def open_store(path: Path) -> FeatureStore:
         raise StoreError(f"{path}: not a Zarr v3 group ({err})") from err
     schema = group.attrs.get("schema")
     if schema != SCHEMA:
-        old = isinstance(schema, str) and schema.startswith("pathwsi.features/")
-        raise StoreError(
-            f"{path}: {'written by an older pathwsi (' + schema + '), without checksums' if old else f'not a pathwsi feature store (schema {schema!r})'}; "
-            "delete it and rerun the workflow to extract the slide again"
-        )
+        if isinstance(schema, str) and schema.startswith("pathwsi.features/"):
+            what = f"written by an older pathwsi ({schema}), without checksums"
+        else:
+            what = f"not a pathwsi feature store (schema {schema!r})"
+        raise StoreError(f"{path}: {what}; delete it and rerun the workflow to extract the slide again")
     if group.attrs.get("complete") is not True:
         raise StoreError(f"{path}: incomplete store (`complete` is not true); do not use it, rerun the workflow")
     problems = _manifest_problems(path, deep=False)
@@ -370,8 +390,8 @@ def describe(path: Path, verify: bool = False) -> dict[str, Any]:
             report["partial_chunks_done"] = _read_progress(partial)
         return report
     problems = verify_store(path) if verify else []
-    n = store.group.attrs.get("n_tiles")
-    arrays = {name: store.group[name] for name in ("coords", "tissue", "readable")}
+    n: Any = store.group.attrs.get("n_tiles")  # a JSON value: the tile count in a valid store
+    arrays = {name: _member(store.group, name) for name in ("coords", "tissue", "readable")}
     arrays.update({f"features/{m}": store.features(m) for m in store.models})
     for name, array in arrays.items():
         if array.shape[0] != n:
@@ -379,7 +399,7 @@ def describe(path: Path, verify: bool = False) -> dict[str, Any]:
     try:
         readable = store.readable()[: min(n or 0, 256)]
         for model in store.models:
-            sample = store.features(model)[: min(n or 0, 256)][readable]
+            sample = _read(store.features(model), slice(None, min(n or 0, 256)))[readable]
             if sample.size and not np.isfinite(sample).all():
                 problems.append(f"features/{model} holds non-finite values")
     except ValueError as err:  # a chunk that fails its checksum

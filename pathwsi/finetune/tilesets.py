@@ -101,8 +101,8 @@ def stratified_split(tiles: LabelledTiles, val_fraction: float, seed: int) -> tu
 def read_tile(path: Path, size: int) -> np.ndarray:
     """An RGB tile as HxWx3 uint8, resized to size × size when it is not already."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             return np.array(image)

@@ -120,7 +120,7 @@ def run_tissue_experiment(
     backbones = [build_backbone(spec, allow_network=allow_network, device=device) for spec in specs]
     features = extract_features(backbones, tiles, settings, device)
     splits = repeated_splits(labels, settings.folds, settings.repeats, settings.seed)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for backbone in backbones:
         name = backbone.spec.name
         fit_started = time.perf_counter()

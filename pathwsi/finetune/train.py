@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ from pathwsi.finetune.tilesets import (
 )
 from pathwsi.runtime.locks import hold_exclusive
 from pathwsi.runtime.outputs import atomic_path, write_json, write_text
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 CHECKPOINT, BEST, HEAD, METRICS, SUMMARY = (
@@ -166,7 +169,8 @@ def _check_keys(where: str, given: dict[str, Any], known: set[str]) -> None:
 
 
 def _default(name: str) -> StepSettings:
-    return next(f.default for f in fields(FinetuneSettings) if f.name == name)
+    """The default of FinetuneSettings' `step1` or `step2` (dataclasses types a field's default loosely)."""
+    return cast(StepSettings, next(f.default for f in fields(FinetuneSettings) if f.name == name))
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -484,7 +488,7 @@ class _Runner:
         return float(loss_sum / counts.sum()), float(hits.sum() / counts.sum()), (hits / np.maximum(counts, 1)).tolist()
 
 
-def _bar(total: int, desc: str, progress: bool | None):
+def _bar(total: int, desc: str, progress: bool | None) -> tqdm[NoReturn]:
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -646,7 +650,7 @@ def _export(
     head = {k.removeprefix("head."): v for k, v in best.items() if k.startswith("head.")}
     base = backbone.provenance()
     eps = next((m.eps for m in model.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)), None)
-    metadata = {
+    metadata: dict[str, Any] = {
         "format": WEIGHTS_FORMAT,
         ARCH_KEY: spec.arch,
         "input_px": spec.input_px,

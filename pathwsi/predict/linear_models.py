@@ -117,10 +117,11 @@ def fit_logistic(
     intercept, dual = (start.intercept, start.dual) if start is not None else (0.0, np.zeros(len(y)))
     f = intercept + c * (k @ dual)
     objective = _objective(f, y, weights, c, k, dual)
+    system: tuple[np.ndarray, tuple[np.ndarray, bool]] | None
     system, last_move = None, np.inf
     for iteration in range(1, max_iter + 1):
         fresh = system is None
-        if fresh:
+        if system is None:
             system = _newton_system(f, weights, c, k)
         root_w, factor = system
         p, q = expit(f), expit(-f)
@@ -220,4 +221,5 @@ def logistic_loo(k: np.ndarray, k_test: np.ndarray, y: np.ndarray, factors: np.n
         if best is not None and loss >= best[0]:
             break
         best = (loss, int(index), fit)
+    assert best is not None, "no penalty factors"  # the settings' penalty grids are checked to be non-empty
     return best[2].decision(k_test), best[1], unconverged

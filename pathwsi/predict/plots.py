@@ -36,7 +36,9 @@ def plot_task(result: TaskResult, comparison: pd.DataFrame, out_dir: Path, fdr: 
 
 def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float) -> None:
     """Mean r per gene, model a (y) against model b (x), from an expression comparison table."""
-    plt = _pyplot()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     a, b = comparison["model_a"].iat[0], comparison["model_b"].iat[0]
     significant = (comparison["significant_a"] | comparison["significant_b"]).to_numpy(bool)
     x, y = comparison["mean_b"].to_numpy(float), comparison["mean_a"].to_numpy(float)
@@ -63,7 +65,9 @@ def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFram
     """One panel per mutation: ROC of each model's repeat-averaged out-of-fold scores (patients × genes)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    plt = _pyplot()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     genes = list(targets.columns)
     columns = min(3, len(genes))
     rows = -(-len(genes) // columns)
@@ -99,7 +103,9 @@ def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFram
 
 def auroc_bars(path: Path, tables: dict[str, pd.DataFrame]) -> None:
     """Grouped bars per mutation: each model's AUROC, mean ± std over repeats (per-gene mutation tables)."""
-    plt = _pyplot()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     names = list(tables)
     genes = list(tables[names[0]]["gene"])
     width = 0.8 / len(names)
@@ -122,13 +128,11 @@ def auroc_bars(path: Path, tables: dict[str, pd.DataFrame]) -> None:
     _save(figure, path)
 
 
-def _pyplot():  # noqa: ANN202 - the matplotlib.pyplot module
+def _use_agg() -> None:
+    """Select matplotlib's Agg backend (no display); call it before importing matplotlib.pyplot."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(figure: Figure, path: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import pandas as pd
@@ -166,7 +167,7 @@ def _numeric(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     bad = np.argwhere(~np.isfinite(values.to_numpy()))
     if len(bad):
         row, col = (int(i) for i in bad[0])
-        raw = table.iat[row, col]
+        raw: Any = table.iat[row, col]  # any cell value: a number, a string, None, ...
         what = "is empty" if pd.isna(raw) or str(raw).strip() == "" else f"'{raw}' is not a finite number"
         raise TargetError(
             f"{path}: {_cell(path, table, row, col)} {what}; every cell must be a number: fix it, or drop that gene (column) or patient (row)"
@@ -189,26 +190,35 @@ def read_expression(
     values = _numeric(read_table(path, genes, id_column), path)
     if transform == "none":
         return values
-    negative = np.argwhere(values.to_numpy() < 0)
+    array = values.to_numpy()
+    negative = np.argwhere(array < 0)
     if len(negative):
         row, col = (int(i) for i in negative[0])
         raise TargetError(
-            f"{path}: {_cell(path, values, row, col)} {values.iat[row, col]:g} is negative, so log2(x + 1) is undefined; give raw non-negative values (TPM or counts), or set the transform to 'none' if the table is already log-scaled"
+            f"{path}: {_cell(path, values, row, col)} {array[row, col]:g} is negative, so log2(x + 1) is undefined; give raw non-negative values (TPM or counts), or set the transform to 'none' if the table is already log-scaled"
         )
-    return np.log2(values + 1.0)
+    return cast(pd.DataFrame, np.log2(values + 1.0))  # a ufunc keeps the DataFrame (numpy's stubs say ndarray)
 
 
 def read_mutations(path: Path, genes: Sequence[str] | None = None, id_column: str | None = None) -> pd.DataFrame:
     """Mutation status (int8: 1 mutated, 0 not) of `genes` (those the table has; all when None) per patient."""
     path = Path(path)
     values = _numeric(read_table(path, genes, id_column), path)
-    outside = np.argwhere(~np.isin(values.to_numpy(), (0.0, 1.0)))
+    array = values.to_numpy()
+    outside = np.argwhere(~np.isin(array, (0.0, 1.0)))
     if len(outside):
         row, col = (int(i) for i in outside[0])
         raise TargetError(
-            f"{path}: {_cell(path, values, row, col)} {values.iat[row, col]:g} is not 0 or 1; a mutation table holds 1 (mutated) or 0 (not) per patient and gene; `pathwsi import-maf` makes one from MAF files"
+            f"{path}: {_cell(path, values, row, col)} {array[row, col]:g} is not 0 or 1; a mutation table holds 1 (mutated) or 0 (not) per patient and gene; `pathwsi import-maf` makes one from MAF files"
         )
     return values.astype("int8")
+
+
+class IdListing(TypedDict):
+    """One category of a MatchReport: how many ids it has, and the first few."""
+
+    count: int
+    first: list[str]
 
 
 @dataclass(frozen=True)
@@ -222,7 +232,7 @@ class MatchReport:
     genes_missing: list[str]  # requested, not in the table
     genes_dropped: dict[str, str]  # gene -> "constant" or "all NaN" among the matched patients
 
-    def to_dict(self, shown: int = SHOWN_IDS) -> dict[str, dict[str, object]]:
+    def to_dict(self, shown: int = SHOWN_IDS) -> dict[str, IdListing]:
         """Counts and the first `shown` ids of each category, for JSON."""
         parts = {
             "matched_patients": self.matched,

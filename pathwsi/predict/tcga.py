@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 import numpy as np
 import pandas as pd
@@ -162,7 +162,8 @@ def import_gdc_expression(
         try:
             barcode = parse_barcode(row["Sample ID"])
         except TargetError as err:
-            raise TargetError(f"{sample_sheet}: line {line + 2}, column 'Sample ID': {err}") from None
+            # the sheet's default index: its data row number
+            raise TargetError(f"{sample_sheet}: line {cast(int, line) + 2}, column 'Sample ID': {err}") from None
         if barcode.sample_type not in sample_types:
             other_types += 1
         elif row["File Name"] not in files:
@@ -364,11 +365,11 @@ def sheet_from_tcga(
         same.append(path)
         slide_id = barcode.barcode if len(same) == 1 else f"{barcode.barcode}_{len(same)}"
         samples.append(Sample(cohort, slide_id, barcode.patient, path.as_posix(), None, barcode.site))
-    for barcode, paths in seen.items():
+    for code, paths in seen.items():
         if len(paths) > 1:
             log.warning(
                 "barcode %s names %d slides; their slide_ids get _2, _3, ... in path order: %s",
-                barcode,
+                code,
                 len(paths),
                 ", ".join(map(str, paths)),
             )

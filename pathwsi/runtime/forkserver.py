@@ -109,7 +109,7 @@ def resolve(target: str) -> Callable[..., Any]:
 def socket_path() -> Path:
     """The server socket of this user, host, SLURM job, Python and pathwsi source, in a private folder of the temp dir."""
     package = PACKAGE_ROOT
-    stamps = sorted(
+    stamps: list[tuple[str, int] | tuple[str, int, int]] = sorted(
         (str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size)
         for p in package.rglob("*")
         if p.is_file() and "__pycache__" not in p.parts

@@ -83,7 +83,14 @@ def jpeg_level(slide: Slide, level: Level) -> JpegLevel:
     if slide.vendor not in FAST_VENDORS:
         raise NotJpegTiled(f"OpenSlide reads the file as '{slide.vendor}', not as one of {FAST_VENDORS}")
     with tifffile.TiffFile(slide.path) as tif:
-        pages = [p for p in tif.pages if p.is_tiled and (p.imagelength, p.imagewidth) == (level.height, level.width)]
+        # every page is a TiffPage: TiffFile makes TiffFrames only when opened with useframes=True
+        pages = [
+            p
+            for p in tif.pages
+            if isinstance(p, tifffile.TiffPage)
+            and p.is_tiled
+            and (p.imagelength, p.imagewidth) == (level.height, level.width)
+        ]
         if not pages:
             raise NotJpegTiled(f"no tiled TIFF page of {level.width}x{level.height} px for level {level.index}")
         page = pages[0]

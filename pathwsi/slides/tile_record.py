@@ -65,7 +65,7 @@ class TilesRecord:
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types, in the file's layout."""
-        record = {
+        record: dict[str, Any] = {
             "schema": SCHEMA,
             "pathwsi_version": self.pathwsi_version,
             "sample": asdict(self.sample),
