@@ -80,3 +80,22 @@ def test_finetune_and_experiment_report_folder_problems_without_a_traceback(tmp_
         == 2
     )
     assert "none" in capsys.readouterr().err
+
+
+def test_a_user_mistake_in_any_subcommand_is_a_message_not_a_traceback(tmp_path, capsys):
+    bad_target = tmp_path / "config.yaml"
+    bad_target.write_text(f"stain: {{target: {tmp_path / 'not_an_image.png'}}}\n")
+    (tmp_path / "not_an_image.png").write_text("not an image")
+    (tmp_path / "in").mkdir()
+    cases = [
+        ["normalize", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(bad_target)],
+        ["normalize", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", str(ROOT / "config" / "config.yaml")],
+        ["tile", str(tmp_path / "missing.svs"), "--config", str(ROOT / "config" / "config.yaml"), "--results", str(tmp_path)],
+        ["inspect", str(tmp_path / "in")],
+        ["check", "--config", str(tmp_path / "missing.yaml")],
+    ]  # fmt: skip
+    for argv in cases:
+        assert main(argv) in (1, 2), argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, (argv, err)
+    assert main(cases[0]) == 2 and "key 'stain.target': cannot read" in capsys.readouterr().err

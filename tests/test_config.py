@@ -19,7 +19,7 @@ from pathwsi.predict.aggregate import check_statistics
 from pathwsi.predict.evaluate import EvaluationSettings
 from pathwsi.predict.predict_job import TargetSettings
 from pathwsi.runtime.dask_scheduler import DaskScheduler
-from pathwsi.samples import Sample, load_samples
+from pathwsi.samples import COLUMNS, REQUIRED_COLUMNS, Sample, load_samples
 from pathwsi.slides.grid import TileSettings
 from pathwsi.slides.tissue_mask import TissueSettings
 from pathwsi.stain.macenko import StainSettings
@@ -346,3 +346,9 @@ def test_pathwsi_check_runs_the_cross_checks(tmp_path, slide_file, capsys):
     )
     assert main(["check", "--config", str(config)]) == 2
     assert "'models.backbones.imgnet.weights': file 'gone.safetensors' not found" in capsys.readouterr().err
+
+
+def test_the_sheet_columns_are_defined_once_and_the_schema_agrees():
+    schema = load_schema("samples")
+    assert [f.name for f in dataclasses.fields(Sample)] == list(COLUMNS)
+    assert set(schema["properties"]) == set(COLUMNS) and set(schema["required"]) == set(REQUIRED_COLUMNS)

@@ -271,3 +271,17 @@ def test_a_job_that_cannot_be_started_says_why_on_its_own_stderr(private_tmp):
     )
     assert done.returncode == 1
     assert "the job could not be started" in done.stderr and "No module named 'pathwsi.no_such_module'" in done.stderr
+
+
+def test_the_server_key_covers_every_file_of_the_package_sub_packages_and_data_included(tmp_path, monkeypatch):
+    package = tmp_path / "pathwsi"
+    for name in ("__init__.py", "slides/tile_job.py", "data/schemas/config.schema.yaml"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("x = 1\n")
+    monkeypatch.setattr(forkserver, "PACKAGE_ROOT", package)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    keys = [forkserver.socket_path()]
+    for name in ("slides/tile_job.py", "data/schemas/config.schema.yaml"):
+        (package / name).write_text("x = 22\n")
+        keys.append(forkserver.socket_path())
+    assert len(set(keys)) == 3
