@@ -285,3 +285,19 @@ def test_the_server_key_covers_every_file_of_the_package_sub_packages_and_data_i
         (package / name).write_text("x = 22\n")
         keys.append(forkserver.socket_path())
     assert len(set(keys)) == 3
+
+
+def test_a_caller_stopped_while_the_server_is_still_starting_waits_for_its_child(fresh_tmp, tmp_path):
+    """SIGTERM before the child exists (the new server is importing torch): the caller still has the server stop the
+    child once forked, and returns only after it is gone."""
+    client = Client(fresh_tmp, tmp_path, PATHWSI_TEST_SLEEP="600")
+    deadline = time.monotonic() + 60
+    while not list(fresh_tmp.glob(f"pathwsi-{os.getuid()}/fork-*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server listens before its imports: the request is sent, the reply not yet
+    time.sleep(0.5)
+    assert not client.report.exists(), "the child started before the test could stop its caller"
+    client.process.send_signal(signal.SIGTERM)
+    code, _, _ = client.finish(timeout=forkserver.KILL_GRACE_S + 60)
+    assert code == 128 + signal.SIGTERM
+    if client.report.exists() and client.report.read_text():
+        assert gone(json.loads(client.report.read_text())["pid"])

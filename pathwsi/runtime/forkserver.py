@@ -35,7 +35,7 @@ import sysconfig
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -145,19 +145,22 @@ def run_forked(job: Job) -> int:
             sock.settimeout(START_TIMEOUT_S)
             socket.send_fds(sock, [_LENGTH.pack(len(request))], _stdio())
             sock.sendall(request)
-            kind, _ = _reply(sock, path, allow_eof=attempt == 1)
-            sock.settimeout(None)
-            if kind == b"E":
-                return 1  # the server wrote why on our stderr
-            if kind == b"P":
-                return _wait_for_child(sock, path)
-            if kind:
-                raise ForkServerError(f"unexpected fork server reply {kind!r}")
+            with _stop_child_on_signal(sock) as stopped_by:  # from here on, before the child may have started
+                kind, _ = _reply(sock, path, allow_eof=attempt == 1)
+                sock.settimeout(None)
+                if kind == b"E":
+                    return 1  # the server wrote why on our stderr
+                if kind == b"P":
+                    return _wait_for_child(sock, path, stopped_by)
+                if kind:
+                    raise ForkServerError(f"unexpected fork server reply {kind!r}")
     raise AssertionError("unreachable: the second attempt raises at EOF")
 
 
-def _wait_for_child(sock: socket.socket, path: Path) -> int:
-    """The child's exit status; on SIGTERM/SIGINT, have the server stop it and wait (bounded) until it has."""
+@contextlib.contextmanager
+def _stop_child_on_signal(sock: socket.socket) -> Iterator[list[int]]:
+    """While in the body, SIGTERM/SIGINT close our side of `sock`, so that the server stops the child (at once, or
+    as soon as it has forked it); the signals received are yielded."""
     stopped_by: list[int] = []
 
     def stop(signum: int, _frame: Any) -> None:
@@ -167,16 +170,21 @@ def _wait_for_child(sock: socket.socket, path: Path) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        deadline = None
-        while not select.select([sock], [], [], 1.0)[0]:
-            if stopped_by and deadline is None:
-                deadline = time.monotonic() + KILL_GRACE_S + 30
-            if deadline is not None and time.monotonic() > deadline:
-                raise _failure(path, "did not confirm that the stopped job ended")
-        _, status = _reply(sock, path, allow_eof=False)
+        yield stopped_by
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _wait_for_child(sock: socket.socket, path: Path, stopped_by: list[int]) -> int:
+    """The child's exit status; once stopped (`stopped_by` a signal), wait (bounded) until the server says it ended."""
+    deadline = None
+    while not select.select([sock], [], [], 1.0)[0]:
+        if stopped_by and deadline is None:
+            deadline = time.monotonic() + KILL_GRACE_S + 30
+        if deadline is not None and time.monotonic() > deadline:
+            raise _failure(path, "did not confirm that the stopped job ended")
+    _, status = _reply(sock, path, allow_eof=False)
     if stopped_by:
         return 128 + stopped_by[0]
     return status if status >= 0 else 128 - status
