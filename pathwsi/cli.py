@@ -8,10 +8,19 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pathwsi import __version__
 from pathwsi.config import FTX_WEIGHTS
 from pathwsi.errors import ConfigError, PathwsiError
+
+CONFIG_FILES: dict[str, Any] = {
+    "type": Path,
+    "nargs": "+",
+    "default": [Path("config/config.yaml")],
+    "help": "config file(s), each overlaid on the ones before it as snakemake's --configfile does "
+    "(default: config/config.yaml; the demo: config/config.yaml demo/config.yaml)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     check = commands.add_parser("check", help="validate a config file and its sample sheet, listing every problem")
-    check.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    check.add_argument("--config", **CONFIG_FILES)
     check.set_defaults(run=_check)
 
     tile = commands.add_parser("tile", help="tile one slide (what the Snakemake rule runs), without Snakemake")
     tile.add_argument("slide", type=Path, help="slide file (any OpenSlide format)")
     tile.add_argument("--slide-id", help="output name (default: the file name without extension)")
     tile.add_argument("--mpp", type=float, help="level-0 µm/px, overriding the file's value")
-    tile.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    tile.add_argument("--config", **CONFIG_FILES)
     tile.add_argument("--results", type=Path, default=Path("results"))
     tile.set_defaults(run=_tile)
 
@@ -77,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "inputs", type=Path, nargs="+", help="image files or folders (.tif .png .jpg, searched recursively)"
     )
     normalize.add_argument("--out", type=Path, required=True, help="output folder; the input tree is mirrored under it")
-    normalize.add_argument(
-        "--config",
-        type=Path,
-        default=Path("config/config.yaml"),
-        help="its `stain` section gives the settings and target",
-    )
+    normalize.add_argument("--config", **{**CONFIG_FILES, "help": "its `stain` section gives the settings and target"})
     normalize.add_argument(
         "--fit",
         choices=("per-image", "shared"),
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "finetune",
         help="two-step fine-tuning of the config's finetune.base model on labelled tiles (writes the FTX weights)",
     )
-    finetune.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    finetune.add_argument("--config", **CONFIG_FILES)
     finetune.add_argument("--train-dir", type=Path, help="class sub-folders of tiles (default: finetune.train_dir)")
     finetune.add_argument(
         "--val-dir", type=Path, help="validation tiles (default: finetune.val_dir, else a seeded split)"
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = commands.add_parser(
         "tissue-experiment", help="paper experiment 1: repeated CV tissue classification with each model's features"
     )
-    experiment.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    experiment.add_argument("--config", **CONFIG_FILES)
     experiment.add_argument("--test-dir", type=Path, help="labelled test tiles (default: tissue_experiment.test_dir)")
     experiment.add_argument("--models", nargs="+", help="models.backbones entries (default: tissue_experiment.models)")
     experiment.add_argument("--out", type=Path, default=Path("results/tissue_experiment"))
@@ -200,12 +204,14 @@ def _check(args: argparse.Namespace) -> int:
     from pathwsi.config import check_cross_references, load_config
     from pathwsi.samples import load_samples
 
-    config = load_config(args.config)
+    config = load_config(*args.config)
     samples = load_samples(config["samples"])
     for warning in check_cross_references(config, samples):
         print(f"warning: {warning}", file=sys.stderr)
     cohorts = sorted({s.cohort for s in samples})
-    print(f"{args.config}: valid; {len(samples)} slides in {len(cohorts)} cohort(s): {', '.join(cohorts)}")
+    print(
+        f"{' + '.join(map(str, args.config))}: valid; {len(samples)} slides in {len(cohorts)} cohort(s): {', '.join(cohorts)}"
+    )
     return 0
 
 
@@ -214,7 +220,7 @@ def _tile(args: argparse.Namespace) -> int:
     from pathwsi.samples import Sample, sample_problems
     from pathwsi.slides.tile_job import TilingJobSettings, TilingOutputs, tile_slide
 
-    config = load_config(args.config)
+    config = load_config(*args.config)
     slide_id = args.slide_id or args.slide.stem
     record = {"cohort": "cli", "slide_id": slide_id, "patient_id": slide_id, "path": str(args.slide), "mpp": args.mpp}
     problems = sample_problems({k: v for k, v in record.items() if v is not None}, f"--slide-id '{slide_id}'")
@@ -224,9 +230,7 @@ def _tile(args: argparse.Namespace) -> int:
 
     outputs = TilingOutputs.under(args.results, slide_id)
     tiled = tile_slide(sample, TilingJobSettings.from_config(config), outputs)
-    print(
-        f"{slide_id}: {tiled.status}, {tiled.counts.kept} tiles; outputs in {outputs.tiles.parent} and {outputs.qc.parent}"
-    )
+    print(f"{slide_id}: {tiled.status}, {tiled.kept} tiles; outputs in {outputs.tiles.parent} and {outputs.qc.parent}")
     return 0 if tiled.status != "failed" else 1
 
 
@@ -235,7 +239,7 @@ def _normalize(args: argparse.Namespace) -> int:
     from pathwsi.stain.image_folders import normalize_files
     from pathwsi.stain.macenko import StainSettings, load_target
 
-    config = load_config(args.config)
+    config = load_config(*args.config)
     settings = StainSettings.from_config(config)
     written = normalize_files(
         args.inputs, args.out, load_target(settings), settings, args.fit, args.batch_size, args.device, config["seed"]
@@ -249,7 +253,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from pathwsi.finetune.train import run_finetune
 
     summary = run_finetune(
-        load_config(args.config),
+        load_config(*args.config),
         out_path=args.out,
         workdir=args.workdir,
         train_dir=args.train_dir,
@@ -267,7 +271,7 @@ def _tissue_experiment(args: argparse.Namespace) -> int:
     from pathwsi.finetune.tissue_experiment import run_tissue_experiment_from_config
 
     run_tissue_experiment_from_config(
-        load_config(args.config),
+        load_config(*args.config),
         out_dir=args.out,
         test_dir=args.test_dir,
         models=args.models,

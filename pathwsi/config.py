@@ -77,15 +77,28 @@ def _describe_config_error(err: jsonschema.ValidationError) -> str:
     return f"key '{where or '(top level)'}': {err.message}; see config/README.md for what it takes"
 
 
-def load_config(path: Path) -> dict[str, Any]:
-    """Read and validate a YAML config file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(str(path), [f"cannot read it as YAML: {err}"]) from err
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), ["the top level must be a mapping of keys to values"])
-    return validate_config(data)
+def load_config(*paths: Path) -> dict[str, Any]:
+    """Read YAML config files, each overlaid on the ones before it key by key (as `snakemake --configfile` overlays
+    config/config.yaml), and validate the result."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(str(path), [f"cannot read it as YAML: {err}"]) from err
+        if not isinstance(data, dict):
+            raise ConfigError(str(path), ["the top level must be a mapping of keys to values"])
+        overlay(merged, data)
+    return validate_config(merged)
+
+
+def overlay(base: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Merge `changes` into `base` in place: mappings key by key, recursively; anything else replaces."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            overlay(base[key], value)
+        else:
+            base[key] = deepcopy(value)
 
 
 def _fine_tuned_arch_problems(config: dict[str, Any]) -> list[str]:
@@ -113,6 +126,27 @@ def _weights_file_problems(config: dict[str, Any]) -> list[str]:
         for name, entry in config["models"]["backbones"].items()
         if entry["weights"] not in ("untrained", "hub", FTX_WEIGHTS) and not Path(entry["weights"]).is_file()
     ]
+
+
+def _tile_folder_warnings(config: dict[str, Any]) -> list[str]:
+    """Labelled tile folders that rules finetune and tissue_experiment will need and that are not there (a run that
+    only tiles needs neither, so these are warnings at start, not errors)."""
+    fine_tuned = [n for n, e in config["models"]["backbones"].items() if e["weights"] == FTX_WEIGHTS]
+    needed = (
+        [("finetune.train_dir", f"rule finetune (the weights of {', '.join(fine_tuned)}) needs it")]
+        if fine_tuned
+        else []
+    )
+    needed.append(("tissue_experiment.test_dir", "rule tissue_experiment needs it"))
+    warnings = []
+    for key, why in needed:
+        section, name = key.split(".")
+        folder = config[section][name]
+        if folder and not Path(folder).is_dir():
+            warnings.append(
+                f"key '{key}': folder '{folder}' not found; {why}: put the labelled tiles there (class sub-folders) or set the key"
+            )
+    return warnings
 
 
 def _device_warnings(config: dict[str, Any]) -> list[str]:
@@ -158,4 +192,4 @@ def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> lis
     problems += _fine_tuned_arch_problems(config) + _weights_file_problems(config)
     if problems:
         raise ConfigError("config", problems)
-    return warnings + _device_warnings(config)
+    return warnings + _tile_folder_warnings(config) + _device_warnings(config)

@@ -49,7 +49,7 @@ def slide_row(sample: dict[str, Any], tiles_meta: Path, timings: Path | None) ->
         "patient_id": sample["patient_id"],
         "status": tiling.status,
         "reason": tiling.reason or "",
-        "tiles": tiling.counts.kept,
+        "tiles": tiling.kept,
         "unreadable_tiles": 0,
         "mpp": tiling.mpp.value if tiling.mpp else None,
         "mpp_source": tiling.mpp.source if tiling.mpp else None,

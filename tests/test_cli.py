@@ -99,3 +99,12 @@ def test_a_user_mistake_in_any_subcommand_is_a_message_not_a_traceback(tmp_path,
         err = capsys.readouterr().err
         assert "Traceback" not in err, (argv, err)
     assert main(cases[0]) == 2 and "key 'stain.target': cannot read" in capsys.readouterr().err
+
+
+def test_normalize_names_an_image_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.png").write_text("not an image")
+    config = str(ROOT / "config" / "config.yaml")
+    assert main(["normalize", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "broken.png" in err and "Traceback" not in err

@@ -10,6 +10,7 @@ import yaml
 from workflow_project import demo_config
 
 from pathwsi.config import check_cross_references, load_config, load_schema, validate_config
+from pathwsi.demo.cohort import demo_config_text
 from pathwsi.errors import ConfigError
 from pathwsi.features.backbones import ModelSpec
 from pathwsi.features.extract import ExtractSettings
@@ -51,6 +52,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+TILE_FOLDERS = {
+    "finetune": {"train_dir": str(ROOT)},
+    "tissue_experiment": {"test_dir": str(ROOT)},
+}  # folders that exist
 DATA_PATHS = {"models.backbones.imgnet.weights"}  # the data folders are the schema defaults
 
 
@@ -230,6 +235,7 @@ def test_the_fine_tuned_model_must_name_its_base_architecture(slide_file):
     samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
     config = validate_config(
         {
+            **TILE_FOLDERS,
             "targets": {"cohorts": {}},
             "models": {
                 "backbones": {
@@ -277,6 +283,7 @@ def test_a_weights_file_that_does_not_exist_is_named(slide_file, tmp_path):
     samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
     config = validate_config(
         {
+            **TILE_FOLDERS,
             "targets": {"cohorts": {}},
             "models": {
                 "backbones": {
@@ -301,10 +308,12 @@ def test_cuda_on_a_machine_without_a_gpu_is_a_warning_at_start(slide_file, monke
     monkeypatch.setattr(pathwsi.config.glob, "glob", lambda pattern: [])
     samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
     warnings = check_cross_references(
-        validate_config({"targets": {"cohorts": {}}, "features": {"device": "cuda"}}), samples
+        validate_config({**TILE_FOLDERS, "targets": {"cohorts": {}}, "features": {"device": "cuda"}}), samples
     )
     assert len(warnings) == 1 and "key 'features.device': 'cuda', but this machine has no NVIDIA GPU" in warnings[0]
-    assert check_cross_references(validate_config({"targets": {"cohorts": {}}}), samples) == []  # auto: no warning
+    assert (
+        check_cross_references(validate_config({**TILE_FOLDERS, "targets": {"cohorts": {}}}), samples) == []
+    )  # auto: no warning
 
 
 def test_a_sheet_saved_with_a_byte_order_mark_loads(tmp_path, slide_file):
@@ -352,3 +361,30 @@ def test_the_sheet_columns_are_defined_once_and_the_schema_agrees():
     schema = load_schema("samples")
     assert [f.name for f in dataclasses.fields(Sample)] == list(COLUMNS)
     assert set(schema["properties"]) == set(COLUMNS) and set(schema["required"]) == set(REQUIRED_COLUMNS)
+
+
+def test_pathwsi_overlays_config_files_as_snakemake_does(tmp_path):
+    overlay_file = tmp_path / "demo.yaml"
+    overlay_file.write_text(demo_config_text(Path("demo")))
+    ours = load_config(ROOT / "config" / "config.yaml", overlay_file)
+    assert ours == validate_config(demo_config("demo/samples.tsv"))  # demo_config merges with snakemake.utils
+    for key, value in _flatten(yaml.safe_load(overlay_file.read_text())).items():  # every overlay value applies
+        assert _flatten(ours)[key] == value, key
+
+
+def test_check_takes_the_demo_overlay_after_the_config(tmp_path, capsys, monkeypatch):
+    from pathwsi.cli import main
+
+    overlay_file = tmp_path / "demo.yaml"
+    overlay_file.write_text(demo_config_text(Path("demo")))
+    assert main(["check", "--config", str(ROOT / "config" / "config.yaml"), str(overlay_file)]) in (0, 2)
+    assert "'models.backbones.ftx': 'weights' is a required property" not in capsys.readouterr().err
+
+
+def test_missing_labelled_tile_folders_are_named_at_start(slide_file):
+    samples = [Sample(cohort="c", slide_id="s", patient_id="p", path=str(slide_file))]
+    warnings = check_cross_references(validate_config({"targets": {"cohorts": {}}}), samples)
+    assert any(
+        "key 'finetune.train_dir': folder 'data/NCT-CRC-HE-100K' not found; rule finetune" in w for w in warnings
+    )
+    assert any("key 'tissue_experiment.test_dir': folder 'data/CRC-VAL-HE-7K' not found" in w for w in warnings)

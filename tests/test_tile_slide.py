@@ -126,3 +126,20 @@ def test_the_record_reads_back_through_its_class_and_refuses_another_schema(tmp_
     out.meta.write_text(json.dumps({k: v for k, v in meta.items() if k != "sample"}))
     with pytest.raises(TilesRecordError, match=rf"{out.meta}: damaged \(KeyError"):
         TilesRecord.load(out.meta)
+
+
+def test_a_stored_stain_fit_is_recorded_and_hashed_exactly_as_written(tmp_path, slides):
+    """A fit whose 6-decimal record does not survive a re-serialisation (normalised columns, rounded again) must
+    reach the store attrs and config hash as stored, or upgrading pathwsi would re-extract such slides."""
+    from pathwsi.features.extract import ExtractSettings, store_attrs
+
+    _, out = run(tmp_path, slides.svs_025)
+    on_disk = json.loads(out.meta.read_text())
+    on_disk["stain"]["params"] = {
+        "stain_matrix": [[0.199555, 0.396806], [0.819875, 0.842825], [0.536639, 0.363582]],
+        "max_conc": [1.081539, 1.5998],
+    }
+    record = TilesRecord.from_json(on_disk)
+    assert record.stain.to_json()["params"] != on_disk["stain"]["params"]  # the round trip moves a digit
+    assert record.to_json()["stain"] == on_disk["stain"]
+    assert store_attrs(record.sample, record, [], ExtractSettings())["stain"]["params"] == on_disk["stain"]["params"]

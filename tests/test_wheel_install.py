@@ -14,7 +14,13 @@ import pytest
 from workflow_project import ROOT, TARGET, Row, make_project
 
 pytestmark = pytest.mark.slow
-LEFT_OUT = (".git", ".venv", "build", "*.egg-info", "results", "demo", "logs", ".snakemake", "__pycache__")
+TOP_LEFT_OUT = {".git", ".venv", "build", "results", "demo", "logs", ".snakemake"}  # at the top only: not pathwsi/demo
+
+
+def left_out(folder: str, names: list[str]) -> set[str]:
+    """Build outputs and run folders of the tree, and caches anywhere."""
+    top = {n for n in names if n in TOP_LEFT_OUT} if Path(folder) == ROOT else set()
+    return top | {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +30,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pathwsi itself comes from the wheel."""
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"  # a copy without build outputs, so that nothing stale goes into the wheel
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LEFT_OUT))
+    shutil.copytree(ROOT, source, ignore=left_out)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"), str(source)],
         capture_output=True,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pathwsi.demo.targets import write_demo_targets
-from pathwsi.demo.slides import SyntheticTissue, write_slide
 from pathwsi.demo.labelled_tiles import write_tile_set
+from pathwsi.demo.slides import SyntheticTissue, write_slide
+from pathwsi.demo.targets import write_demo_targets
 from pathwsi.runtime.outputs import atomic_path, write_text
 from pathwsi.samples import COLUMNS
 
@@ -55,9 +55,17 @@ class DemoSlide:
 
     def tissue(self) -> SyntheticTissue:
         """Small slides are nearly all tissue, with lymphocyte aggregates as dense as their lymphocytes."""
-        shape = {"tissue_cover": 0.8, "background_band": 0.0, "infiltrate": self.lymphocyte_density} if self.small else {}
-        return SyntheticTissue(*(SMALL_SLIDE_UM if self.small else SLIDE_UM), seed=self.seed, faint=self.faint, pen=self.pen,
-                               lymphocyte_density=self.lymphocyte_density, **shape)
+        shape = (
+            {"tissue_cover": 0.8, "background_band": 0.0, "infiltrate": self.lymphocyte_density} if self.small else {}
+        )
+        return SyntheticTissue(
+            *(SMALL_SLIDE_UM if self.small else SLIDE_UM),
+            seed=self.seed,
+            faint=self.faint,
+            pen=self.pen,
+            lymphocyte_density=self.lymphocyte_density,
+            **shape,
+        )
 
 
 def lymphocyte_densities(count: int = PREDICTION_PATIENTS, seed: int = 303) -> list[float]:
@@ -69,8 +77,17 @@ def lymphocyte_densities(count: int = PREDICTION_PATIENTS, seed: int = 303) -> l
 def prediction_slides() -> tuple[DemoSlide, ...]:
     """One small 0.5 µm/px slide per prediction patient, SVS and TIFF alternating, sites D1/D3."""
     return tuple(
-        DemoSlide("demo-luad", f"DEMO-{i:02d}-DX1", f"DEMO-{i:02d}", "D1" if i % 2 else "D3", "svs" if i % 2 else "tiff", 0.5,
-                  seed=100 + i, lymphocyte_density=density, small=True)
+        DemoSlide(
+            "demo-luad",
+            f"DEMO-{i:02d}-DX1",
+            f"DEMO-{i:02d}",
+            "D1" if i % 2 else "D3",
+            "svs" if i % 2 else "tiff",
+            0.5,
+            seed=100 + i,
+            lymphocyte_density=density,
+            small=True,
+        )
         for i, density in enumerate(lymphocyte_densities(), start=6)
     )
 
@@ -158,7 +175,9 @@ def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) 
     sheet.write_text(sheet_text(slide_dir=slide_dir.as_posix()))
     for name, (count, seed) in TISSUE_TILE_SETS.items():
         write_tile_set(out_dir / "tissue_tiles" / name, count, seed, force=force)
-    write_demo_targets(out_dir / "targets", {s.patient_id: s.lymphocyte_density for s in DEMO_SLIDES if s.cohort == "demo-luad"})
+    write_demo_targets(
+        out_dir / "targets", {s.patient_id: s.lymphocyte_density for s in DEMO_SLIDES if s.cohort == "demo-luad"}
+    )
     overlay = out_dir / "config.yaml"
     write_text(demo_config_text(out_dir), overlay)
     return overlay

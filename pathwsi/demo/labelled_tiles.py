@@ -28,8 +28,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from pathwsi import __version__
-from pathwsi.runtime.outputs import atomic_path
 from pathwsi.demo.slides import EOSIN, HEMATOXYLIN
+from pathwsi.runtime.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
@@ -58,7 +58,9 @@ class _Canvas:
         coarse = self.rng.standard_normal((int(span) + 4,) * 2).astype(np.float32)
         x0, y0 = self.rng.uniform(1, 2, 2)
         box = (x0, y0, x0 + span, y0 + span)
-        return np.asarray(Image.fromarray(coarse).resize((self.n, self.n), Image.Resampling.BICUBIC, box=box)) / np.float32(0.8)
+        return np.asarray(
+            Image.fromarray(coarse).resize((self.n, self.n), Image.Resampling.BICUBIC, box=box)
+        ) / np.float32(0.8)
 
     @overload
     def uniform(self, low: float, high: float, size: None = None) -> float: ...
@@ -123,10 +125,35 @@ class _Canvas:
         padded = np.zeros((self.n + 4 * margin + 2,) * 2, np.float32)
         for size in np.unique(bucket[visible]):
             pick = bucket == size
-            self._stamp(padded, 2 * margin, int(size), px[pick], py[pick], a_px[pick], b_px[pick], theta[pick], dark[pick], rough, hollow)
+            self._stamp(
+                padded,
+                2 * margin,
+                int(size),
+                px[pick],
+                py[pick],
+                a_px[pick],
+                b_px[pick],
+                theta[pick],
+                dark[pick],
+                rough,
+                hollow,
+            )
         return padded[2 * margin : 2 * margin + self.n, 2 * margin : 2 * margin + self.n].copy()
 
-    def _stamp(self, padded: np.ndarray, offset: int, half: int, px: np.ndarray, py: np.ndarray, a_px: np.ndarray, b_px: np.ndarray, theta: np.ndarray, dark: np.ndarray, rough: float, hollow: float) -> None:
+    def _stamp(
+        self,
+        padded: np.ndarray,
+        offset: int,
+        half: int,
+        px: np.ndarray,
+        py: np.ndarray,
+        a_px: np.ndarray,
+        b_px: np.ndarray,
+        theta: np.ndarray,
+        dark: np.ndarray,
+        rough: float,
+        hollow: float,
+    ) -> None:
         """Draw nuclei of at most `half` px radius into `padded` (tile origin at `offset`)."""
         ix, iy = np.rint(px).astype(np.int64), np.rint(py).astype(np.int64)
         offsets = np.arange(-half, half + 1, dtype=np.float32)
@@ -153,7 +180,9 @@ class _Canvas:
             window = padded[row : row + side, col : col + side]
             np.maximum(window, patch, out=window)
 
-    def fibres(self, angle: float, wavelength_um: float, wave_amp_um: float, wave_len_um: float, sharpness: float) -> tuple[np.ndarray, np.ndarray]:
+    def fibres(
+        self, angle: float, wavelength_um: float, wave_amp_um: float, wave_len_um: float, sharpness: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Parallel wavy fibres along `angle`: intensity in [0, 1] and the local fibre direction."""
         cos, sin = np.cos(angle), np.sin(angle)
         across = -self.x * sin + self.y * cos
@@ -175,13 +204,26 @@ def _adipose(c: _Canvas) -> Fields:
     near = near[cell[:, None], cell[None, :]]
     d = np.sqrt((c.x[..., None] - sx[near]) ** 2 + (c.y[..., None] - sy[near]) ** 2)
     nearest, farthest = d.min(axis=-1), d.max(axis=-1)
-    gap = (d.sum(axis=-1) - farthest - 2 * nearest) / 2  # (second nearest − nearest) / 2: distance to a cell boundary, µm
+    gap = (
+        d.sum(axis=-1) - farthest - 2 * nearest
+    ) / 2  # (second nearest − nearest) / 2: distance to a cell boundary, µm
     width = c.uniform(0.35, 0.8) * (1 + 1.5 * np.clip(c.noise(40), 0, None))
     membrane = np.clip((width - gap) * c.s + 0.5, 0, 1)
     e = membrane * c.uniform(0.35, 0.6) * (0.85 + 0.15 * c.noise(6)) + 0.02
     ny, nx = np.nonzero(membrane > 0.8)
     pick = c.rng.integers(0, max(1, len(nx)), int(c.rng.integers(0, 4)))
-    h = c.nuclei((nx[pick] + 0.5) / c.s, (ny[pick] + 0.5) / c.s, c.uniform(3, 5, len(pick)), 1.0, c.uniform(0, np.pi, len(pick)), 0.7) if len(nx) else c.full(0.0)
+    h = (
+        c.nuclei(
+            (nx[pick] + 0.5) / c.s,
+            (ny[pick] + 0.5) / c.s,
+            c.uniform(3, 5, len(pick)),
+            1.0,
+            c.uniform(0, np.pi, len(pick)),
+            0.7,
+        )
+        if len(nx)
+        else c.full(0.0)
+    )
     return h + 0.04 * membrane, e, c.full(c.uniform(0.0, 0.04))
 
 
@@ -190,7 +232,9 @@ def _background(c: _Canvas) -> Fields:
     g = grey * (1 + 0.15 * c.noise(60)) + 0.01 * c.noise(3)
     haze = np.clip(c.noise(50) - 1.2, 0, None) * c.uniform(0, 0.06)  # a faint smear of stain on some
     sx, sy = c.random_points(c.rng.integers(0, 6))
-    specks = c.nuclei(sx, sy, c.uniform(0.5, 2.5, len(sx)), c.uniform(0.5, 1.5, len(sx)), c.uniform(0, np.pi, len(sx)), 0.8, rough=0.3)
+    specks = c.nuclei(
+        sx, sy, c.uniform(0.5, 2.5, len(sx)), c.uniform(0.5, 1.5, len(sx)), c.uniform(0, np.pi, len(sx)), 0.8, rough=0.3
+    )
     return 0.02 + 0.3 * haze + 0.5 * specks, 0.02 + haze, np.clip(g + specks, 0, None)
 
 
@@ -203,7 +247,15 @@ def _debris(c: _Canvas, tumour_share: float | None = None) -> Fields:
     per = int(c.rng.integers(8, 16))
     fx = np.repeat(centres[0], per) + c.rng.normal(0, 6, per * len(centres[0]))
     fy = np.repeat(centres[1], per) + c.rng.normal(0, 6, per * len(centres[1]))
-    fragments = c.nuclei(fx, fy, c.uniform(0.6, 2.0, len(fx)), c.uniform(0.5, 1.6, len(fx)), c.uniform(0, np.pi, len(fx)), c.uniform(0.7, 1.0, len(fx)), rough=0.3)
+    fragments = c.nuclei(
+        fx,
+        fy,
+        c.uniform(0.6, 2.0, len(fx)),
+        c.uniform(0.5, 1.6, len(fx)),
+        c.uniform(0, np.pi, len(fx)),
+        c.uniform(0.7, 1.0, len(fx)),
+        rough=0.3,
+    )
     px, py = c.random_points(c.rng.integers(5, 20))
     pyknotic = c.nuclei(px, py, c.uniform(1.8, 3.0, len(px)), c.uniform(1.6, 2.8, len(px)), 0.0, 1.0)
     share = c.uniform(0.0, 0.7) if tumour_share is None else tumour_share
@@ -217,18 +269,33 @@ def _pleomorphic(c: _Canvas, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     n = len(x)
     a = c.uniform(4.0, 7.5, n)
     b = a / c.uniform(1.2, 2.2, n)
-    nuclei = c.nuclei(x, y, a, b, c.uniform(0, np.pi, n), c.uniform(0.5, 0.95, n), rough=c.uniform(0.08, 0.25), hollow=c.uniform(0.2, 0.5))
+    nuclei = c.nuclei(
+        x,
+        y,
+        a,
+        b,
+        c.uniform(0, np.pi, n),
+        c.uniform(0.5, 0.95, n),
+        rough=c.uniform(0.08, 0.25),
+        hollow=c.uniform(0.2, 0.5),
+    )
     pick = c.rng.random(n) < 0.4
-    nucleoli = c.nuclei(x[pick], y[pick], c.uniform(0.7, 1.2, int(pick.sum())), c.uniform(0.7, 1.2, int(pick.sum())), 0.0, 1.0)
+    nucleoli = c.nuclei(
+        x[pick], y[pick], c.uniform(0.7, 1.2, int(pick.sum())), c.uniform(0.7, 1.2, int(pick.sum())), 0.0, 1.0
+    )
     return np.maximum(nuclei, nucleoli)
 
 
 def _lymphocytes(c: _Canvas) -> Fields:
     x, y = c.grid_points(c.uniform(6.5, 8.5), keep=c.uniform(0.75, 0.95))
     r = c.uniform(2.6, 3.6, len(x))
-    nuclei = c.nuclei(x, y, r, r / c.uniform(1.0, 1.2, len(x)), c.uniform(0, np.pi, len(x)), c.uniform(0.85, 1.05, len(x)), rough=0.05)
+    nuclei = c.nuclei(
+        x, y, r, r / c.uniform(1.0, 1.2, len(x)), c.uniform(0, np.pi, len(x)), c.uniform(0.85, 1.05, len(x)), rough=0.05
+    )
     bx, by = c.random_points(c.rng.integers(0, 6))
-    big = c.nuclei(bx, by, c.uniform(4.5, 6, len(bx)), c.uniform(3.5, 5, len(bx)), c.uniform(0, np.pi, len(bx)), 0.6, hollow=0.3)
+    big = c.nuclei(
+        bx, by, c.uniform(4.5, 6, len(bx)), c.uniform(3.5, 5, len(bx)), c.uniform(0, np.pi, len(bx)), 0.6, hollow=0.3
+    )
     e = c.uniform(0.1, 0.25) * (1 + 0.2 * c.noise(10))
     return 0.08 + np.maximum(nuclei, big), e, c.full(0.0)
 
@@ -245,13 +312,24 @@ def _mucus(c: _Canvas) -> Fields:
     return h, e, c.full(0.0)
 
 
-def _spindles(c: _Canvas, local: np.ndarray, count: int, length: tuple[float, float], width: tuple[float, float], dark: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _spindles(
+    c: _Canvas,
+    local: np.ndarray,
+    count: int,
+    length: tuple[float, float],
+    width: tuple[float, float],
+    dark: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Elongated nuclei aligned with the local fibre direction; returns nuclei, halos and positions."""
     x, y = c.random_points(count)
     theta = c.at(local, x, y) + c.rng.normal(0, 0.12, len(x))
     a = c.uniform(*length, len(x))
     b = c.uniform(*width, len(x))
-    return c.nuclei(x, y, a, b, theta, c.uniform(*dark, len(x)), rough=0.04), c.nuclei(x, y, a * 1.15, b * 1.8, theta, 1.0), np.stack([x, y])
+    return (
+        c.nuclei(x, y, a, b, theta, c.uniform(*dark, len(x)), rough=0.04),
+        c.nuclei(x, y, a * 1.15, b * 1.8, theta, 1.0),
+        np.stack([x, y]),
+    )
 
 
 def _muscle(c: _Canvas) -> Fields:
@@ -259,7 +337,9 @@ def _muscle(c: _Canvas) -> Fields:
     cleft: np.ndarray | float
     striation, local = c.fibres(angle, c.uniform(4, 7), c.uniform(0, 2.5), 40.0, sharpness=0.5)
     if c.rng.random() < 0.5:  # a second bundle at another angle, behind a pale cleft
-        other, other_local = c.fibres(angle + c.uniform(0.6, 1.6), c.uniform(4, 7), c.uniform(0, 2.5), 40.0, sharpness=0.5)
+        other, other_local = c.fibres(
+            angle + c.uniform(0.6, 1.6), c.uniform(4, 7), c.uniform(0, 2.5), 40.0, sharpness=0.5
+        )
         side = c.noise(80) + c.uniform(-0.5, 0.5)
         striation, local = np.where(side > 0, striation, other), np.where(side > 0, local, other_local)
         cleft = np.clip(1 - np.exp(-((side / 0.08) ** 2)) + 0.2, 0, 1)
@@ -271,7 +351,9 @@ def _muscle(c: _Canvas) -> Fields:
 
 
 def _stroma(c: _Canvas) -> Fields:
-    fibres, local = c.fibres(c.uniform(0, np.pi), c.uniform(3.5, 7), c.uniform(1, 5), c.uniform(12, 35), sharpness=c.uniform(0.5, 1.1))
+    fibres, local = c.fibres(
+        c.uniform(0, np.pi), c.uniform(3.5, 7), c.uniform(1, 5), c.uniform(12, 35), sharpness=c.uniform(0.5, 1.1)
+    )
     loose = np.clip(c.uniform(0.6, 1.1) + 0.6 * c.noise(20), 0.15, 1)  # dense on some tiles, loose on others
     e = c.uniform(0.4, 0.7) * (0.3 + 0.7 * fibres) * (1 + 0.15 * c.noise(10)) * loose
     nuclei, _, _ = _spindles(c, local, int(c.rng.integers(5, 25)), (5, 10), (1.0, 2.0), (0.7, 1.0))
@@ -295,12 +377,23 @@ def _normal_mucosa(c: _Canvas) -> Fields:
         rho = np.minimum(rho, np.sqrt((u / ga[k]) ** 2 + (v / gb[k]) ** 2))
         m = int(np.pi * (ga[k] + gb[k]) * (inner + 1) / 2 / c.uniform(4.5, 5.5))
         phi = np.arange(m) * 2 * np.pi / m + c.uniform(0, 1)
-        for out, depth, angles in ((basal, inner + 0.75 * (1 - inner), phi), (apical, inner + 0.35 * (1 - inner), phi[::3] + np.pi / m)):
+        for out, depth, angles in (
+            (basal, inner + 0.75 * (1 - inner), phi),
+            (apical, inner + 0.35 * (1 - inner), phi[::3] + np.pi / m),
+        ):
             ru, rv = depth * ga[k] * np.cos(angles), depth * gb[k] * np.sin(angles)
-            out.append((gx[k] + ru * cos - rv * sin, gy[k] + ru * sin + rv * cos, gt[k] + np.arctan2(np.sin(angles) / gb[k], np.cos(angles) / ga[k])))
+            out.append(
+                (
+                    gx[k] + ru * cos - rv * sin,
+                    gy[k] + ru * sin + rv * cos,
+                    gt[k] + np.arctan2(np.sin(angles) / gb[k], np.cos(angles) / ga[k]),
+                )
+            )
     bx, by, bt = (np.concatenate(parts) for parts in zip(*basal))
     ax, ay, _ = (np.concatenate(parts) for parts in zip(*apical))
-    nuclei = c.nuclei(bx, by, c.uniform(3.5, 4.5, len(bx)), c.uniform(1.5, 2.0, len(bx)), bt, c.uniform(0.7, 0.9, len(bx)))
+    nuclei = c.nuclei(
+        bx, by, c.uniform(3.5, 4.5, len(bx)), c.uniform(1.5, 2.0, len(bx)), bt, c.uniform(0.7, 0.9, len(bx))
+    )
     epithelium = np.clip((rho - inner) * 20, 0, 1) * np.clip((1 - rho) * 20 + 0.5, 0, 1)
     goblets = c.nuclei(ax, ay, c.uniform(2.8, 4.2, len(ax)), c.uniform(2.5, 3.8, len(ax)), 0.0, 1.0) * epithelium
     lx, ly = c.grid_points(c.uniform(10, 14), keep=0.5)
@@ -309,7 +402,11 @@ def _normal_mucosa(c: _Canvas) -> Fields:
     lumen = rho < inner
     e = np.where(lumen, 0.03, np.where(epithelium > 0, 0.3 * epithelium * (1 - 0.8 * goblets), c.uniform(0.25, 0.4)))
     h = np.where(lumen, 0.02, 0.06 + 0.06 * epithelium + 0.08 * goblets)
-    return (h + np.maximum(nuclei, lamina)).astype(np.float32), (e * (1 + 0.15 * c.noise(8))).astype(np.float32), c.full(0.0)
+    return (
+        (h + np.maximum(nuclei, lamina)).astype(np.float32),
+        (e * (1 + 0.15 * c.noise(8))).astype(np.float32),
+        c.full(0.0),
+    )
 
 
 def _tumour(c: _Canvas) -> Fields:
@@ -387,8 +484,16 @@ def write_tile_set(out_dir: Path, n_per_class: int, seed: int, tile_px: int = 22
         for label in CLASSES:
             (partial / label).mkdir(parents=True)
             for i in range(n_per_class):
-                Image.fromarray(render_tile(label, i, seed, tile_px)).save(partial / label / f"{label}-{i}.png", compress_level=1)
-        manifest = {"classes": list(CLASSES), "n_per_class": n_per_class, "seed": seed, "tile_px": tile_px, "field_um": FIELD_UM, "pathwsi_version": __version__}
+                Image.fromarray(render_tile(label, i, seed, tile_px)).save(
+                    partial / label / f"{label}-{i}.png", compress_level=1
+                )
+        manifest = {
+            "classes": list(CLASSES),
+            "n_per_class": n_per_class,
+            "seed": seed,
+            "tile_px": tile_px,
+            "field_um": FIELD_UM,
+            "pathwsi_version": __version__,
+        }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
-

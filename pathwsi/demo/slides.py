@@ -131,11 +131,19 @@ class SyntheticTissue:
         alpha = np.clip(tissue / 0.04 + 0.5, 0, 1)  # soft edge, a few µm wide
         stain = alpha * strength
         h_conc = stain * (0.06 + 1.2 * self._nuclei(xs, ys, cellular, mpp))
-        e_conc = stain * (0.28 + 0.22 * self._fibres(xs, ys, angle, wobble, mpp)) * (1 - 0.35 * cellular) * (1 - 0.7 * aggregate)
+        e_conc = (
+            stain
+            * (0.28 + 0.22 * self._fibres(xs, ys, angle, wobble, mpp))
+            * (1 - 0.35 * cellular)
+            * (1 - 0.7 * aggregate)
+        )
         concentrations, stains = [h_conc, e_conc], [self._stains[0], self._stains[1]]
         if self.pen:
             edge = max(mpp, 1.0)
-            concentrations += [np.clip((35.0 - pen_dist) / edge + 0.5, 0, 1), np.clip((25.0 - debris_dist) / edge + 0.5, 0, 1)]
+            concentrations += [
+                np.clip((35.0 - pen_dist) / edge + 0.5, 0, 1),
+                np.clip((25.0 - debris_dist) / edge + 0.5, 0, 1),
+            ]
             stains += [BLUE_PEN_OD, DEBRIS_OD]
         od = np.stack(concentrations, axis=-1) @ np.stack(stains)
         rng = np.random.default_rng([self.seed, int(x_um * 16), int(y_um * 16), width_px, height_px])
@@ -193,7 +201,9 @@ class SyntheticTissue:
         radius = np.where(lymph, 2.6, 3.6 + 1.2 * _hash_uniform(gx, gy, self.seed, 13))
         darkness = np.where(lymph, 1.0, 0.65)
         cell_cellularity = np.clip(_value_noise(cx, cy, 200.0, self.seed, 3) * 1.5 + 0.5, 0, 1)
-        present = lymph | (_hash_uniform(gx, gy, self.seed, 14) < 0.25 + 0.7 * cell_cellularity)  # lymphocytes infiltrate everywhere
+        present = lymph | (
+            _hash_uniform(gx, gy, self.seed, 14) < 0.25 + 0.7 * cell_cellularity
+        )  # lymphocytes infiltrate everywhere
         x0, y0, edge = xs[0] - 0.5 * mpp, ys[0] - 0.5 * mpp, max(mpp, 0.5)
         for ncx, ncy, r, dark in zip(cx[present], cy[present], radius[present], darkness[present]):
             c0, c1 = max(0, int((ncx - r - x0) / mpp) - 1), min(len(xs), int((ncx + r - x0) / mpp) + 2)
@@ -263,7 +273,9 @@ def write_slide(
     reduced = {ds: np.full((-(-height // ds), -(-width // ds), 3), 255, np.uint8) for ds in downsamples[1:]}
     level0 = _level0_tiles(tissue, width, height, mpp, level0_render_mpp or mpp, tile, reduced)
     levels = [level0] + [_array_tiles(reduced[ds], tile) for ds in downsamples[1:]]
-    aperio = f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    aperio = (
+        f"Aperio Image Library v12.0.15 \n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+    )
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif:
         for index, (ds, tiles) in enumerate(zip(downsamples, levels)):
             level_w, level_h = -(-width // ds), -(-height // ds)
@@ -275,20 +287,37 @@ def write_slide(
                 photometric="rgb",
                 compression="jpeg",
                 compressionargs={"level": quality},
-                description=(aperio + f"|AppMag = {10 / mpp:g}" + (f"|MPP = {mpp:g}" if record_mpp else "")) if fmt == "svs" else None,
+                description=(aperio + f"|AppMag = {10 / mpp:g}" + (f"|MPP = {mpp:g}" if record_mpp else ""))
+                if fmt == "svs"
+                else None,
                 metadata=None,
                 resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)) if record_mpp else None,
                 resolutionunit="CENTIMETER" if record_mpp else "NONE",
                 subfiletype=0 if index == 0 else 1,
             )
             if index == 0 and fmt == "svs":
-                thumb = reduced[downsamples[-1]] if len(downsamples) > 1 else tissue.render(0, 0, 256, 256, tissue.width_um / 256)
-                tif.write(thumb, photometric="rgb", description=f"Aperio Image Library v12.0.15 \n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]}", metadata=None)
+                thumb = (
+                    reduced[downsamples[-1]]
+                    if len(downsamples) > 1
+                    else tissue.render(0, 0, 256, 256, tissue.width_um / 256)
+                )
+                tif.write(
+                    thumb,
+                    photometric="rgb",
+                    description=f"Aperio Image Library v12.0.15 \n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]}",
+                    metadata=None,
+                )
     return path
 
 
 def _level0_tiles(
-    tissue: SyntheticTissue, width: int, height: int, mpp: float, render_mpp: float, tile: int, reduced: dict[int, np.ndarray]
+    tissue: SyntheticTissue,
+    width: int,
+    height: int,
+    mpp: float,
+    render_mpp: float,
+    tile: int,
+    reduced: dict[int, np.ndarray],
 ) -> Iterator[np.ndarray]:
     """Yield level 0's tiles row by row, rendering a band at a time and filling the reduced levels."""
     from PIL import Image

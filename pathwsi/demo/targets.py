@@ -25,7 +25,16 @@ from pathwsi.runtime.outputs import write_text
 PLANTED_EXPRESSION = {"PTPRC": 1.6, "CD3E": 1.4, "CD8A": 1.2, "GZMB": 1.0, "MS4A1": 0.8}  # gene: slope per z
 NOISE_EXPRESSION = ("FOXP3", "CD68", "CD163", "KLRD1", "TPSAB1", "CEACAM3", "XCL1", "CD19")
 EXPRESSION_NOISE = 0.5  # SD of the log2 noise
-MUTATION_PREVALENCE = {"TP53": 0.45, "KRAS": 0.3, "KEAP1": 0.2, "LRP1B": 0.35, "NF1": 0.15, "FAT1": 0.15, "EGFR": 0.15, "SMARCA4": 0.1}
+MUTATION_PREVALENCE = {
+    "TP53": 0.45,
+    "KRAS": 0.3,
+    "KEAP1": 0.2,
+    "LRP1B": 0.35,
+    "NF1": 0.15,
+    "FAT1": 0.15,
+    "EGFR": 0.15,
+    "SMARCA4": 0.1,
+}
 PLANTED_MUTATION = "STK11"  # mutated when the tumour is immune-cold
 STK11_COLD_QUANTILE = 0.35  # patients below this quantile of d are STK11-mutated ...
 STK11_FLIP = 0.1  # ... except for this share of flipped labels
@@ -72,8 +81,13 @@ def write_demo_targets(folder: Path, density: dict[str, float]) -> tuple[Path, P
     (folder / "README.txt").write_text(NOTE)
     patients = sorted(density)
     paths = []
-    for name, (genes, values) in (("expression.tsv", expression_table(density)), ("mutations.tsv", mutation_table(density))):
-        rows = ["\t".join(["patient_id", *genes])] + ["\t".join([p, *(f"{v:g}" for v in row)]) for p, row in zip(patients, values)]
+    for name, (genes, values) in (
+        ("expression.tsv", expression_table(density)),
+        ("mutations.tsv", mutation_table(density)),
+    ):
+        rows = ["\t".join(["patient_id", *genes])] + [
+            "\t".join([p, *(f"{v:g}" for v in row)]) for p, row in zip(patients, values)
+        ]
         path = folder / name
         write_text("\n".join(rows) + "\n", path)
         paths.append(path)

@@ -119,7 +119,7 @@ def open_reader(sample: Sample, mpp: float, tile_px: int, exact: bool = False) -
 
 
 def _stain_record(record: TilesRecord, keys: tuple[str, ...]) -> dict[str, Any] | None:
-    stain = record.stain.to_json() if record.stain is not None else None
+    stain = record.stain_json()
     return {k: stain[k] for k in keys} if stain else None
 
 

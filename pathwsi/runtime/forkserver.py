@@ -140,12 +140,15 @@ def run_forked(job: Job) -> int:
         "job": job, "cwd": os.getcwd(), "env": dict(os.environ),
         "affinity": sorted(os.sched_getaffinity(0)), "umask": _current_umask(),
     })  # fmt: skip
+    stopped_by: list[int] = []  # the stop signals received, across both attempts
     for attempt in (1, 2):  # a server that was just exiting (idle) closes the connection unanswered: ask a new one
+        if stopped_by:
+            return 128 + stopped_by[0]  # stopped before any child was started
         with _connect_or_start(path) as sock:
             sock.settimeout(START_TIMEOUT_S)
             socket.send_fds(sock, [_LENGTH.pack(len(request))], _stdio())
             sock.sendall(request)
-            with _stop_child_on_signal(sock) as stopped_by:  # from here on, before the child may have started
+            with _stop_child_on_signal(sock, stopped_by):  # from here on, before the child may have started
                 kind, _ = _reply(sock, path, allow_eof=attempt == 1)
                 sock.settimeout(None)
                 if kind == b"E":
@@ -158,10 +161,9 @@ def run_forked(job: Job) -> int:
 
 
 @contextlib.contextmanager
-def _stop_child_on_signal(sock: socket.socket) -> Iterator[list[int]]:
+def _stop_child_on_signal(sock: socket.socket, stopped_by: list[int]) -> Iterator[None]:
     """While in the body, SIGTERM/SIGINT close our side of `sock`, so that the server stops the child (at once, or
-    as soon as it has forked it); the signals received are yielded."""
-    stopped_by: list[int] = []
+    as soon as it has forked it); the signal received is appended to `stopped_by`."""
 
     def stop(signum: int, _frame: Any) -> None:
         if not stopped_by:
@@ -170,7 +172,7 @@ def _stop_child_on_signal(sock: socket.socket) -> Iterator[list[int]]:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield stopped_by
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

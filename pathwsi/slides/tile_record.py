@@ -60,8 +60,21 @@ class TilesRecord:
     read: dict[str, Any] | None = None  # the pyramid level the tiles are read from
     tile: TileGeometry | None = None
     mask: dict[str, Any] | None = None  # the tissue mask's resolution, threshold and area
-    counts: TileCounts = field(default_factory=lambda: TileCounts(0, 0))
+    counts: TileCounts | None = None  # None when the slide could not be read
     stain: StainFit | None = None
+    source: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the JSON it was read from
+
+    @property
+    def kept(self) -> int:
+        """Tiles kept (0 when the slide could not be read)."""
+        return self.counts.kept if self.counts is not None else 0
+
+    def stain_json(self) -> dict[str, Any] | None:
+        """The stain fit's record as stored. A record read from its file gives the stored values unchanged (hashes
+        and store attrs are made from them): re-serialising a fit can move its 6th decimal."""
+        if self.source is not None:
+            return self.source.get("stain")
+        return self.stain.to_json() if self.stain is not None else None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types, in the file's layout."""
@@ -77,8 +90,9 @@ class TilesRecord:
             value = getattr(self, name)
             if value is not None:
                 record[name] = value if isinstance(value, dict) else asdict(value)
-        if self.stain is not None:
-            record["stain"] = self.stain.to_json()
+        stain = self.stain_json()
+        if stain is not None:
+            record["stain"] = stain
         record["seconds"] = self.seconds
         return record
 
@@ -103,8 +117,9 @@ class TilesRecord:
                 read=data.get("read"),
                 tile=TileGeometry(**data["tile"]) if data.get("tile") else None,
                 mask=data.get("mask"),
-                counts=TileCounts(**data["counts"]) if data.get("counts") else TileCounts(0, 0),
+                counts=TileCounts(**data["counts"]) if data.get("counts") else None,
                 stain=StainFit.from_json(data["stain"]) if data.get("stain") else None,
+                source=data,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise TilesRecordError(

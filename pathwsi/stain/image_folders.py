@@ -123,8 +123,13 @@ def find_images(inputs: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]
 
 def read_rgb(path: Path) -> np.ndarray:
     """An image file as uint8 RGB (H, W, 3)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageFolderError(
+            f"cannot read image '{path}' ({type(err).__name__}: {err}); replace or remove it"
+        ) from err
 
 
 def _shared_fit(
