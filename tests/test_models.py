@@ -122,3 +122,17 @@ def test_config_defaults_match_model_spec_defaults():
         and specs["ftx"].weights.endswith("ftx.safetensors")
     )
     assert {s.arch for s in specs.values()} == {"keras_xception"} == {ModelSpec("x").arch}
+
+
+def test_a_model_fine_tuned_from_untrained_weights_carries_the_warning_in_its_provenance(tmp_path):
+    """The demo's FTX is fine-tuned from an untrained base: every output built from it must say so (store attrs,
+    aggregate provenance, predictions), while a trained model's provenance stays as it was."""
+    base = build_backbone(ModelSpec("imgnet", arch="test_resnet", seed=1))
+    for untrained_base in (True, False):
+        path = tmp_path / f"ftx_{untrained_base}.safetensors"
+        save_weights(base.net.state_dict(), path, {"untrained_base": untrained_base})
+        provenance = build_backbone(ModelSpec("ftx", arch="test_resnet", weights=str(path))).provenance()
+        if untrained_base:
+            assert provenance["untrained_base"] is True and "fine-tuned from UNTRAINED" in provenance["warning"]
+        else:
+            assert "untrained_base" not in provenance and "warning" not in provenance

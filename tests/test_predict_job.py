@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pathwsi.demo.cohort import lymphocyte_densities
 from pathwsi.demo.targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
@@ -47,7 +48,7 @@ def cohort(tmp_path):
     return density, expression, mutations, features
 
 
-def predict(features, expression, mutations, out_dir, sites=None, **settings):
+def predict(features, expression, mutations, out_dir, sites=None, warnings=(), **settings):
     config = {"folds": 5, "repeats": 3, "bootstrap": 100, **settings}
     tables = CohortTargets(str(expression), str(mutations) if mutations else None)
     return run_predict_job(
@@ -57,6 +58,7 @@ def predict(features, expression, mutations, out_dir, sites=None, **settings):
         EvaluationSettings.from_config({"predict": config, "seed": 1}),
         sites or {},
         out_dir,
+        warnings,
     )
 
 
@@ -128,3 +130,18 @@ def test_too_few_patients_is_a_clear_error(cohort, tmp_path):
     table.to_csv(few, sep="\t", index=False)
     with pytest.raises(TargetError, match="only 6 patient"):
         predict(features, few, None, tmp_path / "y")
+
+
+def test_the_features_warnings_head_the_summaries_the_figures_and_the_log(cohort, tmp_path, caplog):
+    _, expression, mutations, features = cohort
+    warning = "model 'ftx' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only"
+    out = tmp_path / "predict"
+    predict(features, expression, mutations, out, warnings=[warning])
+    assert (out / "summary.md").read_text().splitlines()[2] == f"> **WARNING:** {warning}"
+    assert json.loads((out / "summary.json").read_text())["warnings"] == [warning]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"].count(warning) == 1
+    plain = tmp_path / "plain"
+    predict(features, expression, None, plain)
+    assert "WARNING" not in (plain / "summary.md").read_text()
+    figure, plain_figure = (Image.open(folder / "expression_r_scatter.png") for folder in (out, plain))
+    assert figure.size[1] > plain_figure.size[1]  # the warning's lines sit above the plot

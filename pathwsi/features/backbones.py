@@ -24,6 +24,7 @@ from pathwsi.runtime.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 UNTRAINED = "untrained"
+UNTRAINED_BASE_KEY = "untrained_base"  # metadata of weights fine-tuned from untrained ones (pathwsi.finetune)
 HUB = "hub"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.")
@@ -77,6 +78,7 @@ class Backbone:
     net: torch.nn.Module
     feature_dim: int
     weights_sha256: str
+    untrained_base: bool = False  # fine-tuned from untrained weights (its file's metadata says so)
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float in [0, 255] -> normalized float32 at the model's input size."""
@@ -92,6 +94,11 @@ class Backbone:
         if self.spec.untrained:
             record["warning"] = (
                 f"model '{self.spec.name}' has UNTRAINED, randomly initialised weights (seed {self.spec.seed}): its features are for demos and tests only"
+            )
+        elif self.untrained_base:  # recorded only then, so that the stores of trained models keep their attrs
+            record["untrained_base"] = True
+            record["warning"] = (
+                f"model '{self.spec.name}' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only"
             )
         return record
 
@@ -117,6 +124,7 @@ def _spec(name: str, entry: dict[str, Any]) -> ModelSpec:
 
 def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str | torch.device = "cpu") -> Backbone:
     """Create the architecture without its classifier and load the spec's weights."""
+    untrained_base = False
     if spec.weights == HUB:
         if not allow_network:
             raise WeightsError(
@@ -138,6 +146,7 @@ def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str 
     else:
         net = create_network(spec.arch)
         state, metadata = load_weights(Path(spec.weights), spec.name)
+        untrained_base = metadata.get(UNTRAINED_BASE_KEY) == "true"
         _check_trained_arch(metadata, spec)
         _load_into(net, state, spec)
         if BN_EPS_KEY in metadata and not has_fixed_bn_eps(spec.arch):
@@ -146,7 +155,7 @@ def build_backbone(spec: ModelSpec, *, allow_network: bool = False, device: str 
     # inputs are channels_last too (prepare); Module.to takes memory_format with a device at run time, its stub not
     net.eval().to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     # timm sets num_features as a plain attribute; torch types Module.__getattr__ as Tensor | Module
-    return Backbone(spec, net, int(cast(int, net.num_features)), digest)
+    return Backbone(spec, net, int(cast(int, net.num_features)), digest, untrained_base)
 
 
 def load_weights(path: Path, model_name: str = "?") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -143,7 +143,7 @@ def store_attrs(
     sample: Sample, record: TilesRecord, models: list[Backbone], settings: ExtractSettings
 ) -> dict[str, Any]:
     """The store's attrs (all but `complete`): ids, geometry, stain, model provenance, hash."""
-    warnings = [m.provenance()["warning"] for m in models if m.spec.untrained]
+    warnings = [record["warning"] for record in (m.provenance() for m in models) if "warning" in record]
     return json.loads(
         json.dumps(
             {

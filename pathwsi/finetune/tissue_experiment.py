@@ -279,21 +279,9 @@ def model_flag(backbone: Backbone) -> tuple[str, str]:
     provenance = backbone.provenance()
     if provenance["untrained"]:
         return "untrained", provenance["warning"]
-    if _weights_metadata(backbone.spec).get("untrained_base") == "true":
-        return (
-            "untrained_base",
-            f"model '{backbone.spec.name}' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only",
-        )
+    if provenance.get("untrained_base"):
+        return "untrained_base", provenance["warning"]
     return "", ""
-
-
-def _weights_metadata(spec: ModelSpec) -> dict[str, str]:
-    if not spec.weights.endswith(".safetensors"):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(spec.weights, framework="pt") as handle:
-        return dict(handle.metadata() or {})
 
 
 # -- tables and figure ----------------------------------------------------------------------------

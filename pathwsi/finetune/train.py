@@ -41,6 +41,7 @@ from pathwsi.config import FTX_WEIGHTS
 from pathwsi.features.backbones import (
     ARCH_KEY,
     BN_EPS_KEY,
+    UNTRAINED_BASE_KEY,
     Backbone,
     ModelSpec,
     build_backbone,
@@ -655,7 +656,7 @@ def _export(
         ARCH_KEY: spec.arch,
         "input_px": spec.input_px,
         "base": base,
-        "untrained_base": spec.untrained,
+        UNTRAINED_BASE_KEY: spec.untrained,
         "settings": asdict(settings),
         "classes": list(classes),
         "train_dir": str(train_dir),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -426,8 +426,10 @@ def run_evaluation(
     expression: pd.DataFrame | None = None,
     mutations: pd.DataFrame | None = None,
     sites: pd.Series | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Each task given, the comparison of `settings.compare`, every table and figure, and summary.json/.md in `out_dir`.
+    """Each task given, the comparison of `settings.compare`, every table and figure, and summary.json/.md in `out_dir`;
+    `warnings` about the features (untrained weights) head the summary and every figure.
 
     Returns the summary (settings, and per task the patients, the paper's counts, failure counts and seconds).
     """
@@ -443,7 +445,12 @@ def run_evaluation(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"settings": asdict(settings), "pathwsi_version": __version__, "tasks": {}}
+    summary: dict[str, Any] = {
+        "warnings": list(warnings),
+        "settings": asdict(settings),
+        "pathwsi_version": __version__,
+        "tasks": {},
+    }
     comparisons, repeats = [], []
     for task, targets in (("expression", expression), ("mutation", mutations)):
         if targets is None:
@@ -452,7 +459,7 @@ def run_evaluation(
         comparisons.append(compare(result, *settings.compare))
         repeats.append(long_repeats(result))
         write_task(result, out_dir)
-        plot_task(result, comparisons[-1], out_dir, settings.fdr)
+        plot_task(result, comparisons[-1], out_dir, settings.fdr, warnings)
         summary["tasks"][task] = {
             "patients": len(result.patients),
             **counts(comparisons[-1], settings.fdr),
@@ -508,6 +515,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# Molecular prediction from image features",
         "",
+        *(f"> **WARNING:** {warning}" for warning in summary.get("warnings", [])),
+        *([""] if summary.get("warnings") else []),
         f"{settings['folds']}-fold cross-validation × {settings['repeats']} repeats, seed {settings['seed']}; significant: q < {fdr}.",
         "",
     ]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,17 +25,19 @@ if TYPE_CHECKING:
 SCATTER, ROC, BARS = "expression_r_scatter.png", "mutation_roc.png", "mutation_auroc.png"
 
 
-def plot_task(result: TaskResult, comparison: pd.DataFrame, out_dir: Path, fdr: float) -> list[Path]:
-    """The task's figures in `out_dir`; returns their paths."""
+def plot_task(
+    result: TaskResult, comparison: pd.DataFrame, out_dir: Path, fdr: float, warnings: Sequence[str] = ()
+) -> list[Path]:
+    """The task's figures in `out_dir`, each headed by `warnings` (e.g. features of untrained weights); their paths."""
     if result.task == "expression":
-        expression_scatter(out_dir / SCATTER, comparison, fdr)
+        expression_scatter(out_dir / SCATTER, comparison, fdr, warnings)
         return [out_dir / SCATTER]
-    roc_curves(out_dir / ROC, {name: result.averaged(name) for name in result.tables}, result.targets)
-    auroc_bars(out_dir / BARS, result.tables)
+    roc_curves(out_dir / ROC, {name: result.averaged(name) for name in result.tables}, result.targets, warnings)
+    auroc_bars(out_dir / BARS, result.tables, warnings)
     return [out_dir / ROC, out_dir / BARS]
 
 
-def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float) -> None:
+def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float, warnings: Sequence[str] = ()) -> None:
     """Mean r per gene, model a (y) against model b (x), from an expression comparison table."""
     _use_agg()
     import matplotlib.pyplot as plt
@@ -58,10 +61,12 @@ def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float) -> None
     ax.set_ylabel(f"mean Pearson r over repeats, {a}")
     ax.set_title(f"gene expression: {a} vs {b}", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    _save(figure, path)
+    _save(figure, path, warnings)
 
 
-def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFrame) -> None:
+def roc_curves(
+    path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFrame, warnings: Sequence[str] = ()
+) -> None:
     """One panel per mutation: ROC of each model's repeat-averaged out-of-fold scores (patients × genes)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -98,10 +103,10 @@ def roc_curves(path: Path, scores: dict[str, pd.DataFrame], targets: pd.DataFram
     figure.suptitle("mutation: ROC of out-of-fold scores averaged over repeats", fontsize=10)
     figure.supxlabel("false positive rate", fontsize=9)
     figure.supylabel("true positive rate", fontsize=9)
-    _save(figure, path)
+    _save(figure, path, warnings)
 
 
-def auroc_bars(path: Path, tables: dict[str, pd.DataFrame]) -> None:
+def auroc_bars(path: Path, tables: dict[str, pd.DataFrame], warnings: Sequence[str] = ()) -> None:
     """Grouped bars per mutation: each model's AUROC, mean ± std over repeats (per-gene mutation tables)."""
     _use_agg()
     import matplotlib.pyplot as plt
@@ -125,7 +130,7 @@ def auroc_bars(path: Path, tables: dict[str, pd.DataFrame]) -> None:
     ax.set_ylabel("AUROC (mean ± std over repeats)")
     ax.set_ylim(0.0, 1.0)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(names), fontsize=8, frameon=False)
-    _save(figure, path)
+    _save(figure, path, warnings)
 
 
 def _use_agg() -> None:
@@ -135,10 +140,12 @@ def _use_agg() -> None:
     matplotlib.use("Agg")
 
 
-def _save(figure: Figure, path: Path) -> None:
-    """PNG, atomically."""
+def _save(figure: Figure, path: Path, warnings: Sequence[str] = ()) -> None:
+    """PNG, atomically, with `warnings` in red above everything else."""
     import matplotlib.pyplot as plt
 
+    if warnings:
+        figure.text(0.5, 1.0, "\n".join(warnings), color="tab:red", fontsize=7, ha="center", va="bottom", wrap=True)
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
+        figure.savefig(temporary, dpi=110, format="png", bbox_inches="tight")
     plt.close(figure)

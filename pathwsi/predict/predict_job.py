@@ -9,7 +9,7 @@ targets, targets without slides, genes missing or constant) are logged and writt
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,12 @@ def run_predict_job(
     settings: EvaluationSettings,
     sites: dict[str, str],
     out_dir: Path,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Cross-validate every task the cohort has targets for; write tables, figures and summaries to `out_dir`."""
+    """Cross-validate every task the cohort has targets for; write tables, figures and summaries to `out_dir`, all
+    headed by `warnings` about the features (the aggregate provenance's: untrained weights)."""
+    for warning in warnings:
+        log.warning("%s", warning)
     features = {model: read_features(path) for model, path in feature_files.items()}
     patients = list(next(iter(features.values())).index)
     min_patients = 2 * settings.folds
@@ -90,6 +94,7 @@ def run_predict_job(
         expression=tables.get("expression"),
         mutations=tables.get("mutations"),
         sites=site_of,
+        warnings=warnings,
     )
     for task, counts in summary["tasks"].items():
         log.info("%s: %s", task, {k: v for k, v in counts.items() if k != "paper"})

@@ -5,6 +5,7 @@ rule predict:
             "results/aggregate/{{cohort}}/{model}.patients.parquet", model=list(CONFIG["models"]["backbones"])
         ),
         targets=cohort_target_files,
+        provenance="results/aggregate/{cohort}/provenance.json",  # its warnings head every output
     output:
         report(
             directory("results/predict/{cohort}"),

@@ -1,5 +1,6 @@
 """Snakemake entry point of rule `predict`: one cohort's patient features + targets -> predictors."""
 
+import json
 from pathlib import Path
 
 from pathwsi.predict.evaluate import EvaluationSettings
@@ -15,4 +16,5 @@ with job_log(snakemake.log[0]):
         EvaluationSettings.from_config(shaping),
         snakemake.params.sites,
         Path(snakemake.output[0]),
+        warnings=json.loads(Path(snakemake.input.provenance).read_text())["warnings"],
     )
