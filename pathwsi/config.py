@@ -150,13 +150,29 @@ def _tile_folder_warnings(config: dict[str, Any]) -> list[str]:
 
 
 def _device_warnings(config: dict[str, Any]) -> list[str]:
-    """CUDA asked for on a machine without an NVIDIA device (without importing torch: this runs at every start)."""
-    if not config["features"]["device"].startswith("cuda") or glob.glob("/dev/nvidia[0-9]*"):
+    """A machine without an NVIDIA device (found without importing torch: this runs at every start): CUDA asked for
+    fails, 'auto' runs on the CPU (said here once for the run, not by every job)."""
+    device = config["features"]["device"]
+    if glob.glob("/dev/nvidia[0-9]*") or device == "cpu":
         return []
+    if device == "auto":
+        return ["key 'features.device': 'auto', and this machine has no NVIDIA GPU: features jobs that run here use the "
+                "CPU (slow; fine for the demo; on a cluster they run on GPU nodes)"]  # fmt: skip
     return [
-        f"key 'features.device': '{config['features']['device']}', but this machine has no NVIDIA GPU (no /dev/nvidia*); "
+        f"key 'features.device': '{device}', but this machine has no NVIDIA GPU (no /dev/nvidia*); "
         "features jobs that run here will fail (on a cluster, they run on GPU nodes: then this is expected)"
     ]
+
+
+def _untrained_warnings(config: dict[str, Any]) -> list[str]:
+    """Backbones with untrained weights, and those fine-tuned from one: said once at the start of a run."""
+    backbones, base = config["models"]["backbones"], config["finetune"]["base"]
+    untrained = [name for name, entry in backbones.items() if entry["weights"] == "untrained"]
+    from_untrained = [n for n, e in backbones.items() if e["weights"] == FTX_WEIGHTS and base in untrained]
+    warnings = [
+        f"model '{name}' has UNTRAINED, seeded weights: its features are for demos and tests only" for name in untrained
+    ]
+    return warnings + [f"model '{name}' is fine-tuned from the UNTRAINED '{base}': its features are for demos and tests only" for name in from_untrained]  # fmt: skip
 
 
 def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> list[str]:
@@ -192,4 +208,4 @@ def check_cross_references(config: dict[str, Any], samples: list[Sample]) -> lis
     problems += _fine_tuned_arch_problems(config) + _weights_file_problems(config)
     if problems:
         raise ConfigError("config", problems)
-    return warnings + _tile_folder_warnings(config) + _device_warnings(config)
+    return warnings + _tile_folder_warnings(config) + _untrained_warnings(config) + _device_warnings(config)

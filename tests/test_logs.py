@@ -30,3 +30,17 @@ def test_a_clean_exit_is_not_an_error(tmp_path):
         with job_log(str(log)):
             raise SystemExit(0)
     assert "failed" not in log.read_text()
+
+
+def test_run_wide_warnings_stay_in_the_job_log_and_out_of_the_runs(tmp_path, capsys):
+    """104 jobs saying 'UNTRAINED' and 'no CUDA' twice each drowned the run's log: the run's start says them once."""
+    from pathwsi.runtime.logs import RUN_WIDE
+
+    log = tmp_path / "job.log"
+    with job_log(log):
+        logging.getLogger("pathwsi.test").warning("model 'x' has UNTRAINED weights", extra=RUN_WIDE)
+        logging.getLogger("py.warnings").warning("model 'x' uses UNTRAINED weights")  # Python's, once captured
+        logging.getLogger("pathwsi.test").warning("slide s: stain fit not used")
+    text, err = log.read_text(), capsys.readouterr().err
+    assert "has UNTRAINED weights" in text and "uses UNTRAINED weights" in text and "stain fit not used" in text
+    assert "UNTRAINED" not in err and "slide s: stain fit not used" in err

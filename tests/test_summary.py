@@ -118,3 +118,10 @@ def test_a_slide_with_unreadable_tiles_is_partial_and_named_with_its_tiles(tmp_p
         in markdown
     )
     assert "| c2 | 1 | 1 | 0 | 1 | 10 | 0 | 1 | 0 |" in markdown
+
+
+def test_text_tables_hold_six_significant_digits_not_float_noise(tmp_path):
+    from pathwsi.runtime.outputs import write_frame
+
+    write_frame(pd.DataFrame({"q": [0.9999999999999419, 0.123456789, 1e-12], "n": [1, 2, 3]}), tmp_path / "t.tsv")
+    assert (tmp_path / "t.tsv").read_text().splitlines() == ["q\tn", "1\t1", "0.123457\t2", "1e-12\t3"]

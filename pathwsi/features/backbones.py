@@ -20,6 +20,7 @@ import torch
 
 from pathwsi.errors import PathwsiError
 from pathwsi.features.architectures import KERAS_XCEPTION, create_network, has_fixed_bn_eps, set_batchnorm_eps
+from pathwsi.runtime.logs import RUN_WIDE
 from pathwsi.runtime.outputs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' (CUDA when present, else the CPU, with a warning), 'cpu', 'cuda' or 'cuda:N'."""
     if str(device) == "auto":
         if not torch.cuda.is_available():
-            log.warning("no CUDA device: running on the CPU (slow; fine for the demo)")
+            log.warning("no CUDA device: running on the CPU (slow; fine for the demo)", extra=RUN_WIDE)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():

@@ -14,7 +14,7 @@ from pathwsi.features.backbones import build_backbone, resolve_device, specs_fro
 from pathwsi.features.extract import ExtractSettings, extract_slide
 from pathwsi.features.feature_request import FeatureRequest
 from pathwsi.features.store import open_store
-from pathwsi.runtime.logs import job_log
+from pathwsi.runtime.logs import RUN_WIDE, job_log
 from pathwsi.runtime.outputs import write_json
 from pathwsi.samples import Sample
 from pathwsi.slides.tile_record import TilesRecord
@@ -46,9 +46,9 @@ def run_feature_job(
         build_backbone(spec, allow_network=models_config["allow_network"], device=device)
         for spec in specs_from_config(models_config).values()
     ]
-    for model in models:
-        if model.spec.untrained:
-            log.warning("%s", model.provenance()["warning"])
+    for provenance in (model.provenance() for model in models):
+        if "warning" in provenance:  # untrained weights: the run's start says it once, the job log for each slide
+            log.warning("%s", provenance["warning"], extra=RUN_WIDE)
     if tiling.status != "ok":
         log.warning(
             "%s: tiling status %s (%s); writing an empty feature store", sample.slide_id, tiling.status, tiling.reason

@@ -304,4 +304,4 @@ def match(
 
 def write_target_table(table: pd.DataFrame, path: Path) -> None:
     """Write a patients × genes table atomically, the patient id as its first column `patient_id`."""
-    write_frame(table.rename_axis(ID_COLUMN).reset_index(), path)
+    write_frame(table.rename_axis(ID_COLUMN).reset_index(), path, float_format=None)  # the user's values, exactly

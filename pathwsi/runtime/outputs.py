@@ -100,15 +100,20 @@ def write_table(columns: dict[str, np.ndarray], path: Path) -> None:
         pq.write_table(pa.table(columns), temporary)
 
 
-def write_frame(frame: pd.DataFrame, path: Path, sep: str | None = None) -> None:
-    """Write `frame` without its index, atomically: Parquet, CSV or TSV by the suffix of `path`, or
-    text with separator `sep` when given."""
+RESULT_FLOATS = "%.6g"  # six significant digits in text tables: results, not float noise (0.9999999999999419)
+
+
+def write_frame(
+    frame: pd.DataFrame, path: Path, sep: str | None = None, float_format: str | None = RESULT_FLOATS
+) -> None:
+    """Write `frame` without its index, atomically: Parquet, CSV or TSV by the suffix of `path`, or text with
+    separator `sep` when given; text floats in `float_format` (None: every digit)."""
     path = Path(path)
     with atomic_path(path) as temporary:
         if sep is None and is_parquet(path):
             frame.to_parquet(temporary, index=False)
         else:
-            frame.to_csv(temporary, sep=sep or text_separator(path), index=False)
+            frame.to_csv(temporary, sep=sep or text_separator(path), index=False, float_format=float_format)
 
 
 def is_parquet(path: Path) -> bool:
