@@ -151,7 +151,7 @@ def main() -> None:
                 print(f"round {round_ + 1} {mode}: done", file=sys.stderr, flush=True)
 
     print(
-        f"{args.slides} slides ({statistics.median(tiles):.0f} tiles each, median) x {args.rounds} rounds; features: 2 x legacy_xception at {args.input_px} px, device {device}, {args.threads} threads"
+        f"{args.slides} slides ({statistics.median(tiles):.0f} tiles each, median) x {args.rounds} rounds; features: 2 x {config['models']['backbones']['imgnet']['arch']} at {args.input_px} px, device {device}, {args.threads} threads"
     )
     print(f"{'stage':9} {'mode':6} {'job wall s':>10} {'work s':>8} {'start-up s':>10}")
     for stage in ("tile", "features"):
