@@ -223,7 +223,8 @@ def _tile(args: argparse.Namespace) -> int:
     config = load_config(*args.config)
     slide_id = args.slide_id or args.slide.stem
     record = {"cohort": "cli", "slide_id": slide_id, "patient_id": slide_id, "path": str(args.slide), "mpp": args.mpp}
-    problems = sample_problems({k: v for k, v in record.items() if v is not None}, f"--slide-id '{slide_id}'")
+    flags = {"slide_id": "--slide-id", "mpp": "--mpp", "path": "the slide argument"}
+    problems = sample_problems({k: v for k, v in record.items() if v is not None}, f"slide '{slide_id}'", called=flags)
     if problems:
         raise ConfigError("pathwsi tile", problems)
     sample = Sample(**record)

@@ -86,12 +86,17 @@ def _slide_file_problems(path: Path, where: str) -> list[str]:
     return []
 
 
-def sample_problems(record: dict[str, Any], where: str, schema: dict[str, Any] | None = None) -> list[str]:
-    """What is wrong with one sample-sheet row (as a dict of its columns), each naming `where` and the column."""
+def sample_problems(
+    record: dict[str, Any], where: str, schema: dict[str, Any] | None = None, called: dict[str, str] | None = None
+) -> list[str]:
+    """What is wrong with one sample-sheet row (as a dict of its columns), each naming `where` and the column, or
+    what `called` calls it instead (a command's own flags: {"mpp": "--mpp"})."""
     validator = jsonschema.Draft202012Validator(schema or load_schema("samples"))
+    named = called or {}
     return [
-        f"{where}: column '{_column_of(err)}' {err.message}; {_fix_for(_column_of(err))}"
+        f"{where}: {named.get(column, f'column {column!r}')} {err.message}; {_fix_for(column)}"
         for err in validator.iter_errors(record)
+        for column in [_column_of(err)]
     ]
 
 

@@ -343,7 +343,11 @@ def test_pathwsi_tile_checks_the_slide_id_like_the_sheet(slide_file, capsys):
     assert (
         main(["tile", str(slide_file), "--slide-id", "bad/id", "--config", str(ROOT / "config" / "config.yaml")]) == 2
     )
-    assert "--slide-id 'bad/id': column 'slide_id'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "slide 'bad/id': --slide-id 'bad/id' does not match" in err and "column" not in err  # its own flags
+    config = str(ROOT / "config" / "config.yaml")
+    assert main(["tile", str(slide_file), "--mpp", "-1", "--config", config]) == 2
+    assert ": --mpp " in capsys.readouterr().err
 
 
 def test_pathwsi_check_runs_the_cross_checks(tmp_path, slide_file, capsys):

@@ -106,7 +106,10 @@ def test_experiment_writes_tables_and_figure_and_flags_untrained_models(tmp_path
     assert 0 <= float(accuracy[0]["mean"]) <= 1 and float(accuracy[0]["std"]) >= 0
     comparison = read_tsv(tmp_path / "comparison.tsv")
     assert len(comparison) == 1 + len(CLASSES) and comparison[0]["model_a"] == "a" and comparison[0]["model_b"] == "b"
-    assert 0 <= float(comparison[0]["p_value"]) <= 1
+    assert 0 <= float(comparison[0]["wilcoxon_p"]) <= 1
+    assert float(comparison[0]["mean_a_minus_b"]) == pytest.approx(
+        float(comparison[0]["mean_a"]) - float(comparison[0]["mean_b"]), abs=1e-5
+    )  # the same columns, and direction, as the predictors' comparison.tsv
     assert len(read_tsv(tmp_path / "repeats.tsv")) == 2 * 3
     counts = read_tsv(tmp_path / "confusion_b.tsv")
     assert sum(int(v) for row in counts for k, v in row.items() if k != "true\\predicted") == 3 * 4 * len(CLASSES)
@@ -144,7 +147,7 @@ def test_fine_tuned_features_classify_held_out_tiles_clearly_better_than_untrain
     finetune(base, settings, train, None, tmp_path / "ftx.safetensors", tmp_path / "work", device="cpu", progress=False)
     ftx = ModelSpec("ftx", weights=str(tmp_path / "ftx.safetensors"), input_px=px)
     run_tissue_experiment(
-        [base, ftx], test, tmp_path / "experiment", ExperimentSettings(repeats=5, num_workers=0), device="cpu", jobs=2
+        [ftx, base], test, tmp_path / "experiment", ExperimentSettings(repeats=5, num_workers=0), device="cpu", jobs=2
     )
     overall = {
         r["model"]: float(r["mean"])
@@ -153,4 +156,4 @@ def test_fine_tuned_features_classify_held_out_tiles_clearly_better_than_untrain
     }
     row = next(r for r in read_tsv(tmp_path / "experiment" / "comparison.tsv") if r["class"] == "overall")
     assert overall["ftx"] >= overall["imgnet"] + 0.10, overall
-    assert int(row["repeats_b_better"]) == 5, row
+    assert row["model_a"] == "ftx" and int(row["repeats_a_higher"]) == 5, row

@@ -322,7 +322,7 @@ def _write_comparison(path: Path, accuracy: dict[str, np.ndarray], classes: tupl
         a, b = accuracy[first], accuracy[second]
         for j, label in enumerate((OVERALL, *classes)):
             statistic, p = paired_test(a[:, j], b[:, j])
-            diff = b[:, j] - a[:, j]
+            diff = a[:, j] - b[:, j]  # a − b, as in the predictors' comparison.tsv
             rows.append(
                 [
                     first,
@@ -346,12 +346,12 @@ def _write_comparison(path: Path, accuracy: dict[str, np.ndarray], classes: tupl
             "class",
             "mean_a",
             "mean_b",
-            "mean_b_minus_a",
-            "repeats_b_better",
-            "repeats_a_better",
+            "mean_a_minus_b",
+            "repeats_a_higher",
+            "repeats_b_higher",
             "repeats_tied",
             "wilcoxon_statistic",
-            "p_value",
+            "wilcoxon_p",
         ],
         rows,
     )
