@@ -100,6 +100,14 @@ def test_a_noisier_copy_loses_the_comparison(cohort):
     comparison = compare(mutation_result, "a", "b")
     assert (comparison["mean_b"] > comparison["mean_a"]).all() and (comparison["repeats_b_higher"] >= 6).all()
     assert counts(comparison, settings.fdr)["higher_with_b"] == 2
+    chance = evaluate_task(
+        "mutation",
+        frames(noisy, x),
+        mutations[["M0"]].sample(frac=1, random_state=1).set_axis(mutations.index),
+        settings,
+    )
+    left_out = counts(compare(chance, "a", "b"), settings.fdr)  # a permuted mutation: neither model predicts it
+    assert left_out["above_chance_either"] == 0 and left_out["higher_with_a"] == left_out["higher_with_b"] == 0
 
 
 def test_missing_targets_drop_those_patients_for_that_gene_only(cohort):
@@ -142,7 +150,8 @@ def test_a_training_fold_with_one_class_gives_nan_not_a_crash(cohort, caplog):
     assert "failed_folds" in caplog.text
     comparison = compare(result, "a", "b")
     assert np.isnan(comparison.set_index("gene").loc["ONE", "wilcoxon_p"])
-    assert counts(comparison, 0.05)["not_compared"] == 1
+    summary = counts(comparison, 0.05)  # ONE has no AUROC: left out, not counted for either model
+    assert summary["above_chance_either"] == summary["genes"] - 1 and summary["not_compared"] == 0
 
 
 def test_alignment_follows_patient_ids_and_rejects_mismatches(cohort):

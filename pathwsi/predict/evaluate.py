@@ -380,20 +380,23 @@ def compare(result: TaskResult, a: str, b: str) -> pd.DataFrame:
     if result.task == "expression":
         table["significant_a"] = result.tables[a]["significant"].to_numpy()
         table["significant_b"] = result.tables[b]["significant"].to_numpy()
+    else:  # a model predicts a mutation when the bootstrap CI of its AUROC lies above chance
+        table["above_chance_a"] = (result.tables[a]["ci_low"] > 0.5).to_numpy()
+        table["above_chance_b"] = (result.tables[b]["ci_low"] > 0.5).to_numpy()
     return table
 
 
 def counts(comparison: pd.DataFrame, fdr: float) -> dict[str, Any]:
     """The paper's summary counts of one task's comparison.
 
-    Expression: among genes significant (q < fdr) with either model; mutation: among all genes.
+    Expression: among genes significant (q < fdr) with either model; mutation: among genes whose AUROC CI lies above
+    chance with either model (the others, which neither model predicts, are left out and counted as such).
     "higher": higher mean metric over repeats; "…_significant": and Wilcoxon q < fdr.
     """
     task = str(comparison["task"].iat[0])
     expression = task == "expression"
-    considered = (
-        (comparison["significant_a"] | comparison["significant_b"]) if expression else pd.Series(True, comparison.index)
-    )
+    kind = "significant" if expression else "above_chance"
+    considered = comparison[f"{kind}_a"] | comparison[f"{kind}_b"]
     higher_a, higher_b = comparison["mean_a"] > comparison["mean_b"], comparison["mean_a"] < comparison["mean_b"]
     differs = comparison["wilcoxon_q"] < fdr
     out: dict[str, Any] = {
@@ -402,12 +405,11 @@ def counts(comparison: pd.DataFrame, fdr: float) -> dict[str, Any]:
         "metric": METRIC[task],
         "genes": len(comparison),
     }
-    if expression:
-        out |= {
-            "significant_a": int(comparison["significant_a"].sum()),
-            "significant_b": int(comparison["significant_b"].sum()),
-            "significant_either": int(considered.sum()),
-        }
+    out |= {
+        f"{kind}_a": int(comparison[f"{kind}_a"].sum()),
+        f"{kind}_b": int(comparison[f"{kind}_b"].sum()),
+        f"{kind}_either": int(considered.sum()),
+    }
     return out | {
         "higher_with_a": int((considered & higher_a).sum()),
         "higher_with_a_significant": int((considered & higher_a & differs).sum()),
@@ -527,7 +529,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines.append(
                 f"- significant (one-sided Pearson test, BH q < {fdr}): {a} {c['significant_a']}, {b} {c['significant_b']}, either {c['significant_either']}"
             )
-        among = "of those, " if task == "expression" else ""
+        else:
+            lines.append(
+                f"- predicted above chance (bootstrap 95 % CI of the AUROC above 0.5): {a} {c['above_chance_a']}, {b} {c['above_chance_b']}, "
+                f"either {c['above_chance_either']}; the other {c['genes'] - c['above_chance_either']} are not compared"
+            )
+        among = "of those, "
         lines.append(
             f"- {among}higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})"
         )
