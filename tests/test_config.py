@@ -83,6 +83,7 @@ def test_the_demo_overlay_points_into_the_demo_folder_and_keeps_the_rest():
         "features.dtype", "features.threads", "finetune.batch_size", "finetune.step1.epochs", "finetune.step2.lr",
         "finetune.step2.optimizer", "finetune.step2.unfreeze_from", "models.backbones.ftx.input_px",
         "models.backbones.imgnet.input_px", "models.backbones.imgnet.weights", "tissue_experiment.repeats",
+        "targets.cohorts.demo-luad.planted",
     }  # fmt: skip
 
 

@@ -145,3 +145,18 @@ def test_the_features_warnings_head_the_summaries_the_figures_and_the_log(cohort
     assert "WARNING" not in (plain / "summary.md").read_text()
     figure, plain_figure = (Image.open(folder / "expression_r_scatter.png") for folder in (out, plain))
     assert figure.size[1] > plain_figure.size[1]  # the warning's lines sit above the plot
+
+
+def test_the_summary_says_whether_each_planted_gene_is_recovered(cohort, tmp_path):
+    _, expression, mutations, features = cohort
+    out = tmp_path / "predict"
+    tables = CohortTargets(
+        str(expression), str(mutations), planted=[*list(PLANTED_EXPRESSION)[:2], PLANTED_MUTATION, "FOXP3"]
+    )
+    settings = EvaluationSettings.from_config({"predict": {"folds": 5, "repeats": 3, "bootstrap": 100}, "seed": 1})
+    summary = run_predict_job(features, tables, TargetSettings(), settings, {}, out)
+    found = {row["gene"]: row["recovered_by"] for row in summary["planted"]}
+    assert found[list(PLANTED_EXPRESSION)[0]] and found[PLANTED_MUTATION] and found["FOXP3"] == []  # FOXP3: noise
+    text = (out / "summary.md").read_text()
+    assert "## Planted signal: is it found?" in text and "- expression FOXP3: NOT recovered" in text
+    assert f"- mutation {PLANTED_MUTATION}: recovered by " in text

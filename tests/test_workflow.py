@@ -175,3 +175,7 @@ def check_demo_predictions(folder: Path) -> None:
     assert provenance["models"]["imgnet"]["untrained"] and provenance["models"]["ftx"]["untrained_base"]
     summary = (folder / "summary.md").read_text()  # the warnings travel from the stores to the predictions
     assert "model 'imgnet' has UNTRAINED" in summary and "model 'ftx' was fine-tuned from UNTRAINED" in summary
+    assert (
+        "## Planted signal: is it found?" in summary
+        and f"expression {list(PLANTED_EXPRESSION)[0]}: recovered by" in summary
+    )

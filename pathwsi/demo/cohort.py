@@ -20,7 +20,7 @@ import numpy as np
 
 from pathwsi.demo.labelled_tiles import write_tile_set
 from pathwsi.demo.slides import SyntheticTissue, write_slide
-from pathwsi.demo.targets import write_demo_targets
+from pathwsi.demo.targets import PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
 from pathwsi.runtime.outputs import atomic_path, write_text
 from pathwsi.samples import COLUMNS
 
@@ -134,6 +134,7 @@ targets:
     demo-luad:          # SYNTHETIC tables, with signal planted in the slides' lymphocytes ({demo}/targets/README.txt)
       expression: {demo}/targets/expression.tsv
       mutations: {demo}/targets/mutations.tsv
+      planted: [{planted}]  # the summary says whether each is found
 finetune:
   train_dir: {demo}/tissue_tiles/train
   batch_size: 16
@@ -158,7 +159,7 @@ models:
 
 def demo_config_text(out_dir: Path = Path("demo")) -> str:
     """The demo's config overlay (YAML) for a demo cohort written to `out_dir`."""
-    return DEMO_CONFIG.format(demo=out_dir.as_posix())
+    return DEMO_CONFIG.format(demo=out_dir.as_posix(), planted=", ".join([*PLANTED_EXPRESSION, PLANTED_MUTATION]))
 
 
 def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) -> Path:

@@ -429,9 +429,11 @@ def run_evaluation(
     mutations: pd.DataFrame | None = None,
     sites: pd.Series | None = None,
     warnings: Sequence[str] = (),
+    planted: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Each task given, the comparison of `settings.compare`, every table and figure, and summary.json/.md in `out_dir`;
-    `warnings` about the features (untrained weights) head the summary and every figure.
+    `warnings` about the features (untrained weights) head the summary and every figure; for each `planted` gene
+    (known to carry signal) the summary says which models recovered it.
 
     Returns the summary (settings, and per task the patients, the paper's counts, failure counts and seconds).
     """
@@ -452,6 +454,7 @@ def run_evaluation(
         "settings": asdict(settings),
         "pathwsi_version": __version__,
         "tasks": {},
+        "planted": [],
     }
     comparisons, repeats = [], []
     for task, targets in (("expression", expression), ("mutation", mutations)):
@@ -462,6 +465,7 @@ def run_evaluation(
         repeats.append(long_repeats(result))
         write_task(result, out_dir)
         plot_task(result, comparisons[-1], out_dir, settings.fdr, warnings)
+        summary["planted"] += recovered(result, planted)
         summary["tasks"][task] = {
             "patients": len(result.patients),
             **counts(comparisons[-1], settings.fdr),
@@ -510,6 +514,30 @@ def long_repeats(result: TaskResult) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def recovered(result: TaskResult, planted: Sequence[str]) -> list[dict[str, Any]]:
+    """Per planted gene of this task: the models that recover it (expression: significant, q < fdr; mutation: the
+    AUROC's bootstrap CI above 0.5) and each model's mean metric."""
+    metric = METRIC[result.task]
+    rows = []
+    for gene in (g for g in planted if g in set(result.genes)):
+        by_model = {name: table.loc[table["gene"] == gene].iloc[0].to_dict() for name, table in result.tables.items()}
+        hit = {
+            name: bool(row["significant"]) if result.task == "expression" else bool(row["ci_low"] > 0.5)
+            for name, row in by_model.items()
+        }
+        means = {name: round(float(row[f"{metric}_mean"]), 3) for name, row in by_model.items()}
+        rows.append(
+            {
+                "task": result.task,
+                "gene": gene,
+                "metric": metric,
+                "recovered_by": [n for n, h in hit.items() if h],
+                "mean": means,
+            }
+        )
+    return rows
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The paper's counts in a few lines, for people."""
     settings = summary["settings"]
@@ -539,4 +567,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"- {among}higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})"
         )
         lines += [f"- paper: {c['paper']}", ""]
+    if summary.get("planted"):
+        lines += ["## Planted signal: is it found?", ""]
+        for row in summary["planted"]:
+            means = ", ".join(f"{name} {value}" for name, value in row["mean"].items())
+            found = f"recovered by {', '.join(row['recovered_by'])}" if row["recovered_by"] else "NOT recovered"
+            lines.append(f"- {row['task']} {row['gene']}: {found} (mean {row['metric']}: {means})")
+        lines.append("")
     return "\n".join(lines)

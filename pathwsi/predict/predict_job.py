@@ -32,6 +32,10 @@ class CohortTargets:
     expression: str | None = None
     mutations: str | None = None
     id_column: str | None = None
+    planted: tuple[str, ...] = ()  # genes known to carry signal: the summary says whether each was recovered
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "planted", tuple(self.planted))  # a YAML list
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def run_predict_job(
         mutations=tables.get("mutations"),
         sites=site_of,
         warnings=warnings,
+        planted=cohort.planted,
     )
     for task, counts in summary["tasks"].items():
         log.info("%s: %s", task, {k: v for k, v in counts.items() if k != "paper"})
