@@ -160,3 +160,12 @@ def test_the_summary_says_whether_each_planted_gene_is_recovered(cohort, tmp_pat
     text = (out / "summary.md").read_text()
     assert "## Planted signal: is it found?" in text and "- expression FOXP3: NOT recovered" in text
     assert f"- mutation {PLANTED_MUTATION}: recovered by " in text
+
+
+def test_the_scatter_names_at_most_the_best_significant_genes():
+    from pathwsi.predict.plots import LABELLED, _labelled
+
+    value = np.arange(50, dtype=float)
+    chosen = value % 2 == 0
+    picked = _labelled(chosen, value)
+    assert len(picked) == LABELLED and chosen[picked].all() and list(picked) == sorted(picked, reverse=True)

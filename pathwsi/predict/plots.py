@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pathwsi.predict.evaluate import TaskResult
 
 SCATTER, ROC, BARS = "expression_r_scatter.png", "mutation_roc.png", "mutation_auroc.png"
+LABELLED = 20  # genes named in the expression scatter
 
 
 def plot_task(
@@ -59,7 +60,9 @@ def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float, warning
     ax.plot([low, high], [low, high], color="black", linewidth=0.8)
     ax.set_xlabel(f"mean Pearson r over repeats, {b}")
     ax.set_ylabel(f"mean Pearson r over repeats, {a}")
-    ax.set_title(f"gene expression: {a} vs {b}", fontsize=10)
+    for i in _labelled(significant, np.fmax(x, y)):
+        ax.annotate(str(comparison["gene"].iat[i]), (x[i], y[i]), xytext=(3, 2), textcoords="offset points", fontsize=6)
+    ax.set_title(f"gene expression: {a} vs {b} (up to {LABELLED} significant genes named)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     _save(figure, path, warnings)
 
@@ -83,11 +86,13 @@ def roc_curves(
         left=0.08,
         right=0.98,
         bottom=0.6 / (3.3 * rows + 0.6) + 0.04,
-        top=1 - 0.5 / (3.3 * rows + 0.6),
+        top=1 - 0.9 / (3.3 * rows + 0.6),  # room for the title above the panels' own
         wspace=0.08,
         hspace=0.25,
     )  # fixed: constrained layout of many panels is slow
     for ax, gene in zip(axes.ravel(), genes):
+        known = targets[gene].to_numpy(float)
+        known = known[np.isfinite(known)]
         for name, frame in scores.items():
             truth, score = targets[gene].to_numpy(float), frame[gene].to_numpy(float)
             usable = np.isfinite(truth) & np.isfinite(score)
@@ -96,14 +101,23 @@ def roc_curves(
             fpr, tpr, _ = roc_curve(truth[usable], score[usable])
             ax.plot(fpr, tpr, label=f"{name} {roc_auc_score(truth[usable], score[usable]):.2f}")
         ax.plot([0, 1], [0, 1], color="0.6", linewidth=0.6, linestyle="--")
-        ax.set_title(str(gene), fontsize=9)
-        ax.legend(loc="lower right", fontsize=7, title="AUROC", title_fontsize=7)
+        ax.set_title(f"{gene}: {int((known > 0).sum())} mutated of {len(known)}", fontsize=9)
+        ax.legend(loc="lower right", fontsize=7, title="AUROC of the averaged scores", title_fontsize=7)
     for ax in axes.ravel()[len(genes) :]:
         ax.set_axis_off()
-    figure.suptitle("mutation: ROC of out-of-fold scores averaged over repeats", fontsize=10)
+    figure.suptitle(
+        "mutation: ROC of out-of-fold scores averaged over repeats (mutation_auroc.png: the mean of each repeat's AUROC)",
+        fontsize=10,
+    )
     figure.supxlabel("false positive rate", fontsize=9)
     figure.supylabel("true positive rate", fontsize=9)
     _save(figure, path, warnings)
+
+
+def _labelled(chosen: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Indices of at most LABELLED chosen points, highest `value` first (more names would cover the plot)."""
+    candidates = np.flatnonzero(chosen & np.isfinite(value))
+    return candidates[np.argsort(-value[candidates])][:LABELLED]
 
 
 def auroc_bars(path: Path, tables: dict[str, pd.DataFrame], warnings: Sequence[str] = ()) -> None:
@@ -145,7 +159,7 @@ def _save(figure: Figure, path: Path, warnings: Sequence[str] = ()) -> None:
     import matplotlib.pyplot as plt
 
     if warnings:
-        figure.text(0.5, 1.0, "\n".join(warnings), color="tab:red", fontsize=7, ha="center", va="bottom", wrap=True)
+        figure.text(0.5, 1.0, "\n".join(warnings), color="tab:red", fontsize=8, ha="center", va="bottom")
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png", bbox_inches="tight")
     plt.close(figure)
