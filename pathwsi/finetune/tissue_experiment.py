@@ -146,7 +146,7 @@ def run_tissue_experiment(
     _write_comparison(out_dir / "comparison.tsv", accuracy, tiles.classes)
     confusions = {name: confusion(r["predictions"], labels, len(tiles.classes)) for name, r in results.items()}
     for name, counts in confusions.items():
-        _write_confusion(out_dir / f"confusion_{name}.tsv", counts, tiles.classes)
+        _write_confusion(out_dir / f"confusion_{name}.tsv", counts, tiles.classes, settings.repeats)
     plot(out_dir / FIGURE, accuracy, confusions, tiles.classes, notes)
     summary = {
         "test_dir": str(test_dir),
@@ -357,8 +357,9 @@ def _write_comparison(path: Path, accuracy: dict[str, np.ndarray], classes: tupl
     )
 
 
-def _write_confusion(path: Path, counts: np.ndarray, classes: tuple[str, ...]) -> None:
-    _write_tsv(path, ["true\\predicted", *classes], [[label, *row.tolist()] for label, row in zip(classes, counts)])
+def _write_confusion(path: Path, counts: np.ndarray, classes: tuple[str, ...], repeats: int) -> None:
+    corner = f"true\\predicted (summed over {repeats} repeats)"  # every tile is predicted once per repeat
+    _write_tsv(path, [corner, *classes], [[label, *row.tolist()] for label, row in zip(classes, counts)])
 
 
 def plot(
@@ -395,9 +396,19 @@ def plot(
             capsize=2,
             label=name + tags[name],
         )
+    repeats = len(next(iter(accuracy.values())))
     bars.set_xticks(np.arange(len(labels)), labels)
-    bars.set_ylabel(f"accuracy (mean ± std, {len(next(iter(accuracy.values())))} repeats)")
-    bars.set_ylim(max(0.0, min(float(a.mean(axis=0).min()) for a in accuracy.values()) - 0.1), 1.0)
+    bars.set_ylabel(f"accuracy (mean ± std, {repeats} repeats)")
+    spread = {name: a.std(axis=0, ddof=1 if repeats > 1 else 0) for name, a in accuracy.items()}
+    low = min(float((a.mean(axis=0) - spread[name]).min()) for name, a in accuracy.items())
+    tops = np.max([a.mean(axis=0) + spread[name] for name, a in accuracy.items()], axis=0)  # per class
+    bars.set_ylim(max(0.0, low - 0.1), float(tops.max()) + 0.06)  # whole error bars, and room for the p-values
+    if len(names) >= 2:  # the first pair, paired over repeats (comparison.tsv has every pair)
+        first, second = accuracy[names[0]], accuracy[names[1]]
+        for j in range(len(labels)):
+            _, p = paired_test(first[:, j], second[:, j])
+            bars.text(j, float(tops[j]) + 0.01, f"p={p:.2g}", ha="center", va="bottom", fontsize=7)
+        bars.set_title(f"{names[0]} vs {names[1]}: Wilcoxon signed-rank p over repeats, per class", fontsize=9)
     bars.legend(loc="lower left")
     for i, name in enumerate(names):
         ax = figure.add_subplot(grid[1 + i // 3, i % 3])
@@ -419,7 +430,7 @@ def plot(
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{name}{tags[name]}: % of true class", fontsize=9)
+        ax.set_title(f"{name}{tags[name]}\n% of true class, {repeats} repeats pooled", fontsize=9)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
