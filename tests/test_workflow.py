@@ -170,7 +170,7 @@ def check_demo_predictions(folder: Path) -> None:
     mutations = pd.read_csv(folder / "mutation_ftx.tsv", sep="\t").set_index("gene")
     assert mutations.loc[PLANTED_MUTATION, "auroc_mean"] > 0.62, (
         mutations
-    )  # 0.69-0.70 measured; CPU runs differ slightly
+    )  # 0.69-0.70 measured; the bound leaves room for run-to-run differences on the CPU
     provenance = json.loads((folder.parent.parent / "aggregate" / "demo-luad" / "provenance.json").read_text())
     assert provenance["models"]["imgnet"]["untrained"] and provenance["models"]["ftx"]["untrained_base"]
     summary = (folder / "summary.md").read_text()  # the warnings travel from the stores to the predictions
