@@ -143,3 +143,16 @@ def test_a_stored_stain_fit_is_recorded_and_hashed_exactly_as_written(tmp_path, 
     assert record.stain.to_json()["params"] != on_disk["stain"]["params"]  # the round trip moves a digit
     assert record.to_json()["stain"] == on_disk["stain"]
     assert store_attrs(record.sample, record, [], ExtractSettings())["stain"]["params"] == on_disk["stain"]["params"]
+
+
+def test_qc_pictures_carry_a_title_a_legend_and_a_scale_bar_in_mm():
+    from PIL import Image
+
+    from pathwsi.slides.qc import scale_bar, titled
+
+    plain = Image.new("RGB", (1000, 400), "white")
+    barred = np.asarray(scale_bar(plain, mpp=2.0))  # a fifth of 1000 px at 2 µm/px is 0.4 mm: the bar is 0.5 mm
+    bar_rows = np.flatnonzero((barred[:, :, 0] == 0).sum(axis=1) >= 250)
+    assert len(bar_rows) and (barred[bar_rows[0], :, 0] == 0).sum() == 251  # 0.5 mm = 250 px, both ends drawn
+    framed = titled(plain, ["line 1", "line 2"], [((0, 0, 0), "tissue mask", True)])
+    assert framed.height > plain.height + 2 * 14 and framed.width == plain.width

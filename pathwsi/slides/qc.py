@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,11 @@ from PIL import Image, ImageDraw
 from pathwsi.runtime.outputs import atomic_path
 
 MASK_TINT = np.array([0, 170, 80], np.float32)
+MASK_LEGEND = (120, 200, 150)  # the tint on a light background
 TILE_OUTLINE = (20, 60, 220)
+SCALE_BARS_MM = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+LINE_PX = 14  # height of a line of the default bitmap font, with spacing
+LegendEntry = tuple[tuple[int, int, int], str, bool]  # colour, label, filled swatch (else an outline)
 
 
 def tiles_overview(
@@ -31,6 +36,36 @@ def tiles_overview(
         x, y = x_um / thumb_mpp, y_um / thumb_mpp
         draw.rectangle([x, y, x + side - 1, y + side - 1], outline=TILE_OUTLINE)
     return image
+
+
+def titled(image: Image.Image, lines: Sequence[str], legend: Sequence[LegendEntry] = ()) -> Image.Image:
+    """`image` under a white band of `lines` (a title), above a band of `legend` entries."""
+    width = max(image.width, 480)
+    top, bottom = 8 + LINE_PX * len(lines), (8 + LINE_PX) if legend else 0
+    canvas = Image.new("RGB", (width, top + image.height + bottom), "white")
+    canvas.paste(image, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((6, 4 + LINE_PX * row), line, fill=(0, 0, 0))
+    x, y = 6, top + image.height + 4
+    for colour, label, filled in legend:
+        draw.rectangle([x, y + 2, x + 10, y + 10], outline=colour, fill=colour if filled else None)
+        draw.text((x + 14, y), label, fill=(0, 0, 0))
+        x += 24 + int(draw.textlength(label))
+    return canvas
+
+
+def scale_bar(image: Image.Image, mpp: float) -> Image.Image:
+    """`image` (at `mpp` µm/px) with a scale bar in mm at its bottom left, about a fifth of its width."""
+    mm = min(SCALE_BARS_MM, key=lambda length: abs(length * 1000 / mpp - image.width / 5))
+    length = round(mm * 1000 / mpp)
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    x, y = 8, out.height - 12
+    draw.rectangle([x - 3, y - 14, x + length + 3, y + 6], fill=(255, 255, 255))
+    draw.rectangle([x, y, x + length, y + 3], fill=(0, 0, 0))
+    draw.text((x, y - 13), f"{mm:g} mm", fill=(0, 0, 0))
+    return out
 
 
 def message_card(title: str, message: str, width: int = 640) -> Image.Image:

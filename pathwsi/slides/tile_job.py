@@ -25,7 +25,7 @@ from pathwsi.runtime.logs import job_log
 from pathwsi.runtime.outputs import write_table
 from pathwsi.samples import Sample
 from pathwsi.slides.grid import TileSettings, tile_grid, tissue_fractions
-from pathwsi.slides.qc import message_card, save_png, tiles_overview
+from pathwsi.slides.qc import MASK_LEGEND, TILE_OUTLINE, message_card, save_png, scale_bar, tiles_overview, titled
 from pathwsi.slides.slide import Slide, SlideError
 from pathwsi.slides.tile_record import LevelZeroMpp, TileCounts, TileGeometry, TilesRecord
 from pathwsi.slides.tile_request import TileRequest, TilingOutputs
@@ -130,7 +130,13 @@ def _tile(
             tiling.tile_mpp,
         )
     qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
-    save_png(tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp), outputs.qc)
+    overview = tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp)
+    title = [
+        f"{slide.slide_id}: {len(coords)} tiles kept of {len(grid)}; tissue {tissue.area_mm2:.2f} mm2",
+        f"level 0 at {mpp0:.4g} um/px (from {slide.mpp.source}); tiles {tiling.tile_px} px at {tiling.tile_mpp:g} um/px",
+    ]
+    legend = [(MASK_LEGEND, "tissue mask", True), (TILE_OUTLINE, f"kept tile ({tiling.tile_um:g} um)", False)]
+    save_png(titled(scale_bar(overview, qc_mpp), title, legend), outputs.qc)
     fit = _fit_stain(slide, coords, settings, outputs.stain_qc)
     found["stain"] = fit
     if fit.status != "fitted" and len(coords):
@@ -153,7 +159,9 @@ def _fit_stain(slide: Slide, coords: np.ndarray, settings: TilingJobSettings, qc
     shown = tiles[: settings.qc_stain_tiles]
     if shown:
         after = [normalize_array(tile, fit.params, fit.target, stain.io, stain.beta) for tile in shown]
-        save_png(Image.fromarray(qc_panel(shown, after)), qc_path)
+        status = fit.status + (f" ({fit.reason})" if fit.reason else "")
+        lines = [f"{slide.slide_id}: stain fit {status}", "top row: before normalization; bottom row: after"]
+        save_png(titled(Image.fromarray(qc_panel(shown, after)), lines), qc_path)
     else:
         save_png(
             message_card(f"{slide.slide_id}: no tissue tiles", "nothing to normalize; see the tiling QC picture"),
