@@ -228,7 +228,6 @@ def _tile(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigError("pathwsi tile", problems)
     sample = Sample(**record)
-
     outputs = TilingOutputs.under(args.results, slide_id)
     tiled = tile_slide(sample, TilingJobSettings.from_config(config), outputs)
     print(f"{slide_id}: {tiled.status}, {tiled.kept} tiles; outputs in {outputs.tiles.parent} and {outputs.qc.parent}")
@@ -262,7 +261,6 @@ def _finetune(args: argparse.Namespace) -> int:
         device=args.device,
         restart=args.restart,
     )
-
     print(f"FTX weights: {args.out} (metrics in {args.workdir / 'metrics.tsv'}); best epoch {summary.get('best')}")
     return 0
 
@@ -279,7 +277,6 @@ def _tissue_experiment(args: argparse.Namespace) -> int:
         device=args.device,
         jobs=args.jobs,
     )
-
     print(f"tables and figure in {args.out}")
     return 0
 
