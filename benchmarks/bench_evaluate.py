@@ -70,7 +70,7 @@ def main() -> None:
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        summary = run_evaluation(features, Path(folder), settings, expression=expression, mutations=mutations)
+        summary, _ = run_evaluation(features, Path(folder), settings, expression=expression, mutations=mutations)
     total = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for task, counts in summary["tasks"].items():

@@ -18,8 +18,10 @@ from pathwsi.finetune.tissue_experiment import ExperimentSettings
 from pathwsi.finetune.train import FinetuneSettings
 from pathwsi.predict.aggregate import check_statistics
 from pathwsi.predict.evaluate import EvaluationSettings
+from pathwsi.predict.tile_models import HeatmapSettings
 from pathwsi.predict.predict_job import TargetSettings
 from pathwsi.runtime.dask_scheduler import DaskScheduler
+from pathwsi.runtime.gpu_claim import GpuSettings
 from pathwsi.samples import COLUMNS, REQUIRED_COLUMNS, Sample, load_samples
 from pathwsi.slides.grid import TileSettings
 from pathwsi.slides.tissue_mask import TissueSettings
@@ -83,7 +85,7 @@ def test_the_demo_overlay_points_into_the_demo_folder_and_keeps_the_rest():
         "features.dtype", "features.threads", "finetune.batch_size", "finetune.step1.epochs", "finetune.step2.lr",
         "finetune.step2.optimizer", "finetune.step2.unfreeze_from", "models.backbones.ftx.input_px",
         "models.backbones.imgnet.input_px", "models.backbones.imgnet.weights", "tissue_experiment.repeats",
-        "targets.cohorts.demo-luad.planted",
+        "targets.cohorts.demo-luad.planted", "predict.heatmaps.mutations", "predict.heatmaps.top_genes",
     }  # fmt: skip
 
 
@@ -94,7 +96,8 @@ SECTIONS = [
     ("tissue", TissueSettings, set(), set()),
     ("stain", StainSettings, set(), set()),
     ("features", ExtractSettings, {"threads"}, set()),  # the job's CPU threads (rule threads)
-    ("predict", EvaluationSettings, set(), {"seed"}),  # the top-level seed
+    ("gpus", GpuSettings, set(), set()),
+    ("predict", EvaluationSettings, {"heatmaps"}, {"seed"}),  # the top-level seed; heatmaps: HeatmapSettings
     ("targets", TargetSettings, {"cohorts"}, set()),  # each cohort's tables: CohortTargets
     ("finetune", FinetuneSettings, {"train_dir", "val_dir"}, {"seed"}),  # folders: rule inputs
     ("tissue_experiment", ExperimentSettings, {"test_dir", "models"}, {"seed"}),  # folder and compared backbones
@@ -400,3 +403,11 @@ def test_missing_labelled_tile_folders_are_named_at_start(slide_file):
         "key 'finetune.train_dir': folder 'data/NCT-CRC-HE-100K' not found; rule finetune" in w for w in warnings
     )
     assert any("key 'tissue_experiment.test_dir': folder 'data/CRC-VAL-HE-7K' not found" in w for w in warnings)
+
+
+def test_the_heatmaps_section_and_its_settings_class_agree():
+    schema = load_schema("config")["properties"]["predict"]["properties"]["heatmaps"]["properties"]
+    assert set(schema) == {f.name for f in dataclasses.fields(HeatmapSettings)}
+    settings = HeatmapSettings.from_config(validate_config({}))
+    assert settings == HeatmapSettings(model="ftx")  # the model defaults to the first compared one
+    assert HeatmapSettings.from_config(validate_config({"predict": {"compare": ["b", "a"]}})).model == "b"

@@ -181,7 +181,8 @@ def test_grouping_by_site_keeps_sites_within_folds(cohort):
 def test_run_evaluation_writes_tables_figures_and_summary(cohort, tmp_path):
     x, expression, mutations = cohort
     noisy = x + np.random.default_rng(1).standard_normal(x.shape)
-    summary = run_evaluation(frames(x, noisy), tmp_path, SETTINGS, expression=expression, mutations=mutations)
+    summary, results = run_evaluation(frames(x, noisy), tmp_path, SETTINGS, expression=expression, mutations=mutations)
+    assert [r.task for r in results] == ["expression", "mutation"]
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == sorted(
         [f"{task}_{m}{suffix}.tsv" for task in ("expression", "mutation") for m in "ab" for suffix in ("", "_oof")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,53 +13,80 @@ from PIL import Image
 
 from pathwsi.demo.cohort import lymphocyte_densities
 from pathwsi.demo.targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
+from pathwsi.predict.aggregate import AggregateOutputs
 from pathwsi.predict.evaluate import EvaluationSettings
 from pathwsi.predict.predict_job import CohortTargets, TargetSettings, run_predict_job
 from pathwsi.predict.targets import TargetError
 from pathwsi.runtime.outputs import write_table
 
 N_FEATURES = 64
+SLIDES_OF = {"P00": 3, "P01": 2}  # slides per patient; the others have one
 
 
-def write_features(folder: Path, density: dict[str, float], noise: dict[str, float], seed: int = 0) -> dict[str, Path]:
-    """Patient feature tables whose first features follow the lymphocyte density, per model with its noise."""
+def write_aggregate(
+    folder: Path, density: dict[str, float], noise: dict[str, float], seed: int = 0, warnings: Sequence[str] = ()
+) -> AggregateOutputs:
+    """An aggregate folder whose features follow the lymphocyte density, per model with its noise: slide features
+    (the patient's signal plus a little per-slide noise), patient features (the mean of its slides), slides.tsv
+    and the provenance with `warnings`."""
     rng = np.random.default_rng(seed)
     patients = sorted(density)
+    slides = [(f"{p}-DX{k + 1}", p) for p in patients for k in range(SLIDES_OF.get(p, 1))]
     d = np.array([density[p] for p in patients])
     loadings = rng.normal(size=N_FEATURES)
-    files = {}
+    outputs = AggregateOutputs(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for model, sd in noise.items():
-        values = d[:, None] * loadings[None, :] + rng.normal(0, sd, (len(d), N_FEATURES))
-        files[model] = folder / f"{model}.patients.parquet"
-        write_table(
-            {
-                "patient_id": np.array(patients),
-                **{f"mean_{i:04d}": values[:, i].astype(np.float32) for i in range(N_FEATURES)},
-            },
-            files[model],
+        patient_values = d[:, None] * loadings[None, :] + rng.normal(0, sd, (len(d), N_FEATURES))
+        row_of = {p: i for i, p in enumerate(patients)}
+        slide_values = np.stack([patient_values[row_of[p]] + rng.normal(0, sd / 4, N_FEATURES) for _, p in slides])
+        patient_values = np.stack(
+            [slide_values[[i for i, (_, q) in enumerate(slides) if q == p]].mean(0) for p in patients]
         )
-    return files
+        for level, ids, values in (
+            ("patients", patients, patient_values),
+            ("slides", [s for s, _ in slides], slide_values),
+        ):
+            write_table(
+                {
+                    f"{level[:-1]}_id": np.array(ids),
+                    **{f"mean_{i:04d}": values[:, i].astype(np.float32) for i in range(N_FEATURES)},
+                },
+                outputs.features(model, level),
+            )
+    pd.DataFrame(
+        {
+            "slide_id": [s for s, _ in slides],
+            "patient_id": [p for _, p in slides],
+            "status": "used",
+            "reason": "",
+            "n_tiles": 10,
+        }
+    ).to_csv(outputs.slides, sep="\t", index=False)
+    outputs.provenance.write_text(json.dumps({"warnings": list(warnings)}))
+    return outputs
 
 
 @pytest.fixture
 def cohort(tmp_path):
     density = {f"P{i:02d}": v for i, v in enumerate(lymphocyte_densities(40, seed=9))}
     expression, mutations = write_demo_targets(tmp_path / "targets", density)
-    features = write_features(tmp_path, density, {"ftx": 0.05, "imgnet": 0.4})
+    features = write_aggregate(tmp_path / "aggregate", density, {"ftx": 0.05, "imgnet": 0.4})
     return density, expression, mutations, features
 
 
-def predict(features, expression, mutations, out_dir, sites=None, warnings=(), **settings):
+def predict(features, expression, mutations, out_dir, sites=None, heatmaps=None, planted=(), **settings):
     config = {"folds": 5, "repeats": 3, "bootstrap": 100, **settings}
-    tables = CohortTargets(str(expression), str(mutations) if mutations else None)
+    tables = CohortTargets(str(expression), str(mutations) if mutations else None, planted=planted)
     return run_predict_job(
         features,
+        ["ftx", "imgnet"],
         tables,
         TargetSettings(),
         EvaluationSettings.from_config({"predict": config, "seed": 1}),
         sites or {},
         out_dir,
-        warnings,
+        heatmaps,
     )
 
 
@@ -136,12 +164,14 @@ def test_the_features_warnings_head_the_summaries_the_figures_and_the_log(cohort
     _, expression, mutations, features = cohort
     warning = "model 'ftx' was fine-tuned from UNTRAINED base weights: its features are for demos and tests only"
     out = tmp_path / "predict"
-    predict(features, expression, mutations, out, warnings=[warning])
+    density = {p: 0.5 for p in pd.read_csv(expression, sep="\t")["patient_id"]}
+    features = write_aggregate(tmp_path / "warned", density, {"ftx": 0.05, "imgnet": 0.4}, warnings=[warning])
+    predict(features, expression, mutations, out)
     assert (out / "summary.md").read_text().splitlines()[2] == f"> **WARNING:** {warning}"
     assert json.loads((out / "summary.json").read_text())["warnings"] == [warning]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"].count(warning) == 1
     plain = tmp_path / "plain"
-    predict(features, expression, None, plain)
+    predict(cohort[3], expression, None, plain)
     assert "WARNING" not in (plain / "summary.md").read_text()
     figure, plain_figure = (Image.open(folder / "expression_r_scatter.png") for folder in (out, plain))
     assert figure.size[1] > plain_figure.size[1]  # the warning's lines sit above the plot
@@ -150,16 +180,19 @@ def test_the_features_warnings_head_the_summaries_the_figures_and_the_log(cohort
 def test_the_summary_says_whether_each_planted_gene_is_recovered(cohort, tmp_path):
     _, expression, mutations, features = cohort
     out = tmp_path / "predict"
-    tables = CohortTargets(
-        str(expression), str(mutations), planted=[*list(PLANTED_EXPRESSION)[:2], PLANTED_MUTATION, "FOXP3"]
-    )
-    settings = EvaluationSettings.from_config({"predict": {"folds": 5, "repeats": 3, "bootstrap": 100}, "seed": 1})
-    summary = run_predict_job(features, tables, TargetSettings(), settings, {}, out)
-    found = {row["gene"]: row["recovered_by"] for row in summary["planted"]}
-    assert found[list(PLANTED_EXPRESSION)[0]] and found[PLANTED_MUTATION] and found["FOXP3"] == []  # FOXP3: noise
-    text = (out / "summary.md").read_text()
-    assert "## Planted signal: is it found?" in text and "- expression FOXP3: NOT recovered" in text
-    assert f"- mutation {PLANTED_MUTATION}: recovered by " in text
+    planted = [*list(PLANTED_EXPRESSION)[:2], PLANTED_MUTATION, "FOXP3"]
+    for unit in ("patient", "slide"):
+        out = tmp_path / unit
+        summary = predict(features, expression, mutations, out, planted=planted, unit=unit)
+        found = {(row["gene"], row["unit"]): row["recovered_by"] for row in summary["planted"]}
+        units = ["patient"] if unit == "patient" else ["slide", "patient"]  # per slide, and its mean per patient
+        assert set(found) == {(gene, u) for gene in planted for u in units}
+        for u in units:
+            assert found[(list(PLANTED_EXPRESSION)[0], u)] and found[(PLANTED_MUTATION, u)]
+            assert found[("FOXP3", u)] == []  # FOXP3: noise
+        text = (out / "summary.md").read_text()
+        assert "## Planted signal: is it found?" in text and f"- expression FOXP3 (per {unit}): NOT recovered" in text
+        assert f"- mutation {PLANTED_MUTATION} (per {unit}): recovered by " in text
 
 
 def test_the_scatter_names_at_most_the_best_significant_genes():

@@ -135,6 +135,10 @@ targets:
       expression: {demo}/targets/expression.tsv
       mutations: {demo}/targets/mutations.tsv
       planted: [{planted}]  # the summary says whether each is found
+predict:
+  heatmaps:             # the planted mutation and the two best genes: 3 pictures a slide, not 12
+    mutations: [{mutation}]
+    top_genes: 2
 finetune:
   train_dir: {demo}/tissue_tiles/train
   batch_size: 16
@@ -159,7 +163,9 @@ models:
 
 def demo_config_text(out_dir: Path = Path("demo")) -> str:
     """The demo's config overlay (YAML) for a demo cohort written to `out_dir`."""
-    return DEMO_CONFIG.format(demo=out_dir.as_posix(), planted=", ".join([*PLANTED_EXPRESSION, PLANTED_MUTATION]))
+    return DEMO_CONFIG.format(
+        demo=out_dir.as_posix(), planted=", ".join([*PLANTED_EXPRESSION, PLANTED_MUTATION]), mutation=PLANTED_MUTATION
+    )
 
 
 def make_demo(out_dir: Path = Path("demo"), jobs: int = 2, force: bool = False) -> Path:

@@ -14,6 +14,7 @@ from pathwsi.features.backbones import build_backbone, resolve_device, specs_fro
 from pathwsi.features.extract import ExtractSettings, extract_slide
 from pathwsi.features.feature_request import FeatureRequest
 from pathwsi.features.store import open_store
+from pathwsi.runtime.gpu_claim import GpuSettings, claimed_device
 from pathwsi.runtime.logs import RUN_WIDE, job_log
 from pathwsi.runtime.outputs import write_json
 from pathwsi.samples import Sample
@@ -32,8 +33,11 @@ def run_feature_job(
     models_config: dict[str, Any],
     settings: ExtractSettings,
     threads: int = 1,
+    gpus: GpuSettings | None = None,
 ) -> dict[str, Any]:
-    """Extract one slide's features with every configured model; write the store and the timings."""
+    """Extract one slide's features with every configured model; write the store and the timings.
+
+    On CUDA the job first claims a GPU of its own (gpus: how, pathwsi.runtime.gpu_claim) and holds it to its end."""
     torch.set_num_threads(max(1, threads))
     tiling = TilesRecord.load(meta_path)
     table = pq.read_table(tiles_path)
@@ -41,46 +45,51 @@ def run_feature_job(
         np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1).astype(np.int64).reshape(-1, 2)
     )
     fractions = table.column("tissue_fraction").to_numpy().astype(np.float32)
-    device = resolve_device(settings.device)
-    models = [
-        build_backbone(spec, allow_network=models_config["allow_network"], device=device)
-        for spec in specs_from_config(models_config).values()
-    ]
-    for provenance in (model.provenance() for model in models):
-        if "warning" in provenance:  # untrained weights: the run's start says it once, the job log for each slide
-            log.warning("%s", provenance["warning"], extra=RUN_WIDE)
-    if tiling.status != "ok":
-        log.warning(
-            "%s: tiling status %s (%s); writing an empty feature store", sample.slide_id, tiling.status, tiling.reason
-        )
-    timings = extract_slide(sample, coords, fractions, tiling, models, settings, store_path)
-    unreadable = open_store(store_path).attrs["unreadable_tiles"]
-    record = {
-        "slide_id": sample.slide_id,
-        "device": str(device),
-        "models": [m.spec.name for m in models],
-        "seconds": {k: round(v, 3) for k, v in timings.items()},
-        "unreadable_tiles": {"count": unreadable["count"], "tiles": unreadable["tiles"][:SHOWN_IN_TIMINGS]},
-    }
-    if unreadable["count"]:
-        log.warning(
-            "%s: %d of %d tiles could not be read and are left out (listed in the store's attrs and the run summary)",
+    job = f"features {sample.slide_id}"
+    with claimed_device(resolve_device(settings.device), gpus or GpuSettings(), job) as (device, claim):
+        models = [
+            build_backbone(spec, allow_network=models_config["allow_network"], device=device)
+            for spec in specs_from_config(models_config).values()
+        ]
+        for provenance in (model.provenance() for model in models):
+            if "warning" in provenance:  # untrained weights: the run's start says it once, the job log for each slide
+                log.warning("%s", provenance["warning"], extra=RUN_WIDE)
+        if tiling.status != "ok":
+            log.warning(
+                "%s: tiling status %s (%s); writing an empty feature store",
+                sample.slide_id,
+                tiling.status,
+                tiling.reason,
+            )
+        timings = extract_slide(sample, coords, fractions, tiling, models, settings, store_path)
+        unreadable = open_store(store_path).attrs["unreadable_tiles"]
+        record = {
+            "slide_id": sample.slide_id,
+            "device": str(device),
+            "gpu": claim or None,  # the GPU claimed (pathwsi.runtime.gpu_claim): index, id, CUDA_VISIBLE_DEVICES, wait
+            "models": [m.spec.name for m in models],
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+            "unreadable_tiles": {"count": unreadable["count"], "tiles": unreadable["tiles"][:SHOWN_IN_TIMINGS]},
+        }
+        if unreadable["count"]:
+            log.warning(
+                "%s: %d of %d tiles could not be read and are left out (listed in the store's attrs and the run summary)",
+                sample.slide_id,
+                unreadable["count"],
+                len(coords),
+            )
+        write_json(record, timings_path)
+        log.info(
+            "%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)",
             sample.slide_id,
-            unreadable["count"],
-            len(coords),
+            timings["tiles"],
+            timings.get("tiles_per_s", 0.0),
+            timings["read"],
+            timings["normalize"],
+            timings["model"],
+            timings["write"],
         )
-    write_json(record, timings_path)
-    log.info(
-        "%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)",
-        sample.slide_id,
-        timings["tiles"],
-        timings.get("tiles_per_s", 0.0),
-        timings["read"],
-        timings["normalize"],
-        timings["model"],
-        timings["write"],
-    )
-    return record
+        return record
 
 
 def run_request(request: FeatureRequest) -> None:
@@ -96,4 +105,5 @@ def run_request(request: FeatureRequest) -> None:
             request.config["models"],
             settings,
             threads=request.threads,
+            gpus=GpuSettings.from_config(request.config),
         )

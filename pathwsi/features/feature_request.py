@@ -10,13 +10,13 @@ from typing import Any, ClassVar
 from pathwsi.runtime.forkserver import EntryJob
 from pathwsi.samples import Sample
 
-FEATURE_SECTIONS = ("models", "features")  # the config sections the feature job reads
+FEATURE_SECTIONS = ("models", "features", "gpus")  # the config sections the feature job reads
 
 
 @dataclass(frozen=True)
 class FeatureRequest(EntryJob):
     """Extract one slide's features: its sheet row, its tiling outputs, the store and timings to write, the
-    validated config sections `models` (the backbones to run) and `features`, and the job's CPU threads."""
+    validated config sections `models` (the backbones to run), `features` and `gpus`, and the job's CPU threads."""
 
     entry: ClassVar[str] = "pathwsi.features.feature_job:run_request"  # imported by the fork server before it forks
 

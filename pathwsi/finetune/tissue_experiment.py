@@ -39,6 +39,7 @@ import numpy as np
 
 from pathwsi import __version__
 from pathwsi.errors import PathwsiError
+from pathwsi.runtime.gpu_claim import GpuSettings, claimed_device
 from pathwsi.runtime.outputs import atomic_path, write_json, write_text
 from pathwsi.stats import paired_test
 
@@ -447,13 +448,15 @@ def run_tissue_experiment_from_config(
     models: list[str] | None = None,
     device: str = "auto",
     jobs: int = 1,
+    gpus: GpuSettings | None = None,
 ) -> dict[str, Any]:
     """`pathwsi tissue-experiment` and rule `tissue_experiment`.
 
     config: a validated config (sections models, tissue_experiment, seed); test_dir and
-    models override tissue_experiment.test_dir and tissue_experiment.models.
+    models override tissue_experiment.test_dir and tissue_experiment.models. On CUDA the run claims
+    a GPU of its own for its lifetime (gpus: how; default the config's `gpus` section).
     """
-    from pathwsi.features.backbones import specs_from_config
+    from pathwsi.features.backbones import resolve_device, specs_from_config
 
     section = config["tissue_experiment"]
     specs = specs_from_config(config["models"])
@@ -463,12 +466,14 @@ def run_tissue_experiment_from_config(
         raise ExperimentError(
             f"tissue_experiment.models: {', '.join(missing)} not in models.backbones ({', '.join(specs)})"
         )
-    return run_tissue_experiment(
-        [specs[n] for n in names],
-        Path(test_dir or section["test_dir"]),
-        out_dir,
-        ExperimentSettings.from_config(config),
-        allow_network=bool(config["models"].get("allow_network", False)),
-        device=device,
-        jobs=jobs,
-    )
+    gpu_settings = gpus or GpuSettings.from_config(config)
+    with claimed_device(resolve_device(device), gpu_settings, "tissue_experiment") as (claimed, _):
+        return run_tissue_experiment(
+            [specs[n] for n in names],
+            Path(test_dir or section["test_dir"]),
+            out_dir,
+            ExperimentSettings.from_config(config),
+            allow_network=bool(config["models"].get("allow_network", False)),
+            device=claimed,
+            jobs=jobs,
+        )

@@ -13,6 +13,7 @@ left out, with its reason, never silently dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -265,6 +266,10 @@ class AggregateOutputs:
     @property
     def provenance(self) -> Path:
         return self.folder / "provenance.json"
+
+    def warnings(self) -> list[str]:
+        """The provenance's warnings about the features (untrained weights); none when there is no provenance."""
+        return json.loads(self.provenance.read_text())["warnings"] if self.provenance.is_file() else []
 
 
 def write_cohort(result: CohortFeatures, outputs: AggregateOutputs) -> None:

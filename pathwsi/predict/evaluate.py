@@ -50,6 +50,11 @@ PAPER = {
     "mutation": "TCGA LUAD: FTX-2048 better for 5 of the 9 most frequently mutated genes (STK11, TP53, LRP1B, NF1, FAT1)",
 }
 MIN_TRAIN_ROWS = 3
+UNITS = ("patient", "slide")
+UNIT_LINE = {
+    "patient": "One sample per patient: the features of all its slides' tiles pooled.",
+    "slide": "One sample per slide, with its patient's targets; a patient's slides always share a fold, so no patient is on both sides of a split. Slide-level CIs treat a patient's slides as independent.",
+}
 
 # 10^-3 ... 10^4 in half decades, written out as the schema's default is (np.logspace differs in one last digit)
 RIDGE_PENALTIES = (0.001, 0.0031622776601683794, 0.01, 0.03162277660168379, 0.1, 0.31622776601683794, 1.0, 3.1622776601683795, 10.0, 31.622776601683793, 100.0, 316.22776601683796, 1000.0, 3162.2776601683795, 10000.0)  # fmt: skip
@@ -73,6 +78,7 @@ class EvaluationSettings:
     fdr: float = 0.05  # q threshold for "significant"
     bootstrap: int = 2000  # resamples for the AUROC confidence interval
     compare: tuple[str, str] = ("ftx", "imgnet")  # (a, b): differences are a − b
+    unit: str = "patient"  # or "slide": one row per slide, folds grouped by patient
 
     def __post_init__(self) -> None:
         for name in ("ridge_penalties", "logistic_penalties", "compare"):  # lists from a YAML config
@@ -90,13 +96,19 @@ class EvaluationSettings:
             problems.append("0 < fdr < 1 and bootstrap >= 1")
         if len(self.compare) != 2 or self.compare[0] == self.compare[1]:
             problems.append("compare: two different model names")
+        if self.unit not in UNITS:
+            problems.append(f"unit: one of {', '.join(UNITS)}")
         if problems:
             raise EvaluationError(f"evaluation settings need {'; '.join(problems)} (got {self})")
 
+    def penalties(self, task: str) -> np.ndarray:
+        """The task's penalty grid: ridge for expression, logistic for mutation."""
+        return np.asarray(self.ridge_penalties if task == "expression" else self.logistic_penalties)
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> EvaluationSettings:
-        """From a validated config's `predict` section and its `seed`."""
-        return cls(**config["predict"], seed=config["seed"])
+        """From a validated config's `predict` section (less `heatmaps`: HeatmapSettings) and its `seed`."""
+        return cls(**{k: v for k, v in config["predict"].items() if k != "heatmaps"}, seed=config["seed"])
 
 
 @dataclass
@@ -104,16 +116,22 @@ class TaskResult:
     """One task's cross-validation: arrays are indexed [repeat, row, gene] or [repeat, gene]."""
 
     task: str
-    targets: pd.DataFrame  # patients × genes, aligned with the features
+    targets: pd.DataFrame  # rows (patients, or slides with their patient's targets) × genes, aligned with the features
     fold_of: np.ndarray  # [repeat, row]
     predictions: dict[str, np.ndarray]  # model -> out-of-fold predictions or decision values [repeat, row, gene]
     per_repeat: dict[str, dict[str, np.ndarray]]  # model -> metric -> [repeat, gene]
     tables: dict[str, pd.DataFrame]  # model -> per-gene metrics
     seconds: float
     notes: dict[str, int]  # counts of failed folds and unconverged fits per model
+    patient_of: pd.Series | None = None  # row (slide) id -> patient id when the rows are slides
+
+    @property
+    def unit(self) -> str:
+        return "patient" if self.patient_of is None else "slide"
 
     @property
     def patients(self) -> pd.Index:
+        """The row ids: patients, or slides when `unit` is slide."""
         return self.targets.index
 
     @property
@@ -121,7 +139,7 @@ class TaskResult:
         return list(self.targets.columns)
 
     def averaged(self, model: str) -> pd.DataFrame:
-        """Out-of-fold predictions averaged over repeats, patients × genes."""
+        """Out-of-fold predictions averaged over repeats, rows × genes."""
         return pd.DataFrame(
             mean_over_repeats(self.predictions[model]), index=self.patients, columns=self.targets.columns
         )
@@ -136,10 +154,12 @@ def evaluate_task(
     targets: pd.DataFrame,
     settings: EvaluationSettings = EvaluationSettings(),
     sites: pd.Series | None = None,
+    patient_of: pd.Series | None = None,
 ) -> TaskResult:
-    """Cross-validate every model on `targets` (patients × genes; mutation: 0/1) and compute per-gene metrics.
+    """Cross-validate every model on `targets` (rows × genes; mutation: 0/1) and compute per-gene metrics.
 
-    features: model -> patients × features; sites: patient -> tissue source site (needed when group_by_site).
+    features: model -> rows × features, the rows patients or, with `patient_of` (slide id -> patient id), slides,
+    whose folds are then grouped by patient; sites: patient -> tissue source site (needed when group_by_site).
     """
     if task not in TASKS:
         raise EvaluationError(f"task must be one of {', '.join(TASKS)}, not '{task}'")
@@ -148,14 +168,17 @@ def evaluate_task(
     y = targets.to_numpy(np.float64)
     if task == "mutation" and not np.isin(y[np.isfinite(y)], (0.0, 1.0)).all():
         raise EvaluationError("mutation targets must be 0 (not mutated), 1 (mutated) or missing")
-    groups = targets.index.to_numpy()
+    patients = targets.index if patient_of is None else pd.Index(patient_of.reindex(targets.index))
+    if patients.hasnans:
+        raise EvaluationError(f"no patient for slide(s) {', '.join(map(str, targets.index[patients.isna()][:5]))}")
+    groups = patients.to_numpy()
     if settings.group_by_site:
-        if sites is None or not targets.index.isin(sites.index).all():
+        if sites is None or not patients.isin(sites.index).all():
             raise EvaluationError("group_by_site needs a site for every patient; give `sites` (patient id -> site)")
-        groups = split_groups(groups, sites.loc[targets.index].to_numpy())
+        groups = split_groups(groups, sites.loc[patients].to_numpy())
     labels = y if task == "mutation" and settings.stratify_mutations else None
     fold_of = make_splits(groups, settings.folds, settings.repeats, settings.seed, labels)
-    factors = np.asarray(settings.ridge_penalties if task == "expression" else settings.logistic_penalties)
+    factors = settings.penalties(task)
     runs = cross_validate(task, arrays, y, fold_of, factors)
     predictions = {name: np.stack([r.predictions for r in run]) for name, run in runs.items()}
     failed = {name: np.stack([r.failed for r in run]).sum(axis=(0, 1)) for name, run in runs.items()}
@@ -164,18 +187,30 @@ def evaluate_task(
     for name, count in notes.items():
         if count:
             log.warning("%s: %s = %d (see the per-gene tables)", task, name, count)
+    penalties = {name: _median_penalty(np.stack([r.chosen for r in run]), factors) for name, run in runs.items()}
+    unit = "patient" if patient_of is None else "slide"
+    per_repeat, tables = metric_tables(task, predictions, targets, penalties, failed, settings, unit)
+    seconds = time.perf_counter() - started
+    return TaskResult(task, targets, fold_of, predictions, per_repeat, tables, seconds, notes, patient_of)
+
+
+def metric_tables(
+    task: str,
+    predictions: dict[str, np.ndarray],
+    targets: pd.DataFrame,
+    penalties: dict[str, np.ndarray],
+    failed: dict[str, np.ndarray],
+    settings: EvaluationSettings,
+    unit: str = "patient",
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, pd.DataFrame]]:
+    """Per model: the per-repeat metrics and the per-gene table (with the CI or the q-values across genes)."""
+    y = targets.to_numpy(np.float64)
     per_repeat = {name: repeat_metrics(task, p, y) for name, p in predictions.items()}
     tables = {
         name: gene_table(
-            task,
-            predictions[name],
-            y,
-            per_repeat[name],
-            targets.columns,
-            _median_penalty(np.stack([r.chosen for r in run]), factors),
-            failed[name],
+            task, predictions[name], y, per_repeat[name], targets.columns, penalties[name], failed[name], unit
         )
-        for name, run in runs.items()
+        for name in predictions
     }
     if task == "mutation":
         for name, (low, high) in bootstrap_ci(predictions, targets, settings.bootstrap, settings.seed).items():
@@ -184,7 +219,27 @@ def evaluate_task(
         for table in tables.values():
             table["q_value"] = bh(table["p_value"].to_numpy())
             table["significant"] = table["q_value"] < settings.fdr
-    return TaskResult(task, targets, fold_of, predictions, per_repeat, tables, time.perf_counter() - started, notes)
+    return per_repeat, tables
+
+
+def by_patient(result: TaskResult, settings: EvaluationSettings) -> TaskResult:
+    """A per-slide result seen per patient: each patient's prediction is the mean of its slides' out-of-fold
+    predictions (its slides always share a fold), its metrics computed over patients."""
+    if result.patient_of is None:
+        return result
+    patient = result.patient_of.reindex(result.patients).to_numpy()
+    ids, row_of = np.unique(patient, return_inverse=True)
+    share = np.zeros((len(ids), len(patient)))
+    share[row_of, np.arange(len(patient))] = 1.0
+    share /= share.sum(axis=1, keepdims=True)
+    first = np.array([int(np.flatnonzero(row_of == i)[0]) for i in range(len(ids))])
+    targets = result.targets.iloc[first].set_axis(pd.Index(ids, name="patient_id"))
+    predictions = {name: np.einsum("ps,rsg->rpg", share, p) for name, p in result.predictions.items()}
+    penalties = {name: table["penalty"].to_numpy() for name, table in result.tables.items()}
+    failed = {name: table["failed_folds"].to_numpy() for name, table in result.tables.items()}
+    per_repeat, tables = metric_tables(result.task, predictions, targets, penalties, failed, settings)
+    fold_of = result.fold_of[:, first]
+    return TaskResult(result.task, targets, fold_of, predictions, per_repeat, tables, 0.0, result.notes)
 
 
 def align(features: dict[str, pd.DataFrame], targets: pd.DataFrame) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
@@ -261,7 +316,7 @@ def _fit_repeat(task: str, x: np.ndarray, y: np.ndarray, fold_row: np.ndarray, f
         for rows, genes in patterns:
             used = rows[train]
             target = y[train[used]][:, genes]
-            fittable = _fittable(task, target)
+            fittable = fittable_columns(task, target)
             failed[fold, genes[~fittable]] = True
             if not fittable.any():
                 continue
@@ -278,7 +333,7 @@ def _fit_repeat(task: str, x: np.ndarray, y: np.ndarray, fold_row: np.ndarray, f
     return RepeatFit(predictions, chosen, failed, unconverged)
 
 
-def _fittable(task: str, target: np.ndarray) -> np.ndarray:
+def fittable_columns(task: str, target: np.ndarray) -> np.ndarray:
     """Per column: enough training rows, and both classes for a mutation."""
     enough = np.full(target.shape[1], len(target) >= MIN_TRAIN_ROWS)
     if task == "mutation":
@@ -311,10 +366,12 @@ def gene_table(
     genes: pd.Index,
     penalty: np.ndarray,
     failed: np.ndarray,
+    unit: str = "patient",
 ) -> pd.DataFrame:
-    """Per-gene metrics of one model: mean and std over repeats, the metric of the repeat-averaged prediction, and for expression its p-value."""
+    """Per-gene metrics of one model: rows with a value (column `patients` or `slides`), mean and std over repeats,
+    the metric of the repeat-averaged prediction, and for expression its p-value."""
     known = np.isfinite(y)
-    table = pd.DataFrame({"gene": genes, "patients": known.sum(axis=0)})
+    table = pd.DataFrame({"gene": genes, f"{unit}s": known.sum(axis=0)})
     if task == "mutation":
         table["positives"] = (np.where(known, y, 0) > 0).sum(axis=0)
     for metric, values in per_repeat.items():
@@ -325,7 +382,7 @@ def gene_table(
     averaged = mean_over_repeats(predictions)
     if task == "expression":
         table["r_averaged"] = r = pearson(averaged, y)
-        df = table["patients"].to_numpy() - 2
+        df = table[f"{unit}s"].to_numpy() - 2
         with np.errstate(invalid="ignore", divide="ignore"):
             table["p_value"] = stats.t.sf(r * np.sqrt(df / (1 - r**2)), df)  # one-sided: r > 0
     else:
@@ -430,12 +487,15 @@ def run_evaluation(
     sites: pd.Series | None = None,
     warnings: Sequence[str] = (),
     planted: Sequence[str] = (),
-) -> dict[str, Any]:
+    patient_of: pd.Series | None = None,
+) -> tuple[dict[str, Any], list[TaskResult]]:
     """Each task given, the comparison of `settings.compare`, every table and figure, and summary.json/.md in `out_dir`;
     `warnings` about the features (untrained weights) head the summary and every figure; for each `planted` gene
-    (known to carry signal) the summary says which models recovered it.
+    (known to carry signal) the summary says which models recovered it. With `patient_of` (slide id -> patient id)
+    the rows are slides (folds grouped by patient) and each result is also written and summarised per patient.
 
-    Returns the summary (settings, and per task the patients, the paper's counts, failure counts and seconds).
+    Returns the summary (settings, and per task the rows, the paper's counts, failure counts and seconds) and the
+    task results.
     """
     from pathwsi.predict.plots import plot_task
 
@@ -451,46 +511,57 @@ def run_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "warnings": list(warnings),
+        "unit": "patient" if patient_of is None else "slide",
         "settings": asdict(settings),
         "pathwsi_version": __version__,
         "tasks": {},
         "planted": [],
     }
-    comparisons, repeats = [], []
+    comparisons, repeats, results = [], [], []
     for task, targets in (("expression", expression), ("mutation", mutations)):
         if targets is None:
             continue
-        result = evaluate_task(task, features, targets, settings, sites)
+        result = evaluate_task(task, features, targets, settings, sites, patient_of)
+        results.append(result)
         comparisons.append(compare(result, *settings.compare))
         repeats.append(long_repeats(result))
         write_task(result, out_dir)
         plot_task(result, comparisons[-1], out_dir, settings.fdr, warnings)
         summary["planted"] += recovered(result, planted)
         summary["tasks"][task] = {
-            "patients": len(result.patients),
+            "rows": len(result.patients),
             **counts(comparisons[-1], settings.fdr),
             **result.notes,
             "seconds": round(result.seconds, 1),
         }
+        if result.unit == "slide":
+            per_patient = by_patient(result, settings)
+            write_task(per_patient, out_dir, suffix="_by_patient")
+            summary["planted"] += recovered(per_patient, planted)
+            summary["tasks"][task]["by_patient"] = {
+                "rows": len(per_patient.patients),
+                **counts(compare(per_patient, *settings.compare), settings.fdr),
+            }
     write_frame(pd.concat(comparisons, ignore_index=True), out_dir / "comparison.tsv", sep="\t")
     write_frame(pd.concat(repeats, ignore_index=True), out_dir / "repeats.tsv", sep="\t")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_json(summary, out_dir / "summary.json")
     write_text(summary_markdown(summary), out_dir / "summary.md")
-    return summary
+    return summary, results
 
 
-def write_task(result: TaskResult, out_dir: Path) -> None:
-    """{task}_{model}.tsv (per-gene metrics), {task}_{model}_oof.tsv (out-of-fold predictions averaged
-    over repeats, patients × genes) and {task}_splits.tsv (each patient's test fold per repeat)."""
+def write_task(result: TaskResult, out_dir: Path, suffix: str = "") -> None:
+    """{task}_{model}{suffix}.tsv (per-gene metrics), {task}_{model}_oof{suffix}.tsv (out-of-fold predictions
+    averaged over repeats, rows × genes) and {task}_splits{suffix}.tsv (each row's test fold per repeat)."""
+    index = f"{result.unit}_id"
     for name, table in result.tables.items():
-        write_frame(table, out_dir / f"{result.task}_{name}.tsv", sep="\t")
+        write_frame(table, out_dir / f"{result.task}_{name}{suffix}.tsv", sep="\t")
         write_frame(
-            result.averaged(name).rename_axis("patient_id").reset_index(),
-            out_dir / f"{result.task}_{name}_oof.tsv",
+            result.averaged(name).rename_axis(index).reset_index(),
+            out_dir / f"{result.task}_{name}_oof{suffix}.tsv",
             sep="\t",
         )
-    write_splits(result.fold_of, result.patients, out_dir / f"{result.task}_splits.tsv")
+    write_splits(result.fold_of, result.patients, out_dir / f"{result.task}_splits{suffix}.tsv", index)
 
 
 def long_repeats(result: TaskResult) -> pd.DataFrame:
@@ -529,6 +600,7 @@ def recovered(result: TaskResult, planted: Sequence[str]) -> list[dict[str, Any]
         rows.append(
             {
                 "task": result.task,
+                "unit": result.unit,
                 "gene": gene,
                 "metric": metric,
                 "recovered_by": [n for n, h in hit.items() if h],
@@ -548,30 +620,40 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         *(f"> **WARNING:** {warning}" for warning in summary.get("warnings", [])),
         *([""] if summary.get("warnings") else []),
         f"{settings['folds']}-fold cross-validation × {settings['repeats']} repeats, seed {settings['seed']}; significant: q < {fdr}.",
+        UNIT_LINE[summary.get("unit", "patient")],
         "",
     ]
     for task, c in summary["tasks"].items():
-        a, b = c["model_a"], c["model_b"]
-        lines.append(f"## {task}: {c['patients']} patients, {c['genes']} genes")
-        if task == "expression":
-            lines.append(
-                f"- significant (one-sided Pearson test, BH q < {fdr}): {a} {c['significant_a']}, {b} {c['significant_b']}, either {c['significant_either']}"
-            )
-        else:
-            lines.append(
-                f"- predicted above chance (bootstrap 95 % CI of the AUROC above 0.5): {a} {c['above_chance_a']}, {b} {c['above_chance_b']}, "
-                f"either {c['above_chance_either']}; the other {c['genes'] - c['above_chance_either']} are not compared"
-            )
-        among = "of those, "
-        lines.append(
-            f"- {among}higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})"
-        )
+        lines.append(f"## {task}: {c['rows']} {summary.get('unit', 'patient')}s, {c['genes']} genes")
+        lines += _count_lines(task, c, fdr)
+        if "by_patient" in c:
+            lines.append(f"- per patient (the mean of its slides' predictions), {c['by_patient']['rows']} patients:")
+            lines += ["  " + line for line in _count_lines(task, c["by_patient"], fdr)]
         lines += [f"- paper: {c['paper']}", ""]
     if summary.get("planted"):
         lines += ["## Planted signal: is it found?", ""]
         for row in summary["planted"]:
             means = ", ".join(f"{name} {value}" for name, value in row["mean"].items())
             found = f"recovered by {', '.join(row['recovered_by'])}" if row["recovered_by"] else "NOT recovered"
-            lines.append(f"- {row['task']} {row['gene']}: {found} (mean {row['metric']}: {means})")
+            lines.append(f"- {row['task']} {row['gene']} (per {row['unit']}): {found} (mean {row['metric']}: {means})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _count_lines(task: str, c: dict[str, Any], fdr: float) -> list[str]:
+    """The counts of one task's comparison, as list items."""
+    a, b = c["model_a"], c["model_b"]
+    lines = []
+    if task == "expression":
+        lines.append(
+            f"- significant (one-sided Pearson test, BH q < {fdr}): {a} {c['significant_a']}, {b} {c['significant_b']}, either {c['significant_either']}"
+        )
+    else:
+        lines.append(
+            f"- predicted above chance (bootstrap 95 % CI of the AUROC above 0.5): {a} {c['above_chance_a']}, {b} {c['above_chance_b']}, "
+            f"either {c['above_chance_either']}; the other {c['genes'] - c['above_chance_either']} are not compared"
+        )
+    lines.append(
+        f"- of those, higher mean {c['metric']} with {a}: {c['higher_with_a']} (Wilcoxon q < {fdr}: {c['higher_with_a_significant']}); with {b}: {c['higher_with_b']} ({c['higher_with_b_significant']})"
+    )
+    return lines

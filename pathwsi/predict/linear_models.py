@@ -31,11 +31,18 @@ from scipy.special import expit
 EIGEN_FLOOR = 1e-10  # eigenvalues of K below this share of the largest are treated as 0 (rank ≤ n − 1)
 
 
+def training_scale(x: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (1 for constant features) of rows `train` of `x`, in float64."""
+    rows = np.asarray(x[train], dtype=np.float64)
+    std = rows.std(axis=0)
+    std[std == 0] = 1.0
+    return rows.mean(axis=0), std
+
+
 def standardized_gram(x: np.ndarray, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(K (n, n), Kₜ (m, n)) of `x` standardized with the statistics of rows `train`, in float64."""
+    mean, std = training_scale(x, train)
     rows = np.asarray(x[np.concatenate([train, test])], dtype=np.float64)
-    mean, std = rows[: len(train)].mean(axis=0), rows[: len(train)].std(axis=0)
-    std[std == 0] = 1.0
     rows -= mean
     rows /= std
     gram = rows @ rows[: len(train)].T
@@ -59,6 +66,14 @@ def ridge_loo(k: np.ndarray, k_test: np.ndarray, y: np.ndarray, factors: np.ndar
 
     k, k_test: centred Gram matrices. Returns test predictions (m, g) and the chosen index into `factors` (g,).
     """
+    dual, intercept, chosen = ridge_dual(k, y, factors)
+    return k_test @ dual + intercept, chosen
+
+
+def ridge_dual(k: np.ndarray, y: np.ndarray, factors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge for every column of `y` (n, g) on the centred Gram matrix `k`, penalty per column by exact
+    leave-one-out: (dual coefficients a (n, g), intercepts (g,), chosen index into `factors` (g,)), so that
+    a row with centred kernel row kₜ is predicted as kₜ·a + intercept."""
     values, vectors = np.linalg.eigh(k)
     keep = values > EIGEN_FLOOR * values.max()
     values, vectors = values[keep], vectors[:, keep]
@@ -75,7 +90,7 @@ def ridge_loo(k: np.ndarray, k_test: np.ndarray, y: np.ndarray, factors: np.ndar
     errors = np.mean(residual**2, axis=0).reshape(len(alphas), y.shape[1])
     chosen = np.argmin(errors, axis=0)
     coefficients = projected / (values[:, None] + alphas[chosen][None, :])
-    return (k_test @ vectors) @ coefficients + mean, chosen
+    return vectors @ coefficients, mean, chosen
 
 
 def balanced_weights(y: np.ndarray) -> np.ndarray:
@@ -201,13 +216,21 @@ def _alo(
 
 
 def logistic_loo(k: np.ndarray, k_test: np.ndarray, y: np.ndarray, factors: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Logistic decision values for the test rows with C chosen by ALO weighted log loss.
+    """Logistic decision values for the test rows with C chosen by ALO weighted log loss (`logistic_path`).
 
-    k, k_test: centred Gram matrices; factors: relative penalties, fitted strongest first, each
-    fit warm-started from the previous. The path stops at the first penalty whose loss is not
+    Returns (test decision values, chosen factor index, unconverged fits).
+    """
+    fit, chosen, unconverged = logistic_path(k, y, factors)
+    return fit.decision(k_test), chosen, unconverged
+
+
+def logistic_path(k: np.ndarray, y: np.ndarray, factors: np.ndarray) -> tuple[LogisticFit, int, int]:
+    """The logistic fit whose C is chosen by ALO weighted log loss, its factor index and the unconverged fits.
+
+    k: centred Gram matrix; factors: relative penalties, fitted strongest first, each fit
+    warm-started from the previous. The path stops at the first penalty whose loss is not
     lower than the previous one's (the loss is taken to be unimodal in the penalty): weak
     penalties cost the most Newton steps and would not be chosen.
-    Returns (test decision values, chosen factor index, unconverged fits).
     """
     y = np.asarray(y, bool)
     weights = balanced_weights(y)
@@ -222,4 +245,4 @@ def logistic_loo(k: np.ndarray, k_test: np.ndarray, y: np.ndarray, factors: np.n
             break
         best = (loss, int(index), fit)
     assert best is not None, "no penalty factors"  # the settings' penalty grids are checked to be non-empty
-    return best[2].decision(k_test), best[1], unconverged
+    return best[2], best[1], unconverged

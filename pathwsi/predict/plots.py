@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ def plot_task(
 
 def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float, warnings: Sequence[str] = ()) -> None:
     """Mean r per gene, model a (y) against model b (x), from an expression comparison table."""
-    _use_agg()
+    use_agg()
     import matplotlib.pyplot as plt
 
     a, b = comparison["model_a"].iat[0], comparison["model_b"].iat[0]
@@ -64,7 +65,7 @@ def expression_scatter(path: Path, comparison: pd.DataFrame, fdr: float, warning
         ax.annotate(str(comparison["gene"].iat[i]), (x[i], y[i]), xytext=(3, 2), textcoords="offset points", fontsize=6)
     ax.set_title(f"gene expression: {a} vs {b} (up to {LABELLED} significant genes named)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    _save(figure, path, warnings)
+    save_figure(figure, path, warnings)
 
 
 def roc_curves(
@@ -73,7 +74,7 @@ def roc_curves(
     """One panel per mutation: ROC of each model's repeat-averaged out-of-fold scores (patients × genes)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    _use_agg()
+    use_agg()
     import matplotlib.pyplot as plt
 
     genes = list(targets.columns)
@@ -111,7 +112,7 @@ def roc_curves(
     )
     figure.supxlabel("false positive rate", fontsize=9)
     figure.supylabel("true positive rate", fontsize=9)
-    _save(figure, path, warnings)
+    save_figure(figure, path, warnings)
 
 
 def _labelled(chosen: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -122,7 +123,7 @@ def _labelled(chosen: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 def auroc_bars(path: Path, tables: dict[str, pd.DataFrame], warnings: Sequence[str] = ()) -> None:
     """Grouped bars per mutation: each model's AUROC, mean ± std over repeats (per-gene mutation tables)."""
-    _use_agg()
+    use_agg()
     import matplotlib.pyplot as plt
 
     names = list(tables)
@@ -144,22 +145,31 @@ def auroc_bars(path: Path, tables: dict[str, pd.DataFrame], warnings: Sequence[s
     ax.set_ylabel("AUROC (mean ± std over repeats)")
     ax.set_ylim(0.0, 1.0)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(names), fontsize=8, frameon=False)
-    _save(figure, path, warnings)
+    save_figure(figure, path, warnings)
 
 
-def _use_agg() -> None:
+def use_agg() -> None:
     """Select matplotlib's Agg backend (no display); call it before importing matplotlib.pyplot."""
     import matplotlib
 
     matplotlib.use("Agg")
 
 
-def _save(figure: Figure, path: Path, warnings: Sequence[str] = ()) -> None:
-    """PNG, atomically, with `warnings` in red above everything else."""
+def save_figure(
+    figure: Figure, path: Path, warnings: Sequence[str] = (), dpi: int = 110, palette: bool = False
+) -> None:
+    """PNG, atomically, with `warnings` in red above everything else; `palette`: 256 colours (a third of the
+    bytes for pictures over photographs, such as heatmaps)."""
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     if warnings:
         figure.text(0.5, 1.0, "\n".join(warnings), color="tab:red", fontsize=8, ha="center", va="bottom")
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png", bbox_inches="tight")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(figure)
+    with atomic_path(path) as temporary:
+        if palette:
+            Image.open(buffer).convert("RGB").quantize(256).save(temporary, format="png", optimize=True)
+        else:
+            temporary.write_bytes(buffer.getvalue())

@@ -1,28 +1,34 @@
-"""The per-cohort prediction job as the workflow runs it: patient features + target tables ->
-cross-validated expression and mutation predictors and the model comparison.
+"""The per-cohort prediction job as the workflow runs it: aggregated features + target tables ->
+cross-validated expression and mutation predictors, the model comparison, and the tile models that
+the heatmaps apply.
 
 Targets are matched to the patients that have image features; the mismatches (patients without
 targets, targets without slides, genes missing or constant) are logged and written to
-`targets.json` in the output folder, never raised unless too few patients are left.
+`targets.json` in the output folder, never raised unless too few patients are left. With
+`predict.unit: slide` each used slide is a row with its patient's targets.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from pathwsi.predict.aggregate import read_features
+from pathwsi.predict.aggregate import AggregateOutputs, read_features
 from pathwsi.predict.evaluate import EvaluationError, EvaluationSettings, run_evaluation
+from pathwsi.predict.heatmap_job import heatmap_link
 from pathwsi.predict.targets import load_gene_list, match, read_expression, read_mutations
-from pathwsi.runtime.outputs import write_json
+from pathwsi.predict.tile_models import SLIDE_PREDICTIONS, TILE_MODELS, HeatmapSettings, TileModels, fit_tile_models
+from pathwsi.runtime.outputs import write_frame, write_json, write_text
 
 log = logging.getLogger(__name__)
 ALL_GENES = "all"
+TOP_SLIDES = 3  # slides linked per target in summary.md
 
 
 @dataclass(frozen=True)
@@ -58,20 +64,27 @@ def gene_list(spec: str | list[str]) -> list[str] | None:
 
 
 def run_predict_job(
-    feature_files: dict[str, Path],
+    aggregate: AggregateOutputs,
+    models: list[str],
     cohort: CohortTargets,
     targets: TargetSettings,
     settings: EvaluationSettings,
     sites: dict[str, str],
     out_dir: Path,
-    warnings: Sequence[str] = (),
+    heatmaps: HeatmapSettings | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate every task the cohort has targets for; write tables, figures and summaries to `out_dir`, all
-    headed by `warnings` about the features (the aggregate provenance's: untrained weights)."""
+    """Cross-validate every task the cohort has targets for, on the features of `settings.unit`; write tables,
+    figures and summaries to `out_dir`, all headed by the aggregate provenance's warnings (untrained weights);
+    with `heatmaps`, the tile models and every used slide's prediction by the model that held its patient out."""
+    warnings = aggregate.warnings()
     for warning in warnings:
         log.warning("%s", warning)
-    features = {model: read_features(path) for model, path in feature_files.items()}
-    patients = list(next(iter(features.values())).index)
+    level = "patients" if settings.unit == "patient" else "slides"
+    features = {model: read_features(aggregate.features(model, level)) for model in models}
+    slides = _used_slides(aggregate)
+    rows = list(next(iter(features.values())).index)
+    patient_of = slides.reindex(rows) if settings.unit == "slide" else None
+    patients = sorted(set(patient_of.dropna())) if patient_of is not None else rows
     min_patients = 2 * settings.folds
     tables: dict[str, pd.DataFrame] = {}
     report: dict[str, Any] = {}
@@ -91,7 +104,9 @@ def run_predict_job(
         raise EvaluationError(
             f"predict.group_by_site is true but patient(s) {', '.join(missing)} have no 'site' in the sample sheet; fill the column or set group_by_site: false"
         )
-    summary = run_evaluation(
+    if patient_of is not None:
+        tables = {name: _per_slide(table, patient_of.dropna()) for name, table in tables.items()}
+    summary, results = run_evaluation(
         features,
         out_dir,
         settings,
@@ -100,10 +115,80 @@ def run_predict_job(
         sites=site_of,
         warnings=warnings,
         planted=cohort.planted,
+        patient_of=patient_of.dropna() if patient_of is not None else None,
     )
     for task, counts in summary["tasks"].items():
         log.info("%s: %s", task, {k: v for k, v in counts.items() if k != "paper"})
+    if heatmaps is not None and results:
+        tile_models = fit_tile_models(results, features[str(heatmaps.model)], heatmaps, settings)
+        tile_models.save(out_dir / TILE_MODELS)
+        predictions = slide_predictions(
+            tile_models, read_features(aggregate.features(tile_models.model, "slides")), slides
+        )
+        write_frame(predictions, out_dir / SLIDE_PREDICTIONS, sep="\t")
+        markdown = (out_dir / "summary.md").read_text()
+        write_text(markdown + top_slides_markdown(predictions, tile_models.model, out_dir.name), out_dir / "summary.md")
     return summary
+
+
+def _used_slides(aggregate: AggregateOutputs) -> pd.Series:
+    """Slide id -> patient id of the slides aggregation used."""
+    table = pd.read_csv(aggregate.slides, sep="\t", dtype={"slide_id": str, "patient_id": str})
+    used = table[table["status"] == "used"]
+    return pd.Series(used["patient_id"].to_numpy(), index=pd.Index(used["slide_id"], name="slide_id"))
+
+
+def _per_slide(table: pd.DataFrame, patient_of: pd.Series) -> pd.DataFrame:
+    """Patient targets as rows per slide (each slide with its patient's values), for the slides whose patient has some."""
+    slides = patient_of[patient_of.isin(table.index)]
+    return table.loc[slides.to_numpy()].set_axis(pd.Index(slides.index, name="slide_id"))
+
+
+def slide_predictions(models: TileModels, features: pd.DataFrame, slides: pd.Series) -> pd.DataFrame:
+    """Each used slide's prediction of every heatmap target by the fold model that held its patient out, with the
+    row's true value; columns slide_id, patient_id, target, fold, prediction, truth."""
+    rows = {row: i for i, row in enumerate(models.rows)}
+    frames = []
+    for slide, patient in slides.items():
+        if patient not in models.patients or slide not in features.index:
+            continue
+        folds = models.held_out(patient)
+        row = rows.get(str(slide if models.unit == "slide" else patient))
+        truth = models.truth[row] if row is not None else np.full(len(models.targets), np.nan)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "slide_id": slide,
+                    "patient_id": patient,
+                    "target": models.targets,
+                    "fold": folds,
+                    "prediction": models.score(features.loc[[slide]].to_numpy(), folds)[0],
+                    "truth": truth,
+                }
+            )
+        )
+    columns = ["slide_id", "patient_id", "target", "fold", "prediction", "truth"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def top_slides_markdown(predictions: pd.DataFrame, model: str, cohort: str) -> str:
+    """summary.md's heatmap section: per target, the slides with the highest predictions, linked to their heatmaps
+    (made by rule heatmaps under results/heatmaps/)."""
+    lines = [
+        "## Where the predictions come from: tile heatmaps",
+        "",
+        f"Per target, the {TOP_SLIDES} slides with the highest prediction by {model}'s out-of-fold model (the one that "
+        "held the slide's patient out); each heatmap's tile scores average exactly to that prediction.",
+        "",
+    ]
+    for target, rows in predictions.groupby("target", sort=False):
+        top = rows.nlargest(TOP_SLIDES, "prediction")
+        links = ", ".join(
+            f"[{r.slide_id}]({heatmap_link(cohort, model, str(target), str(r.slide_id))}) ({r.prediction:.3g}; true {r.truth:.3g})"
+            for r in top.itertuples()
+        )
+        lines.append(f"- {target}: {links}")
+    return "\n".join(lines) + "\n"
 
 
 def _matched(

@@ -82,13 +82,14 @@ def _assign(load: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarra
     return fold
 
 
-def write_splits(fold_of: np.ndarray, ids: pd.Index, path: Path) -> None:
-    """TSV, atomically: column `patient_id`, then `repeat_0` … with each row's test fold."""
-    columns = {"patient_id": np.asarray(ids).astype(str), **{f"repeat_{r}": fold_of[r] for r in range(len(fold_of))}}
+def write_splits(fold_of: np.ndarray, ids: pd.Index, path: Path, index: str = "patient_id") -> None:
+    """TSV, atomically: the ids' column `index` (patient_id or slide_id), then `repeat_0` … with each row's test fold."""
+    columns = {index: np.asarray(ids).astype(str), **{f"repeat_{r}": fold_of[r] for r in range(len(fold_of))}}
     write_frame(pd.DataFrame(columns), Path(path), sep="\t")
 
 
 def read_splits(path: Path) -> tuple[np.ndarray, pd.Index]:
     """`fold_of[repeat, row]` and the row ids of a file written by `write_splits`."""
-    frame = pd.read_csv(path, sep="\t", dtype={"patient_id": str}).set_index("patient_id")
+    frame = pd.read_csv(path, sep="\t", dtype=str)
+    frame = frame.set_index(frame.columns[0])
     return frame.to_numpy(np.int16).T.copy(), frame.index

@@ -118,6 +118,11 @@ def cohort_stores(wildcards):
     return [entry["store"] for entry in cohort_entries(wildcards)]
 
 
+def cohort_tile_records(wildcards):
+    """The tiling records of the cohort's slides (their files, µm/px and tile size), in cohort_entries order."""
+    return [f"results/tiles/{entry['slide_id']}.json" for entry in cohort_entries(wildcards)]
+
+
 def aggregate_feature_files(cohort):
     """The slide- and patient-level feature tables of every model for `cohort`."""
     return expand(
@@ -157,5 +162,5 @@ def cohort_sites(wildcards):
 
 
 def predict_outputs():
-    """Every predicted cohort's results folder."""
-    return expand("results/predict/{cohort}", cohort=predicted_cohorts())
+    """Every predicted cohort's results and heatmaps folders."""
+    return expand("results/{stage}/{cohort}", stage=["predict", "heatmaps"], cohort=predicted_cohorts())

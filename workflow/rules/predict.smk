@@ -1,9 +1,8 @@
 rule predict:
-    """Cross-validated expression and mutation predictors from patient features; FTX vs IMGNET."""
+    """Cross-validated expression and mutation predictors from patient (or slide) features; FTX vs IMGNET."""
     input:
-        features=expand(
-            "results/aggregate/{{cohort}}/{model}.patients.parquet", model=list(CONFIG["models"]["backbones"])
-        ),
+        features=lambda wildcards: aggregate_feature_files(wildcards.cohort),
+        slides="results/aggregate/{cohort}/slides.tsv",
         targets=cohort_target_files,
         provenance="results/aggregate/{cohort}/provenance.json",  # its warnings head every output
     output:
@@ -31,3 +30,35 @@ rule predict:
         sites=cohort_sites,
     script:
         "../scripts/predict.py"
+
+
+rule heatmaps:
+    """Every used slide's tiles scored by the out-of-fold predictors: tables, QuPath GeoJSON, pictures."""
+    input:
+        predict="results/predict/{cohort}",
+        features=lambda wildcards: aggregate_feature_files(wildcards.cohort),
+        provenance="results/aggregate/{cohort}/provenance.json",
+        stores=cohort_stores,
+        tiles=cohort_tile_records,
+    output:
+        report(
+            directory("results/heatmaps/{cohort}"),
+            patterns=["{model}/{target}/{slide}.png"],
+            caption="../report/heatmaps.rst",
+            category="Heatmaps: {cohort}",
+            subcategory="{target}",
+            labels={"slide": "{slide}", "target": "{target}", "model": "{model}"},
+        ),
+    log:
+        "logs/heatmaps/{cohort}.log",
+    conda:
+        "../../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        slides=lambda wildcards: [entry["slide_id"] for entry in cohort_entries(wildcards)],
+        expression_transform=CONFIG["targets"]["expression_transform"],
+    script:
+        "../scripts/heatmaps.py"

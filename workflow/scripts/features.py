@@ -17,6 +17,7 @@ request = FeatureRequest(
         "models": {"allow_network": config["models"]["allow_network"], "backbones": snakemake.params.backbones},
         # dtype and reader change results (params); the other keys say how, not what: changing them reruns nothing
         "features": {**config["features"], "dtype": snakemake.params.dtype, "reader": snakemake.params.reader},
+        "gpus": config["gpus"],  # how the job claims its GPU (pathwsi.runtime.gpu_claim)
     },
     threads=snakemake.threads,
     log=Path(snakemake.log[0]),
