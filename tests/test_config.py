@@ -18,8 +18,8 @@ from pathwsi.finetune.tissue_experiment import ExperimentSettings
 from pathwsi.finetune.train import FinetuneSettings
 from pathwsi.predict.aggregate import check_statistics
 from pathwsi.predict.evaluate import EvaluationSettings
-from pathwsi.predict.tile_models import HeatmapSettings
 from pathwsi.predict.predict_job import TargetSettings
+from pathwsi.predict.tile_models import HeatmapSettings
 from pathwsi.runtime.dask_scheduler import DaskScheduler
 from pathwsi.runtime.gpu_claim import GpuSettings
 from pathwsi.samples import COLUMNS, REQUIRED_COLUMNS, Sample, load_samples

@@ -107,7 +107,7 @@ def test_only_the_mean_part_varies_between_tiles():
 def test_no_heatmap_uses_a_model_that_saw_the_patient(cohort, unit):
     results, models = cross_validate(cohort, unit)
     fold_of = {r.task: r.fold_of[REPEAT] for r in results}
-    for i, row in enumerate(models.rows):  # each target's fold is the one that tests the patient in that task's split
+    for i in range(len(models.rows)):  # each target's fold is the one that tests the patient in that task's split
         for t, target in enumerate(models.targets):
             assert models.folds[i, t] == fold_of[models.task(target)][i]
     # changing the patient's features and expression leaves the models that score its slides as they were and

@@ -128,8 +128,36 @@ def test_readme_demo_command_works_from_a_clean_clone(tmp_path):
     assert "overall" in accuracy and "ftx" in accuracy
     summary = (clone / "results" / "summary.tsv").read_text()
     assert summary.count("\tok\t") == 34
-    check_demo_predictions(clone / "results" / "predict" / "demo-luad")
+    check_demo_predictions(clone / "results" / "predict" / "demo-luad", "patient")
+    check_demo_heatmaps(clone / "results")
     check_report(clone)
+    (clone / "slide_unit.yaml").write_text("predict:\n  unit: slide\n")  # the other unit: predict and heatmaps rerun
+    command = [".venv/bin/snakemake", "--cores", "2", "--configfile", "demo/config.yaml", "slide_unit.yaml"]
+    done = subprocess.run(command, cwd=clone, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_demo_predictions(clone / "results" / "predict" / "demo-luad", "slide")
+    check_demo_heatmaps(clone / "results")
+
+
+def check_demo_heatmaps(results: Path) -> None:
+    """Every used demo-luad slide has its heatmaps; the tile scores average to the slide's prediction; the STK11 and
+    expression heatmaps follow the planted lymphocytes (measured: STK11 r -0.25 (patient) / -0.31 (slide) pooled,
+    CD3E +0.53 / +0.44)."""
+    import pandas as pd
+
+    from pathwsi.demo.heatmap_signal import planted_signal
+    from pathwsi.demo.targets import PLANTED_MUTATION
+
+    folder = results / "heatmaps" / "demo-luad"
+    table = pd.read_csv(folder / "heatmaps.tsv", sep="\t")
+    assert table["slide_id"].nunique() == 31 and table["target"].nunique() == 3
+    assert (table["difference"].abs() <= 1e-4 * (1 + table["prediction"].abs())).all(), table
+    assert len(list(folder.glob("ftx/*/*.png"))) == 31 * 3
+    geojson = json.loads((folder / "geojson" / "DEMO-07-DX1.geojson").read_text())
+    assert geojson["features"][0]["properties"]["objectType"] == "detection"
+    signal = planted_signal(results / "heatmaps", results / "tiles").set_index("target")
+    assert signal.loc[f"{PLANTED_MUTATION}.mutation", "pooled_r"] < 0, signal  # mutated when immune-cold
+    assert (signal.drop(index=f"{PLANTED_MUTATION}.mutation")["pooled_r"] > 0.2).all(), signal
 
 
 def check_report(project: Path) -> None:
@@ -153,17 +181,20 @@ def check_report(project: Path) -> None:
         "expression_r_scatter.png",
         "DEMO-07-DX1",
         "thumbnail with the tissue mask",
+        "Heatmaps: demo-luad",
+        "average exactly to the",
         "Start with the",
     ]:
         assert entry in html, entry
 
 
-def check_demo_predictions(folder: Path) -> None:
+def check_demo_predictions(folder: Path, unit: str) -> None:
     """The demo's planted signal (pathwsi.demo.targets) is found through the real images; the noise genes are not."""
     import pandas as pd
 
     from pathwsi.demo.targets import NOISE_EXPRESSION, PLANTED_EXPRESSION, PLANTED_MUTATION
 
+    assert json.loads((folder / "summary.json").read_text())["unit"] == unit
     ftx = pd.read_csv(folder / "expression_ftx.tsv", sep="\t").set_index("gene")
     assert ftx.loc[list(PLANTED_EXPRESSION)[:2], "r_mean"].min() > 0.4, ftx
     assert ftx.loc[list(NOISE_EXPRESSION), "significant"].sum() <= 1, ftx
@@ -177,5 +208,6 @@ def check_demo_predictions(folder: Path) -> None:
     assert "model 'imgnet' has UNTRAINED" in summary and "model 'ftx' was fine-tuned from UNTRAINED" in summary
     assert (
         "## Planted signal: is it found?" in summary
-        and f"expression {list(PLANTED_EXPRESSION)[0]}: recovered by" in summary
+        and f"expression {list(PLANTED_EXPRESSION)[0]} (per {unit}): recovered by" in summary
     )
+    assert "](../../heatmaps/demo-luad/ftx/STK11.mutation/" in summary  # the top slides link their heatmaps

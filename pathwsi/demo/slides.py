@@ -180,6 +180,13 @@ class SyntheticTissue:
             fields.append(rows[:, jx] * (1 - tx) + rows[:, jx + 1] * tx)
         return fields
 
+    def lymphocyte_share(self, x_um: float, y_um: float, w_um: float, h_um: float, step_um: float = 4.0) -> float:
+        """Ground-truth share of a box's nuclear sites that hold a lymphocyte: every site in an aggregate, and a
+        `lymphocyte_density` share of the others."""
+        gx, gy = np.meshgrid(np.arange(x_um, x_um + w_um, step_um), np.arange(y_um, y_um + h_um, step_um))
+        aggregate = float(np.mean(self._in_aggregate(gx, gy)))
+        return self.lymphocyte_density + (1.0 - self.lymphocyte_density) * aggregate
+
     def _in_aggregate(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Whether (x, y) µm lies in a lymphocyte aggregate (none when infiltrate is 0)."""
         return _value_noise(x, y, 50.0, self.seed, 15) > 1.0 - 2.0 * self.infiltrate
