@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from pathwsi.demo.labelled_tiles import write_tile_set
@@ -149,6 +151,32 @@ def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base):
     header = lines[0].split("\t")
     assert len(lines) == 1 + 3 and {"train_loss", "val_loss", "val_acc", "val_acc_ADI", "val_acc_TUM"} <= set(header)
     assert [line.split("\t")[:2] for line in lines[1:]] == [["1", "1"], ["2", "1"], ["2", "2"]]
+    curves = Image.open(work / "curves.png")
+    assert curves.format == "PNG" and curves.width > 600 and summary["curves"] == str(work / "curves.png")
+
+
+def test_each_epoch_is_one_line_on_stderr_and_in_the_log(tiles, tmp_path, capfd):
+    """Under Snakemake stderr is the terminal of the run: it shows every epoch, not only the job's log."""
+    import logging
+
+    from pathwsi.runtime.logs import job_log
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    short = replace(TINY, step2=replace(TINY.step2, epochs=1))
+    try:
+        with job_log(tmp_path / "finetune.log"):
+            finetune(SPEC, short, tiles, None, tmp_path / "ftx.safetensors", tmp_path / "work", device="cpu")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err, log = capfd.readouterr().err, (tmp_path / "finetune.log").read_text()
+    for step in (1, 2):
+        line = re.search(
+            rf"fine-tuning step {step} epoch 1/1: train loss [0-9.]+ acc [0-9.]+, val loss [0-9.]+ acc", err
+        )
+        assert line and line.group(0) in log
+    assert "fine-tuning 'imgnet' on" not in err  # other INFO lines stay in the log
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tiles, tuned, tmp_path):

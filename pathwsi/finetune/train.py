@@ -16,7 +16,11 @@ killed run would have done and no RNG state needs saving. The step's best epoch 
 
 Outputs: the backbone of the last step's best epoch without its head (`out_path`, loadable
 by `build_backbone` as the `ftx` entry) with provenance in its safetensors metadata; in the
-workdir `head.safetensors`, `metrics.tsv` (one row per epoch) and `summary.json`.
+workdir `head.safetensors`, `metrics.tsv` (one row per epoch), `curves.png` (its loss and accuracy
+per epoch, pathwsi.finetune.curves) and `summary.json`. Both are rewritten after every epoch. Each
+epoch's line (loss, accuracy, validation loss and accuracy) goes to the log and to stderr, which
+under Snakemake is the terminal of the run (pathwsi.runtime.logs.TERMINAL); on a terminal a
+progress bar per epoch shows the batches as well.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pathwsi.features.backbones import (
     save_weights,
     specs_from_config,
 )
+from pathwsi.finetune.curves import plot_curves
 from pathwsi.finetune.tilesets import (
     AugmentSettings,
     FinetuneError,
@@ -58,18 +63,21 @@ from pathwsi.finetune.tilesets import (
     scan_tile_folder,
     stratified_split,
 )
+from pathwsi.runtime.gpu_claim import GpuSettings, claimed_device
 from pathwsi.runtime.locks import hold_exclusive
+from pathwsi.runtime.logs import TERMINAL
 from pathwsi.runtime.outputs import atomic_path, write_json, write_text
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
-CHECKPOINT, BEST, HEAD, METRICS, SUMMARY = (
+CHECKPOINT, BEST, HEAD, METRICS, CURVES, SUMMARY = (
     "checkpoint.pt",
     "best.safetensors",
     "head.safetensors",
     "metrics.tsv",
+    "curves.png",
     "summary.json",
 )
 LOCK = "finetune.lock"  # held by the run that works in the folder (pathwsi.runtime.locks)
@@ -340,9 +348,8 @@ def finetune(
         model.to(device).to(memory_format=torch.channels_last)
         fingerprint = _fingerprint(settings, backbone, train, val)
         state = _resume(workdir, fingerprint, model, restart, device)
-        _write_metrics(
-            workdir / METRICS, state.progress.rows, tiles.classes
-        )  # as of the checkpoint (a failed job's was removed)
+        notes = _untrained_note(spec)
+        _write_progress(workdir, state.progress.rows, tiles.classes, notes)  # as of the checkpoint
         runner = _Runner(backbone, model, settings, train, val, device, progress, on_batch)
 
         for number, step in ((1, settings.step1), (2, settings.step2)):
@@ -363,7 +370,7 @@ def finetune(
                 _record(state.progress, row, settings.early_stopping_patience, model, workdir)
                 state.progress.epoch = epoch
                 _save_checkpoint(workdir, fingerprint, model, optimizer, state.progress)
-                _write_metrics(workdir / METRICS, state.progress.rows, tiles.classes)
+                _write_progress(workdir, state.progress.rows, tiles.classes, notes)
         return _export(
             spec,
             backbone,
@@ -460,7 +467,7 @@ class _Runner:
         row.update({f"val_acc_{name}": acc for name, acc in zip(self.classes, per_class)})
         row.update(train_images_per_s=seen / trained, seconds=time.perf_counter() - started)
         log.info(
-            "step %d epoch %d/%d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f images/s)",
+            "fine-tuning step %d epoch %d/%d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f images/s)",
             number,
             epoch,
             step.epochs,
@@ -469,6 +476,7 @@ class _Runner:
             val_loss,
             val_acc,
             row["train_images_per_s"],
+            extra=TERMINAL,
         )
         return row
 
@@ -527,10 +535,11 @@ def _record(progress: Progress, row: dict[str, Any], patience: int, model: TileC
     progress.stopped = patience > 0 and progress.stale >= patience
     if progress.stopped:
         log.info(
-            "step %d stops early after epoch %d: no lower validation loss for %d epochs",
+            "fine-tuning step %d stops early after epoch %d: no lower validation loss for %d epochs",
             row["step"],
             row["epoch"],
             patience,
+            extra=TERMINAL,
         )
 
 
@@ -581,7 +590,7 @@ def _resume(workdir: Path, fingerprint: str, model: TileClassifier, restart: boo
     """Load the checkpoint into `model` if there is one made the same way; otherwise start fresh."""
     path = workdir / CHECKPOINT
     if restart:
-        for name in (CHECKPOINT, BEST, METRICS):
+        for name in (CHECKPOINT, BEST, METRICS, CURVES):
             (workdir / name).unlink(missing_ok=True)
     if not path.is_file():
         return _State(Progress(), None)
@@ -598,8 +607,23 @@ def _resume(workdir: Path, fingerprint: str, model: TileClassifier, restart: boo
         )
     model.load_state_dict(saved["model"])
     progress = Progress(**saved["progress"])
-    log.info("resuming from %s: step %d, %d epoch(s) done", path, progress.step, progress.epoch)
+    log.info("resuming from %s: step %d, %d epoch(s) done", path, progress.step, progress.epoch, extra=TERMINAL)
     return _State(progress, saved["optimizer"])
+
+
+def _write_progress(workdir: Path, rows: list[dict[str, Any]], classes: tuple[str, ...], notes: list[str]) -> None:
+    """metrics.tsv and curves.png of the rows so far (`notes`: warnings above the figure)."""
+    _write_metrics(workdir / METRICS, rows, classes)
+    plot_curves(workdir / CURVES, rows, notes)
+
+
+def _untrained_note(spec: ModelSpec) -> list[str]:
+    """The figure's warning when the base has untrained weights (the demo, the tests)."""
+    if not spec.untrained:
+        return []
+    return [
+        f"base '{spec.name}' has UNTRAINED weights: these curves show the training running, not ImageNet fine-tuning"
+    ]
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]], classes: tuple[str, ...]) -> None:
@@ -680,6 +704,7 @@ def _export(
         "weights_sha256": sha,
         "head": str(workdir / HEAD),
         "metrics": str(workdir / METRICS),
+        "curves": str(workdir / CURVES),
         "classes": list(classes),
         "best": metadata["best"],
         "epochs": [[row["step"], row["epoch"]] for row in progress.rows],
@@ -712,11 +737,13 @@ def run_finetune(
     device: str = "auto",
     restart: bool = False,
     progress: bool | None = None,
+    gpus: GpuSettings | None = None,
 ) -> dict[str, Any]:
     """`pathwsi finetune` and rule `finetune`: fine-tune the config's `finetune.base` model.
 
     config: a validated config (sections models, finetune, seed); train_dir / val_dir
-    override finetune.train_dir / finetune.val_dir.
+    override finetune.train_dir / finetune.val_dir. On CUDA the run claims a GPU of its own for
+    its lifetime (gpus: how; default the config's `gpus` section, pathwsi.runtime.gpu_claim).
     """
     settings = FinetuneSettings.from_config(config)
     specs = specs_from_config(config["models"])
@@ -725,15 +752,16 @@ def run_finetune(
     section = config["finetune"]
     train = Path(train_dir or section["train_dir"])
     val = val_dir or section.get("val_dir")
-    return finetune(
-        specs[settings.base],
-        settings,
-        train,
-        Path(val) if val else None,
-        out_path,
-        workdir,
-        allow_network=bool(config["models"].get("allow_network", False)),
-        device=device,
-        restart=restart,
-        progress=progress,
-    )
+    with claimed_device(resolve_device(device), gpus or GpuSettings.from_config(config), "finetune") as (claimed, _):
+        return finetune(
+            specs[settings.base],
+            settings,
+            train,
+            Path(val) if val else None,
+            out_path,
+            workdir,
+            allow_network=bool(config["models"].get("allow_network", False)),
+            device=claimed,
+            restart=restart,
+            progress=progress,
+        )

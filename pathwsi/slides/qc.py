@@ -1,4 +1,11 @@
-"""QC pictures a person can check at a glance: tissue mask and kept tiles on a thumbnail."""
+"""QC pictures a person can check at a glance: tissue mask and kept tiles on a thumbnail.
+
+They are sized for the Snakemake report, which embeds every one of them: the tiling picture is
+drawn no finer than shows a kept tile `TILE_PX_MAX` px wide (nor larger than `qc.max_px`), the stain
+strip at most `STRIP_PX_MAX` px wide, and both are saved with a 256-colour adaptive palette. On the
+34 demo slides this takes the two pictures of a slide from 2.4 MB to the figures in docs/stain.md
+("QC pictures"); `test_qc_pictures_of_a_demo_sized_slide_stay_small` holds the bound.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,24 @@ MASK_LEGEND = (120, 200, 150)  # the tint on a light background
 TILE_OUTLINE = (20, 60, 220)
 SCALE_BARS_MM = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 LINE_PX = 14  # height of a line of the default bitmap font, with spacing
+TILE_PX_MAX = 64  # the tiling picture is drawn no finer than shows a kept tile this many px wide
+STRIP_PX_MAX = 960  # the widest stain strip (px); Snakemake 9's report shows a picture at its own size in a
+# pane 3/4 of the window wide, less 24 px: 1056 px of a 1440 px window
+PALETTE_COLOURS = 256
 LegendEntry = tuple[tuple[int, int, int], str, bool]  # colour, label, filled swatch (else an outline)
+
+
+def overview_mpp(slide_um: float, max_px: int, tile_um: float, level0_mpp: float) -> float:
+    """µm/px of the tiling picture: the longest side (`slide_um`) in `max_px`, a tile at most TILE_PX_MAX px
+    wide, never finer than level 0."""
+    return max(slide_um / max_px, tile_um / TILE_PX_MAX, level0_mpp)
+
+
+def narrowed(image: Image.Image, max_px: int = STRIP_PX_MAX) -> Image.Image:
+    """`image` scaled down (area-averaged, so mean colours stay) to at most `max_px` wide."""
+    if image.width <= max_px:
+        return image
+    return image.resize((max_px, max(1, round(image.height * max_px / image.width))), Image.Resampling.BOX)
 
 
 def tiles_overview(
@@ -79,6 +103,8 @@ def message_card(title: str, message: str, width: int = 640) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG through a temporary name so a crash never leaves a half-written file."""
+    """Write a PNG with an adaptive 256-colour palette (max-coverage, refined by one k-means pass), through a
+    temporary name so a crash never leaves a half-written file."""
+    palette = image.convert("RGB").quantize(PALETTE_COLOURS, method=Image.Quantize.MAXCOVERAGE, kmeans=1)
     with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG")
+        palette.save(temporary, format="PNG", optimize=True)

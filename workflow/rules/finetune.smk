@@ -9,6 +9,7 @@ rule finetune:
         weights=FTX_WEIGHTS,
         head="results/finetune/head.safetensors",
         metrics=report("results/finetune/metrics.tsv", caption="../report/finetune.rst", category="Fine-tuning"),
+        curves=report("results/finetune/curves.png", caption="../report/finetune_curves.rst", category="Fine-tuning"),
         summary="results/finetune/summary.json",
     log:
         "logs/finetune.log",
