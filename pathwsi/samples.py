@@ -15,7 +15,7 @@ from pathwsi.config import load_schema
 from pathwsi.errors import ConfigError
 
 REQUIRED_COLUMNS = ("cohort", "slide_id", "patient_id", "path")
-OPTIONAL_COLUMNS = ("mpp", "site")
+OPTIONAL_COLUMNS = ("mpp", "site", "backend")
 COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 
@@ -29,6 +29,7 @@ class Sample:
     path: str
     mpp: float | None = None
     site: str | None = None
+    backend: str | None = None  # the library that opens the slide; None: the config's `tiling.backend`
 
 
 def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, Any] | None = None) -> list[Sample]:
@@ -75,10 +76,12 @@ def load_samples(path: str | Path, check_files: bool = True, schema: dict[str, A
 
 
 def _slide_file_problems(path: Path, where: str) -> list[str]:
-    if path.is_dir():
+    if path.is_dir() and not any(path.glob("*.dcm")):
         return [
-            f"{where}: slide path '{path}' is a directory, not a slide file; give the file itself (for MIRAX, the .mrxs beside its folder)"
+            f"{where}: slide path '{path}' is a directory, not a slide file; give the file itself (for MIRAX, the .mrxs beside its folder; a folder is a slide only when it holds a DICOM-WSI series, *.dcm)"
         ]
+    if path.is_dir():
+        return []
     if not path.is_file():
         return [
             f"{where}: slide file '{path}' not found; fix the path (relative paths start from the directory you run snakemake in), or run `pathwsi demo` for the demo slides"
@@ -153,6 +156,7 @@ _FIXES = {
     "path": "give the slide file's path",
     "mpp": "write the level-0 µm/px as a number (e.g. 0.25 for 40x, 0.5 for 20x), or leave it empty to use the file's value",
     "site": "give the tissue source site, or leave it empty",
+    "backend": "write auto, openslide or tiatoolbox (the library that opens this slide), or leave it empty to use the config's tiling.backend",
 }
 
 

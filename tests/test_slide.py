@@ -7,6 +7,7 @@ import openslide
 import pytest
 from PIL import Image
 
+from pathwsi.slides.backends import openslide_mpp
 from pathwsi.slides.slide import Slide, SlideError, resolve_mpp
 
 
@@ -31,8 +32,8 @@ def test_missing_mpp_is_an_error_naming_the_slide_and_the_fix(slides):
 
 def test_tiff_resolution_tags_are_used_when_openslide_reports_no_mpp():
     props = {"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600"}
-    assert resolve_mpp(props, None, "x").value == pytest.approx(0.25)
-    assert resolve_mpp(props, None, "x").source == "tiff-resolution"
+    mpp = resolve_mpp(openslide_mpp(props), None, "x")
+    assert mpp.value == pytest.approx(0.25) and mpp.source == "tiff-resolution"
 
 
 @pytest.mark.parametrize(
@@ -108,3 +109,25 @@ def test_a_sheet_mpp_far_from_the_files_own_is_a_warning_naming_the_slide(slides
         if "far" in r.getMessage() and "6.0x the file's own 0.25" in r.getMessage()
     ]
     assert not [r for r in caplog.records if "'near'" in r.getMessage()]
+
+
+def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monkeypatch):
+    from slide_formats import write_ome_tiff
+
+    from pathwsi.slides import backends
+
+    monkeypatch.setattr(backends, "tiatoolbox_installed", lambda: False)
+    ome = write_ome_tiff(slides.tiff_05, tmp_path / "section.ome.tif", 0.5)
+    with pytest.raises(
+        SlideError, match=r"tiling.backend tiatoolbox needs the tiatoolbox extra: pip install -e '\.\[tiatoolbox\]'"
+    ):
+        Slide(ome, backend="tiatoolbox")
+    with Slide(ome) as flat:  # auto without the extra: OpenSlide, which sees the first image only
+        assert flat.backend == "openslide" and len(flat.levels) == 1
+    series = tmp_path / "dicom"
+    series.mkdir()
+    (series / "frame.dcm").write_bytes(b"not really DICOM")
+    with pytest.raises(
+        SlideError, match=r"OpenSlide cannot open it.*For OME-TIFF, DICOM-WSI or OME-NGFF slides: pip install"
+    ):
+        Slide(series)

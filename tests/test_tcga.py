@@ -356,7 +356,7 @@ def test_written_sheet_passes_the_sample_sheet_schema(slide_dir, tmp_path):
     assert len(samples) == 5
     sheet = tmp_path / "samples.tsv"
     write_sample_sheet(samples, sheet)
-    assert sheet.read_text().splitlines()[0] == "cohort\tslide_id\tpatient_id\tpath\tmpp\tsite"
+    assert sheet.read_text().splitlines()[0] == "cohort\tslide_id\tpatient_id\tpath\tmpp\tsite\tbackend"
     assert load_samples(sheet) == samples
 
 

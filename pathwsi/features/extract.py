@@ -8,6 +8,12 @@ reading (workers), normalizing + models (main thread) and writing overlap. On CU
 normalization, models and copy back are queued before the previous batch's features are
 collected, so the GPU is not idle while the main thread waits for the next batch; stage times
 come from CUDA events, without extra synchronization.
+
+`features.reader: gpu` (or `auto` on CUDA) moves the JPEG decoding from the workers to the device
+(pathwsi.features.gpu_decode): workers send the stored tiles' bytes, the main thread decodes a batch
+of them at once. `features.compile` decides per job whether the models run through torch.compile
+(pathwsi.features.compile_policy); compiled models see one batch shape, so the last, partial batch
+is padded with white tiles to the full size and the padding's features are dropped.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from tqdm import tqdm
 from pathwsi import __version__
 from pathwsi.errors import ConfigError
 from pathwsi.features.backbones import PRECISIONS, Backbone
+from pathwsi.features.compile_policy import CompileSettings, job_nets
 from pathwsi.features.store import StoreWriter, open_writer
 from pathwsi.samples import Sample
 from pathwsi.slides.tile_record import TilesRecord, TilesRecordError
@@ -38,7 +45,8 @@ from pathwsi.stain.macenko import StainFit
 from pathwsi.stain.torch_apply import normalize_batch
 
 log = logging.getLogger(__name__)
-READERS = ("fast", "exact")
+READERS = ("fast", "exact", "gpu", "auto")
+Batches = Iterator[tuple[torch.Tensor, list[str]]]
 
 
 @dataclass(frozen=True)
@@ -49,17 +57,24 @@ class ExtractSettings:
     chunk_tiles: int = 512  # tiles per Zarr chunk and per resume step (rounded up to whole batches)
     num_workers: int = 1
     dtype: str = "float16"
-    reader: str = (
-        "fast"  # fast: half-size JPEG decode where it applies; exact: OpenSlide's pixels (pathwsi.slides.readers)
-    )
+    # fast: half-size JPEG decode where it applies; exact: OpenSlide's pixels (pathwsi.slides.readers);
+    # gpu: the exact reader's tiles decoded in batches on the device (gpu_decode.resolve_reader); auto: gpu on CUDA, else fast
+    reader: str = "fast"
     device: str = "auto"  # auto: CUDA when present, else CPU
-    compile: bool = False
+    compile: bool | str = "auto"  # auto | true | false (pathwsi.features.compile_policy)
+    # Inductor's cache folder; None: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/pathwsi/inductor
+    compile_cache: str | None = None
+    compile_min_tiles: int = 100_000  # auto compiles on CUDA slides of at least this many tiles...
+    compile_min_tiles_warm: int = 10_000  # ...or this many when Inductor's cache holds the compile already
 
     def __post_init__(self) -> None:
+        problems = []
         if self.reader not in READERS:
-            raise ConfigError(
-                "features", [f"key 'features.reader': '{self.reader}' is not one of {', '.join(READERS)}"]
-            )
+            problems.append(f"key 'features.reader': '{self.reader}' is not one of {', '.join(READERS)}")
+        if not (self.compile is True or self.compile is False or self.compile == "auto"):
+            problems.append(f"key 'features.compile': {self.compile!r} is not one of auto, true, false")
+        if problems:
+            raise ConfigError("features", problems)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ExtractSettings:
@@ -69,6 +84,10 @@ class ExtractSettings:
     @property
     def aligned_chunk(self) -> int:
         return -(-self.chunk_tiles // self.batch_size) * self.batch_size
+
+    @property
+    def compiling(self) -> CompileSettings:
+        return CompileSettings(self.compile, self.compile_cache, self.compile_min_tiles, self.compile_min_tiles_warm)
 
 
 class SlideTiles(Dataset):
@@ -115,7 +134,9 @@ def open_reader(sample: Sample, mpp: float, tile_px: int, exact: bool = False) -
     from pathwsi.slides.readers import open_tile_reader
     from pathwsi.slides.slide import Slide
 
-    return open_tile_reader(Slide(sample.path, sample.slide_id, sample.mpp), mpp, tile_px, exact=exact)
+    return open_tile_reader(
+        Slide(sample.path, sample.slide_id, sample.mpp, sample.backend or "auto"), mpp, tile_px, exact=exact
+    )
 
 
 def _stain_record(record: TilesRecord, keys: tuple[str, ...]) -> dict[str, Any] | None:
@@ -175,7 +196,12 @@ def extract_slide(
     store_path: Path,
 ) -> dict[str, float]:
     """Extract and store the features of one slide's tiles; resumes a killed run; tiles that cannot be
-    read are recorded in the store and left out. Returns timings."""
+    read are recorded in the store and left out. Returns timings (seconds per stage; `compiled` 1 or 0).
+
+    The store records the reader used (`features.reader` auto or gpu resolved for this slide and device); the
+    slide is opened with the backend its tiling job used."""
+    sample = replace(sample, backend=(record.slide or {}).get("backend", sample.backend))
+    settings = replace(settings, reader=_resolve_reader(sample, record, models, settings, len(tiles)))
     writer = open_writer(
         store_path,
         tiles,
@@ -191,6 +217,22 @@ def extract_slide(
         writer.close()
 
 
+def _resolve_reader(
+    sample: Sample, record: TilesRecord, models: list[Backbone], settings: ExtractSettings, n_tiles: int
+) -> str:
+    """fast or exact as configured; auto and gpu resolved for this slide and device (gpu_decode.resolve_reader)."""
+    if settings.reader in ("fast", "exact"):
+        return settings.reader
+    from pathwsi.features.gpu_decode import resolve_reader
+
+    tile = record.tile if n_tiles else None
+    device = next(models[0].net.parameters()).device
+    reader, why = resolve_reader(settings.reader, device, sample, tile.px if tile else None, tile.mpp if tile else None)
+    level = logging.WARNING if settings.reader == "gpu" and reader != "gpu" else logging.INFO
+    log.log(level, "%s: features.reader %s -> %s (%s)", sample.slide_id, settings.reader, reader, why)
+    return reader
+
+
 def _extract(
     sample: Sample,
     tiles: np.ndarray,
@@ -201,7 +243,8 @@ def _extract(
 ) -> dict[str, float]:
     device = next(models[0].net.parameters()).device
     start = len(tiles) if writer.already_complete else writer.first_pending_tile
-    timings = {"read": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
+    timings = {"read": 0.0, "decode": 0.0, "normalize": 0.0, "model": 0.0, "write": 0.0, "tiles": len(tiles) - start}
+    timings.update(compile=0.0, compiled=0.0)
     if start == len(tiles):
         writer.finish()
         return timings
@@ -218,14 +261,16 @@ def _extract(
             f"{sample.slide_id}: its tiling record has tiles but no stain fit or tile geometry; rerun its tiling"
         )
     stain, tile = record.stain, record.tile
-    loader = DataLoader(
-        SlideTiles(sample, tiles, tile.px, tile.mpp, start, exact=settings.reader == "exact"),
-        batch_size=settings.batch_size,
-        num_workers=settings.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
+
+    def warm_up(compiled: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        blank = torch.full((settings.batch_size, tile.px, tile.px, 3), 255, dtype=torch.uint8, device=device)
+        _launch(blank, [""] * settings.batch_size, stain, models, compiled, device).wait({"normalize": 0, "model": 0})
+
+    nets, compiling = job_nets(
+        models, device, len(tiles) - start, settings.batch_size, tile.px, settings.compiling, warm_up
     )
-    nets = {m.spec.name: (torch.compile(m.net) if settings.compile else m.net) for m in models}
+    timings.update(compile=compiling["seconds"], compiled=float(compiling["compiled"]))
+    pad_to = settings.batch_size if compiling["compiled"] else None
     pending: dict[str, list[np.ndarray]] = {m.spec.name: [] for m in models}
     unreadable: dict[int, str] = {}  # tile index -> why, in the chunk being gathered
     chunk_index, done = writer.chunks_done, start
@@ -250,14 +295,11 @@ def _extract(
                 chunk_index += 1
 
         previous: Launched | None = None
-        waited = time.perf_counter()
-        for batch, reasons in loader:
-            timings["read"] += time.perf_counter() - waited
-            launched = _launch(batch, list(reasons), stain, models, nets, device)
+        for batch, reasons in _batches(sample, tiles, tile.px, tile.mpp, start, settings, device, timings):
+            launched = _launch(batch, reasons, stain, models, nets, device, pad_to)
             if previous is not None:  # the GPU already has the next batch queued while we wait here
                 collect(previous)
             previous = launched
-            waited = time.perf_counter()
         if previous is not None:
             collect(previous)
         if last is not None:
@@ -266,6 +308,50 @@ def _extract(
     timings["total"] = time.perf_counter() - started
     timings["tiles_per_s"] = timings["tiles"] / timings["total"] if timings["total"] else 0.0
     return timings
+
+
+def _batches(
+    sample: Sample,
+    coords: np.ndarray,
+    tile_px: int,
+    tile_mpp: float,
+    start: int,
+    settings: ExtractSettings,
+    device: torch.device,
+    timings: dict[str, float],
+) -> Batches:
+    """The slide's tiles from `start` on, batch by batch, each with per tile "" or why it could not be read;
+    adds the seconds spent waiting on the workers (`read`) and decoding on the device (`decode`)."""
+    if settings.reader == "gpu":
+        from pathwsi.features.gpu_decode import CompressedTiles, DeviceDecoder
+
+        compressed = DataLoader(
+            CompressedTiles(sample, coords, tile_px, tile_mpp, start, settings.batch_size),
+            batch_size=None,
+            num_workers=settings.num_workers,
+        )
+        decoder = DeviceDecoder(open_reader(sample, tile_mpp, tile_px, exact=True), device)
+        waited = time.perf_counter()
+        for item in compressed:
+            decoding = time.perf_counter()
+            timings["read"] += decoding - waited
+            decoded = decoder(item)
+            timings["decode"] += time.perf_counter() - decoding  # the main thread's time in the decoder
+            yield decoded
+            waited = time.perf_counter()
+        return
+    loader = DataLoader(
+        SlideTiles(sample, coords, tile_px, tile_mpp, start, exact=settings.reader == "exact"),
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    waited = time.perf_counter()
+    for batch, reasons in loader:
+        timings["read"] += time.perf_counter() - waited
+        yield batch, list(reasons)
+        waited = time.perf_counter()
 
 
 @dataclass
@@ -291,10 +377,17 @@ def _launch(
     unreadable: list[str],
     stain: StainFit,
     models: list[Backbone],
-    nets: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    nets: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     device: torch.device,
+    pad_to: int | None = None,
 ) -> Launched:
-    """Queue the batch's normalization (once) and every model on it, and the copy of the features back."""
+    """Queue the batch's normalization (once) and every model on it, and the copy of the features back.
+
+    pad_to: a shorter batch is padded with white tiles to this size (a compiled model's one shape) and
+    the padding's features are dropped."""
+    size = len(batch)
+    if pad_to is not None and size < pad_to:
+        batch = torch.cat([batch, batch.new_full((pad_to - size, *batch.shape[1:]), 255)])
     marks = [_mark(device)]
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
     x = normalize_batch(
@@ -307,9 +400,10 @@ def _launch(
             torch.autocast("cuda", dtype=PRECISIONS[model.spec.precision]) if device.type == "cuda" else nullcontext()
         )
         with torch.inference_mode(), autocast:
-            features[model.spec.name] = nets[model.spec.name](model.prepare(x)).float().to("cpu", non_blocking=True)
+            out = nets[model.spec.name](model.prepare(x))[:size]
+            features[model.spec.name] = out.float().to("cpu", non_blocking=True)
     marks.append(_mark(device))
-    return Launched(len(batch), unreadable, features, marks)
+    return Launched(size, unreadable, features, marks)
 
 
 def _mark(device: torch.device) -> Any:

@@ -62,12 +62,16 @@ def run_feature_job(
                 tiling.reason,
             )
         timings = extract_slide(sample, coords, fractions, tiling, models, settings, store_path)
-        unreadable = open_store(store_path).attrs["unreadable_tiles"]
+        attrs = open_store(store_path).attrs
+        unreadable = attrs["unreadable_tiles"]
+        compiled = bool(timings.pop("compiled", 0.0))
         record = {
             "slide_id": sample.slide_id,
             "device": str(device),
             "gpu": claim or None,  # the GPU claimed (pathwsi.runtime.gpu_claim): index, id, CUDA_VISIBLE_DEVICES, wait
             "models": [m.spec.name for m in models],
+            "reader": attrs["reader"],  # features.reader as resolved for this slide (auto, gpu)
+            "compiled": compiled,  # torch.compile used (features.compile); seconds.compile: its time, warm-up batch included
             "seconds": {k: round(v, 3) for k, v in timings.items()},
             "unreadable_tiles": {"count": unreadable["count"], "tiles": unreadable["tiles"][:SHOWN_IN_TIMINGS]},
         }
@@ -80,14 +84,18 @@ def run_feature_job(
             )
         write_json(record, timings_path)
         log.info(
-            "%s: %d tiles, %.1f tiles/s (read %.1f s, normalize %.1f s, models %.1f s, write %.1f s)",
+            "%s: %d tiles, %.1f tiles/s (read %.1f s, decode %.1f s, normalize %.1f s, models %.1f s, write %.1f s; "
+            "%s reader; %s)",
             sample.slide_id,
             timings["tiles"],
             timings.get("tiles_per_s", 0.0),
             timings["read"],
+            timings["decode"],
             timings["normalize"],
             timings["model"],
             timings["write"],
+            attrs["reader"],
+            f"compiled in {timings['compile']:.1f} s" if compiled else "eager",
         )
         return record
 

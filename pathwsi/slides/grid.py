@@ -18,6 +18,7 @@ class TileSettings:
     tile_px: int = 224
     tile_mpp: float = 0.5
     min_tissue_fraction: float = 0.5
+    backend: str = "auto"  # the library that opens the slide (pathwsi.slides.backends)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TileSettings:

@@ -18,6 +18,9 @@ largest 16, over the 2,025 tiles of benchmarks/bench_reader.py), and are 0.5 lev
 average, since the BOX halving rounds halves up twice. exact=True decodes at full size and
 halves as PIL's BOX resize does: read_region's pixels bit for bit.
 
+`JpegTileReader.plan`, `.stream` and `region_slots` give the same placement to decoders that work
+on batches of stored tiles elsewhere (pathwsi.features.gpu_decode: nvJPEG on the GPU).
+
 Readers pickle without their file handles and caches and reopen them in the process that reads
 (one reader per DataLoader worker; they are not thread-safe). This module does not import torch.
 """
@@ -80,6 +83,8 @@ def jpeg_level(slide: Slide, level: Level) -> JpegLevel:
     Raises NotJpegTiled when the file is not a plain tiled TIFF pyramid (per OpenSlide's vendor),
     the page is not 8-bit RGB/YCbCr JPEG, or it has missing tiles (OpenSlide paints those itself).
     """
+    if slide.backend != "openslide":
+        raise NotJpegTiled(f"the slide is opened with {slide.backend}, not OpenSlide")
     if slide.vendor not in FAST_VENDORS:
         raise NotJpegTiled(f"OpenSlide reads the file as '{slide.vendor}', not as one of {FAST_VENDORS}")
     with tifffile.TiffFile(slide.path) as tif:
@@ -124,13 +129,49 @@ def _check_jpeg_page(page: tifffile.TiffPage, index: int) -> None:
         raise NotJpegTiled(f"level {index} has missing (zero-length) tiles")
 
 
+@dataclass(frozen=True)
+class RegionPlan:
+    """How `JpegTileReader.read` makes one output tile: from the square [top, top+side) x [left,
+    left+side) of the level shrunk `shrink` times (1, or 2 for the halved-tile path), white outside,
+    shifted by `shift` (x, y) 1/256 px when the tile starts between level pixels, then resized."""
+
+    left: int
+    top: int
+    side: int
+    shrink: int
+    shift: tuple[int, int] | None = None
+
+    def finish(self, region: np.ndarray, tile_px: int) -> np.ndarray:
+        """The output tile from the region's RGB pixels (side, side, 3)."""
+        if self.shift is not None:
+            region = _shift_bilinear(region, *self.shift)
+        return resize(region, tile_px, tile_px)
+
+
+def region_slots(layout: JpegLevel, left: np.ndarray, top: np.ndarray, side: int, shrink: int) -> np.ndarray:
+    """For squares of `side` px at (left, top) of the level shrunk `shrink` times: the stored tiles
+    they span, as (n, k, k) tile indices in row-major slots from the one holding the square's
+    top-left pixel, -1 where a slot lies outside the level or past the square (then white or unused).
+    k = ceil(side / tile) + 1 slots a side: enough for any offset of the square within its first tile.
+    Batched decoders (pathwsi.features.gpu_decode) gather output tiles from these slots."""
+    th, tw = layout.tile_height // shrink, layout.tile_width // shrink
+    k = max(-(-side // th), -(-side // tw)) + 1
+    steps = np.arange(k)
+    rows = np.asarray(top)[:, None] // th + steps  # floor: a negative top starts in a row of white
+    cols = np.asarray(left)[:, None] // tw + steps
+    row_ok = (rows >= 0) & (rows < layout.tiles_down) & (rows * th < np.asarray(top)[:, None] + side)
+    col_ok = (cols >= 0) & (cols < layout.tiles_across) & (cols * tw < np.asarray(left)[:, None] + side)
+    slots = rows[:, :, None] * layout.tiles_across + cols[:, None, :]
+    return np.where(row_ok[:, :, None] & col_ok[:, None, :], slots, -1)
+
+
 class TileReader(ABC):
     """Reads `tile_px` x `tile_px` RGB tiles at `mpp` µm/px by their level-0 top-left corner."""
 
     name: str
 
     def __init__(self, slide: Slide, mpp: float, tile_px: int):
-        self.path, self.slide_id, self.label = slide.path, slide.slide_id, slide.label
+        self.path, self.slide_id, self.label, self.backend = slide.path, slide.slide_id, slide.label, slide.backend
         self.level0_mpp = slide.mpp.value
         self.mpp, self.tile_px = float(mpp), int(tile_px)
         self.level = slide.level_for(mpp)
@@ -169,7 +210,7 @@ class OpenSlideTileReader(TileReader):
 
     def _handle(self) -> Slide:
         if self._slide is None or self._pid != os.getpid():  # unpickled or forked: open our own
-            self._slide = Slide(self.path, self.slide_id, mpp_override=self.level0_mpp)
+            self._slide = Slide(self.path, self.slide_id, mpp_override=self.level0_mpp, backend=self.backend)
             self._owned, self._pid = True, os.getpid()
         return self._slide
 
@@ -228,15 +269,24 @@ class JpegTileReader(TileReader):
         self._prefix = _stream_prefix(layout)  # what simplejpeg needs before a tile's own segments
 
     def read(self, x0: int, y0: int) -> np.ndarray:
+        plan = self.plan(x0, y0)
+        region = self._region(plan.left, plan.top, plan.side, plan.side, plan.shrink)
+        return region if self._dct(plan.shrink) else plan.finish(_to_rgb(region), self.tile_px)
+
+    def plan(self, x0: int, y0: int) -> RegionPlan:
+        """Which square of the level (shrunk how) the tile at level-0 (x0, y0) is made from, and how."""
         qx, qy = _level_position(x0, self.downsample), _level_position(y0, self.downsample)
         left, top, side = qx // 256, qy // 256, self.level_px
         if qx % 256 or qy % 256:
-            region = _to_rgb(self._region(left, top, side + 1, side + 1, 1))
-            return resize(_shift_bilinear(region, (qx % 256) & ~1, (qy % 256) & ~1), self.tile_px, self.tile_px)
+            return RegionPlan(left, top, side + 1, 1, ((qx % 256) & ~1, (qy % 256) & ~1))
         if side == 2 * self.tile_px and left % 2 == 0 and top % 2 == 0:
-            half = self._region(left // 2, top // 2, self.tile_px, self.tile_px, 2)
-            return _to_rgb(half) if self.exact else half
-        return resize(_to_rgb(self._region(left, top, side, side, 1)), self.tile_px, self.tile_px)
+            return RegionPlan(left // 2, top // 2, self.tile_px, 2)
+        return RegionPlan(left, top, side, 1)
+
+    def stream(self, index: int) -> bytes:
+        """Stored tile `index` as one self-contained JPEG stream (shared tables spliced in, an Adobe
+        marker for R, G, B components), as a decoder other than imagecodecs needs it."""
+        return self._complete_stream(self._stored(index))
 
     def _region(self, left: int, top: int, width: int, height: int, shrink: int) -> np.ndarray:
         """[top, top+height) x [left, left+width) of the level shrunk `shrink` times, white outside:
@@ -278,25 +328,34 @@ class JpegTileReader(TileReader):
 
     def _decode(self, index: int, shrink: int) -> np.ndarray:
         """Stored tile `index` read from the file and decoded as `_tile` returns it; counted in `decodes`."""
-        lay = self.layout
-        offset, count = int(lay.offsets[index]), int(lay.bytecounts[index])
+        data = self._stored(index)
+        tile = self._decode_half(index, data) if self._dct(shrink) else self._decode_words(index, data, shrink)
+        self.decodes += 1
+        return tile
+
+    def _stored(self, index: int) -> bytes:
+        """The bytes of stored tile `index`, read from the file."""
+        offset, count = int(self.layout.offsets[index]), int(self.layout.bytecounts[index])
         data = os.pread(self._file(), count, offset)
         if len(data) != count:
             raise SlideError(
                 f"slide {self.label}: JPEG tile {index} lies beyond the end of the file; it is truncated. Copy it again."
             )
-        tile = self._decode_half(index, data) if self._dct(shrink) else self._decode_words(index, data, shrink)
-        self.decodes += 1
-        return tile
+        return data
+
+    def _complete_stream(self, data: bytes) -> bytes:
+        """A stored tile's bytes with what libjpeg needs before its own segments (`_stream_prefix`)."""
+        if self._prefix is None:
+            return data
+        body = data[2:]  # the tile without its SOI
+        if self.layout.rgb_components and body[:2] == _APP0:  # a JFIF marker would make libjpeg convert from YCbCr
+            body = body[2 + int.from_bytes(body[2:4], "big") :]
+        return self._prefix + body
 
     def _decode_half(self, index: int, data: bytes) -> np.ndarray:
         """RGB bytes of the tile at half size, scaled by libjpeg-turbo in the DCT domain."""
         lay = self.layout
-        if self._prefix is not None:
-            body = data[2:]  # the tile without its SOI
-            if lay.rgb_components and body[:2] == _APP0:  # a JFIF marker would make libjpeg convert from YCbCr
-                body = body[2 + int.from_bytes(body[2:4], "big") :]
-            data = self._prefix + body
+        data = self._complete_stream(data)
         try:  # strict: libjpeg's warnings (a truncated or damaged tile) are errors, as in OpenSlide
             self._check_size(index, simplejpeg.decode_jpeg_header(data)[:2])  # a 2^k times larger tile would pass below
             return simplejpeg.decode_jpeg(data, "RGB", min_height=lay.tile_height // 2, min_width=lay.tile_width // 2)

@@ -16,11 +16,11 @@ import openslide
 from PIL import Image
 
 from pathwsi.errors import PathwsiError
+from pathwsi.slides.backends import BackendError, open_backend
 
 log = logging.getLogger(__name__)
 
 MPP_TOLERANCE = 0.02  # a level within 2 % of the target µm/px counts as "at least as fine"
-_TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
 
 
 class SlideError(PathwsiError):
@@ -49,59 +49,50 @@ class Level:
 MPP_DISAGREEMENT = 4.0  # a sheet µm/px this many times off the file's own is a warning
 
 
-def resolve_mpp(properties: dict[str, str], override: float | None, slide_label: str) -> Mpp:
-    """Level-0 µm/px: the sample sheet's override wins, then OpenSlide's, then the TIFF tags."""
+def resolve_mpp(own: tuple[float, str] | None, override: float | None, slide_label: str) -> Mpp:
+    """Level-0 µm/px: the sample sheet's override wins, then the file's own (`SlideBackend.own_mpp`)."""
     if override is not None:
         return Mpp(float(override), "sample-sheet")
-    vendor = properties.get("openslide.vendor", "unknown")
-    if "openslide.mpp-x" in properties:
-        mpp = (
-            float(properties["openslide.mpp-x"])
-            + float(properties.get("openslide.mpp-y", properties["openslide.mpp-x"]))
-        ) / 2
-        source = "tiff-resolution" if vendor == "generic-tiff" else f"openslide-property ({vendor})"
-        return Mpp(mpp, source)
-    unit = _TIFF_UNIT_UM.get(properties.get("tiff.ResolutionUnit", "").lower())
-    x_res = float(properties.get("tiff.XResolution", 0) or 0)
-    if unit and x_res > 0:
-        return Mpp(unit / x_res, "tiff-resolution")
+    if own is not None:
+        return Mpp(*own)
     raise SlideError(
         f"slide {slide_label}: the file records no µm/px (no OpenSlide mpp property, no TIFF "
-        "resolution tags). Add the level-0 µm/px in the sample sheet's 'mpp' column "
+        "resolution tags, no metadata tiatoolbox reads). Add the level-0 µm/px in the sample sheet's 'mpp' column "
         "(e.g. 0.25 for a 40x scan, 0.5 for 20x)."
     )
 
 
 class Slide:
-    """A whole-slide image opened with OpenSlide, with its level-0 µm/px resolved."""
+    """A whole-slide image opened with OpenSlide or tiatoolbox (`pathwsi.slides.backends`), with its level-0 µm/px
+    resolved."""
 
-    def __init__(self, path: str | Path, slide_id: str | None = None, mpp_override: float | None = None):
+    def __init__(
+        self, path: str | Path, slide_id: str | None = None, mpp_override: float | None = None, backend: str = "auto"
+    ):
         self.path = Path(path)
         self.slide_id = slide_id or self.path.stem
         self.label = f"'{self.slide_id}' ({self.path})"
-        if not self.path.is_file():
+        if not self.path.exists():
             raise SlideError(f"slide {self.label}: file not found. Fix the 'path' column of the sample sheet.")
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
-        except (openslide.OpenSlideError, OSError) as err:
-            raise SlideError(
-                f"slide {self.label}: OpenSlide cannot open it ({type(err).__name__}: {err}). The file "
-                "may be truncated or corrupt (copy it again) or in a format OpenSlide does not read."
-            ) from err
-        self.properties = dict(self._osr.properties)
-        self.mpp = resolve_mpp(self.properties, mpp_override, self.label)
+            self._backend = open_backend(self.path, backend, self.label)
+        except BackendError as err:
+            raise SlideError(str(err)) from err
+        self.backend = self._backend.name
+        self.properties = self._backend.properties
+        self.mpp = resolve_mpp(self._backend.own_mpp(), mpp_override, self.label)
         if mpp_override is not None:
             self._warn_if_far_from_the_files_mpp(float(mpp_override))
-        self.vendor = self.properties.get("openslide.vendor", "unknown")
-        self.width, self.height = self._osr.dimensions
+        self.vendor = self._backend.vendor
+        self.width, self.height = self._backend.dimensions
         self.levels = [
-            Level(i, w, h, float(ds), self.mpp.value * float(ds))
-            for i, ((w, h), ds) in enumerate(zip(self._osr.level_dimensions, self._osr.level_downsamples))
+            Level(i, w, h, ds, self.mpp.value * ds)
+            for i, ((w, h), ds) in enumerate(zip(self._backend.level_dimensions, self._backend.level_downsamples))
         ]
 
     def _warn_if_far_from_the_files_mpp(self, override: float) -> None:
         try:
-            own = resolve_mpp(self.properties, None, self.label)
+            own = resolve_mpp(self._backend.own_mpp(), None, self.label)
         except SlideError:
             return
         if not 1 / MPP_DISAGREEMENT <= override / own.value <= MPP_DISAGREEMENT:
@@ -122,7 +113,7 @@ class Slide:
         self.close()
 
     def close(self) -> None:
-        self._osr.close()
+        self._backend.close()
 
     def level_for(self, target_mpp: float) -> Level:
         """The coarsest level at least as fine as `target_mpp` (level 0 if none is)."""
@@ -138,13 +129,13 @@ class Slide:
         scale = mpp / level.mpp
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         try:
-            region = self._osr.read_region((int(x), int(y)), level.index, size)
-        except openslide.OpenSlideError as err:
+            region = self._backend.read_level(int(x), int(y), level.index, *size)
+        except (openslide.OpenSlideError, ValueError, OSError) as err:
             raise SlideError(
                 f"slide {self.label}: reading failed at level {level.index} ({err}); the file is "
                 "probably corrupt. Copy it again, or remove its row from the sample sheet."
             ) from err
-        return resize(_rgba_on_white(np.asarray(region)), width, height)
+        return resize(_rgba_on_white(region), width, height)
 
     def read_whole(self, mpp: float) -> np.ndarray:
         """The whole slide as one RGB image at `mpp` µm/px (for thumbnails and masks)."""
@@ -155,6 +146,7 @@ class Slide:
     def describe(self) -> dict:
         """JSON-ready description of the file: vendor, size, µm/px with its source, levels."""
         return {
+            "backend": self.backend,
             "vendor": self.vendor,
             "width": self.width,
             "height": self.height,
@@ -168,8 +160,10 @@ class Slide:
 
 
 def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    """openslide-python's (un-premultiplied) RGBA composited onto white, as RGB uint8."""
+    """openslide-python's (un-premultiplied) RGBA composited onto white, as RGB uint8 (RGB passes through)."""
     rgb = rgba[..., :3]
+    if rgba.shape[-1] == 3:
+        return np.ascontiguousarray(rgb)
     alpha = rgba[..., 3:]
     if alpha.min() == 255:
         return np.ascontiguousarray(rgb)

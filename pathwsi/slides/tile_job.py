@@ -25,7 +25,17 @@ from pathwsi.runtime.logs import job_log
 from pathwsi.runtime.outputs import write_table
 from pathwsi.samples import Sample
 from pathwsi.slides.grid import TileSettings, tile_grid, tissue_fractions
-from pathwsi.slides.qc import MASK_LEGEND, TILE_OUTLINE, message_card, save_png, scale_bar, tiles_overview, titled
+from pathwsi.slides.qc import (
+    MASK_LEGEND,
+    TILE_OUTLINE,
+    message_card,
+    narrowed,
+    overview_mpp,
+    save_png,
+    scale_bar,
+    tiles_overview,
+    titled,
+)
 from pathwsi.slides.slide import Slide, SlideError
 from pathwsi.slides.tile_record import LevelZeroMpp, TileCounts, TileGeometry, TilesRecord
 from pathwsi.slides.tile_request import TileRequest, TilingOutputs
@@ -66,7 +76,7 @@ def tile_slide(sample: Sample, settings: TilingJobSettings, outputs: TilingOutpu
     ran_with = {"tiling": asdict(settings.tiling), "tissue": asdict(settings.tissue), "seed": settings.seed}
     started = time.perf_counter()
     try:
-        with Slide(sample.path, sample.slide_id, sample.mpp) as slide:
+        with Slide(sample.path, sample.slide_id, sample.mpp, sample.backend or settings.tiling.backend) as slide:
             coords, fractions, found = _tile(slide, settings, outputs)
         record = TilesRecord(sample, settings=ran_with, pathwsi_version=__version__, **found)
     except SlideError as err:
@@ -129,7 +139,7 @@ def _tile(
             read_level.mpp,
             tiling.tile_mpp,
         )
-    qc_mpp = max(max(slide_um) / settings.qc_max_px, slide.mpp.value)
+    qc_mpp = overview_mpp(max(slide_um), settings.qc_max_px, tiling.tile_um, mpp0)
     overview = tiles_overview(slide.read_whole(qc_mpp), tissue.mask, coords * mpp0, tiling.tile_um, qc_mpp)
     title = [
         f"{slide.slide_id}: {len(coords)} tiles kept of {len(grid)}; tissue {tissue.area_mm2:.2f} mm2",
@@ -161,7 +171,7 @@ def _fit_stain(slide: Slide, coords: np.ndarray, settings: TilingJobSettings, qc
         after = [normalize_array(tile, fit.params, fit.target, stain.io, stain.beta) for tile in shown]
         status = fit.status + (f" ({fit.reason})" if fit.reason else "")
         lines = [f"{slide.slide_id}: stain fit {status}", "top row: before normalization; bottom row: after"]
-        save_png(titled(Image.fromarray(qc_panel(shown, after)), lines), qc_path)
+        save_png(titled(narrowed(Image.fromarray(qc_panel(shown, after))), lines), qc_path)
     else:
         save_png(
             message_card(f"{slide.slide_id}: no tissue tiles", "nothing to normalize; see the tiling QC picture"),
