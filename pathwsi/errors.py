@@ -3,6 +3,9 @@ what to do. `pathwsi` (cli.main) prints such an error without a traceback; anyth
 
 from __future__ import annotations
 
+# What an error about a missing tiatoolbox extra (slide backends, stain methods) tells the user to run.
+INSTALL_TIATOOLBOX = "pip install -e '.[tiatoolbox]' -c constraints/tiatoolbox.txt"
+
 
 class PathwsiError(Exception):
     """A user-facing problem; its message names the slide, file, column or key and the fix."""

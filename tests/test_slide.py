@@ -128,6 +128,6 @@ def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monke
     series.mkdir()
     (series / "frame.dcm").write_bytes(b"not really DICOM")
     with pytest.raises(
-        SlideError, match=r"OpenSlide cannot open it.*For OME-TIFF, DICOM-WSI or OME-NGFF slides: pip install"
+        SlideError, match=r"OpenSlide cannot open it.*For OME-TIFF or DICOM-WSI slides: pip install"
     ):
         Slide(series)

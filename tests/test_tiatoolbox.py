@@ -80,7 +80,9 @@ def test_tiling_and_extraction_go_as_through_openslide(formats, tmp_path, fmt):
     for name, path in (("tiatoolbox", formats[fmt]), ("openslide", reference)):
         models = [build_backbone(spec) for spec in SPECS]
         store = tmp_path / f"{name}.zarr"
-        extract_slide(replace(sample, path=str(path)), coords, fractions, record, models, settings, store)
+        tiled_with = replace(record, slide={**record.slide, "backend": name})  # extraction opens it as tiling did
+        extract_slide(replace(sample, path=str(path)), coords, fractions, tiled_with, models, settings, store)
+        assert open_store(store).attrs["backend"] == name
         features[name] = open_store(store).features("small")[:]
     np.testing.assert_array_equal(features["tiatoolbox"], features["openslide"])
     if fmt == "ome":  # the same pixels as the SVS: the same tiles and stain fit as tiling the SVS
@@ -91,6 +93,21 @@ def test_tiling_and_extraction_go_as_through_openslide(formats, tmp_path, fmt):
             svs.kept == record.kept
             and TilesRecord.load(TilingOutputs.under(tmp_path, "svs").meta).stain_json() == record.stain_json()
         )
+
+
+def test_a_backend_chosen_in_the_sheet_is_used_by_tiling_and_extraction(formats, tmp_path):
+    """The sheet's `backend` column forces tiatoolbox on an SVS; the feature job reads with what tiling used."""
+    sample = Sample("c", "svs", "p", str(formats["svs"]), backend="tiatoolbox")
+    outputs = TilingOutputs.under(tmp_path, "svs")
+    tile_slide(sample, TilingJobSettings(), outputs)
+    record = TilesRecord.load(outputs.meta)
+    assert record.slide is not None and record.slide["backend"] == "tiatoolbox"
+    table = pq.read_table(outputs.tiles)
+    coords = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)[:8]
+    settings = ExtractSettings(batch_size=8, chunk_tiles=8, num_workers=0, reader="fast", dtype="float32")
+    store = tmp_path / "svs.zarr"
+    extract_slide(replace(sample, backend=None), coords, np.ones(8), record, [build_backbone(SPECS[0])], settings, store)
+    assert open_store(store).attrs["backend"] == "tiatoolbox"
 
 
 def test_a_forced_backend_is_used(formats):

@@ -22,10 +22,9 @@ import numpy as np
 import openslide
 import tifffile
 
-from pathwsi.errors import PathwsiError
+from pathwsi.errors import INSTALL_TIATOOLBOX, PathwsiError
 
 BACKENDS = ("auto", "openslide", "tiatoolbox")
-INSTALL_TIATOOLBOX = "pip install -e '.[tiatoolbox]' -c constraints/tiatoolbox.txt"
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
 
 
@@ -154,7 +153,7 @@ def open_backend(path: Path, choice: str, label: str) -> SlideBackend:
                 return _tiatoolbox(path, label)
             except BackendError as tia:
                 raise BackendError(f"{tia}; {refused}") from err
-        extra = "" if tiatoolbox_installed() else f" For OME-TIFF, DICOM-WSI or OME-NGFF slides: {INSTALL_TIATOOLBOX}."
+        extra = "" if tiatoolbox_installed() else f" For OME-TIFF or DICOM-WSI slides: {INSTALL_TIATOOLBOX}."
         raise BackendError(
             f"slide {label}: {refused}. The file may be truncated or corrupt (copy it again) or in a format OpenSlide "
             f"does not read.{extra}"
