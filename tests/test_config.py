@@ -10,7 +10,7 @@ import yaml
 from workflow_project import demo_config
 
 from pathwsi.config import check_cross_references, load_config, load_schema, validate_config
-from pathwsi.demo.cohort import demo_config_text
+from pathwsi.demo.cohort import DEMO_SLIDES, demo_config_text, sheet_text
 from pathwsi.errors import ConfigError
 from pathwsi.features.backbones import ModelSpec
 from pathwsi.features.extract import ExtractSettings
@@ -71,6 +71,12 @@ def test_shipped_config_is_a_real_run_with_the_documented_defaults():
     assert differing - steps == DATA_PATHS
     assert FinetuneSettings.from_config(config) == FinetuneSettings(seed=config["seed"])
     assert not [value for value in shipped.values() if "demo" in str(value)] and "# DEMO" not in text
+
+
+def test_the_demo_sheet_passes_the_sheet_checks(tmp_path):
+    (tmp_path / "samples.tsv").write_text(sheet_text())
+    samples = load_samples(tmp_path / "samples.tsv", check_files=False)
+    assert [s.slide_id for s in samples] == [s.slide_id for s in DEMO_SLIDES]
 
 
 def test_the_demo_overlay_points_into_the_demo_folder_and_keeps_the_rest():

@@ -22,7 +22,7 @@ from pathwsi.demo.labelled_tiles import write_tile_set
 from pathwsi.demo.slides import SyntheticTissue, write_slide
 from pathwsi.demo.targets import PLANTED_EXPRESSION, PLANTED_MUTATION, write_demo_targets
 from pathwsi.runtime.outputs import atomic_path, write_text
-from pathwsi.samples import COLUMNS
+from pathwsi.samples import REQUIRED_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ DEMO_SLIDES = (
 
 def sheet_text(slides: tuple[DemoSlide, ...] = DEMO_SLIDES, slide_dir: str = "demo/slides") -> str:
     """The demo sample sheet; µm/px is given only for the slide whose file lacks it."""
-    lines = ["\t".join(COLUMNS)]
+    lines = ["\t".join((*REQUIRED_COLUMNS, "mpp", "site"))]
     for s in slides:
         mpp = "" if s.mpp_in_file else f"{s.mpp:g}"
         lines.append("\t".join([s.cohort, s.slide_id, s.patient_id, f"{slide_dir}/{s.file_name}", mpp, s.site]))
