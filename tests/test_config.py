@@ -347,6 +347,19 @@ def test_a_directory_given_as_a_slide_says_so(tmp_path):
         load_samples(write_sheet(tmp_path, [f"c1\ts1\tp1\t{tmp_path / 'slides'}\t\t"]))
 
 
+def test_a_sheet_can_choose_a_slides_backend_and_a_folder_of_dicom_files_is_a_slide(tmp_path, slide_file):
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "level-0.dcm").write_bytes(b"")
+    sheet = tmp_path / "samples.tsv"
+    rows = [f"c1\ts1\tp1\t{slide_file}\t\t\t", f"c1\ts2\tp2\t{series}\t\t\ttiatoolbox"]
+    sheet.write_text(HEADER.rstrip("\n") + "\tbackend\n" + "\n".join(rows) + "\n")
+    assert [s.backend for s in load_samples(sheet)] == [None, "tiatoolbox"]
+    sheet.write_text(sheet.read_text().replace("tiatoolbox", "bioformats"))
+    with pytest.raises(ConfigError, match=r"row 3 \(slide_id 's2'\): column 'backend' 'bioformats' is not one of"):
+        load_samples(sheet)
+
+
 def test_pathwsi_tile_checks_the_slide_id_like_the_sheet(slide_file, capsys):
     from pathwsi.cli import main
 

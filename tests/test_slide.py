@@ -111,7 +111,7 @@ def test_a_sheet_mpp_far_from_the_files_own_is_a_warning_naming_the_slide(slides
     assert not [r for r in caplog.records if "'near'" in r.getMessage()]
 
 
-def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monkeypatch):
+def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monkeypatch, caplog):
     from slide_formats import write_ome_tiff
 
     from pathwsi.slides import backends
@@ -119,11 +119,12 @@ def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monke
     monkeypatch.setattr(backends, "tiatoolbox_installed", lambda: False)
     ome = write_ome_tiff(slides.tiff_05, tmp_path / "section.ome.tif", 0.5)
     with pytest.raises(
-        SlideError, match=r"tiling.backend tiatoolbox needs the tiatoolbox extra: pip install -e '\.\[tiatoolbox\]'"
+        SlideError, match=r"backend tiatoolbox \(tiling.backend or the sheet's backend column\) needs the tiatoolbox extra: pip install -e '\.\[tiatoolbox\]'"
     ):
         Slide(ome, backend="tiatoolbox")
     with Slide(ome) as flat:  # auto without the extra: OpenSlide, which sees the first image only
         assert flat.backend == "openslide" and len(flat.levels) == 1
+    assert "is an OME-TIFF: OpenSlide reads only its full-resolution image" in caplog.text
     series = tmp_path / "dicom"
     series.mkdir()
     (series / "frame.dcm").write_bytes(b"not really DICOM")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import tifffile
 
 from pathwsi.errors import INSTALL_TIATOOLBOX, PathwsiError
 
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", "openslide", "tiatoolbox")
 _TIFF_UNIT_UM = {"centimeter": 1e4, "inch": 25_400.0}
 
@@ -141,9 +143,19 @@ def is_ome_tiff(path: Path) -> bool:
 def open_backend(path: Path, choice: str, label: str) -> SlideBackend:
     """The backend `choice` (auto, openslide, tiatoolbox) opens `path` with; BackendError says why none could."""
     if choice not in BACKENDS:
-        raise BackendError(f"slide {label}: tiling.backend '{choice}' is not one of {', '.join(BACKENDS)}")
-    if choice == "tiatoolbox" or (choice == "auto" and is_ome_tiff(path) and tiatoolbox_installed()):
+        raise BackendError(
+            f"slide {label}: backend '{choice}' (tiling.backend or the sheet's backend column) is not one of {', '.join(BACKENDS)}"
+        )
+    ome = choice == "auto" and is_ome_tiff(path)
+    if choice == "tiatoolbox" or (ome and tiatoolbox_installed()):
         return _tiatoolbox(path, label)
+    if ome:
+        log.warning(
+            "slide %s is an OME-TIFF: OpenSlide reads only its full-resolution image, not its pyramid, so every "
+            "overview is computed from level 0 (slow, memory-hungry). For its pyramid: %s",
+            label,
+            INSTALL_TIATOOLBOX,
+        )
     try:
         return OpenSlideBackend(path)
     except (openslide.OpenSlideError, OSError) as err:
@@ -162,7 +174,7 @@ def open_backend(path: Path, choice: str, label: str) -> SlideBackend:
 
 def _tiatoolbox(path: Path, label: str) -> TiatoolboxBackend:
     if not tiatoolbox_installed():
-        raise BackendError(f"slide {label}: tiling.backend tiatoolbox needs the tiatoolbox extra: {INSTALL_TIATOOLBOX}")
+        raise BackendError(f"slide {label}: backend tiatoolbox (tiling.backend or the sheet's backend column) needs the tiatoolbox extra: {INSTALL_TIATOOLBOX}")
     try:
         return TiatoolboxBackend(path)
     except Exception as err:  # tiatoolbox raises bare ValueErrors, FileNotFoundErrors, ... for files it cannot read
