@@ -113,5 +113,5 @@ def test_a_backend_chosen_in_the_sheet_is_used_by_tiling_and_extraction(formats,
 def test_a_forced_backend_is_used(formats):
     with Slide(formats["svs"], backend="tiatoolbox") as slide:
         assert slide.backend == "tiatoolbox" and slide.vendor == "tiatoolbox-OpenSlideWSIReader"
-    with pytest.raises(Exception, match="tiling.backend 'bioformats'"):
+    with pytest.raises(Exception, match="backend 'bioformats' \\(tiling.backend or the sheet's backend column\\)"):
         Slide(formats["svs"], backend="bioformats")
