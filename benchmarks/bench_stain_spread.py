@@ -34,7 +34,8 @@ from pathwsi.slides.slide import Slide
 from pathwsi.slides.tile_job import TilingJobSettings, tile_slide
 from pathwsi.slides.tile_record import TilesRecord
 from pathwsi.slides.tile_request import TilingOutputs
-from pathwsi.stain.macenko import normalize_array, optical_density
+from pathwsi.stain.macenko import optical_density
+from pathwsi.stain.methods import normalize_rgb
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def _measure(sample: Sample, run: Path, results: Path, tiles: int, seed: int) ->
     path = Path(sample.path) if Path(sample.path).is_absolute() else run / sample.path
     with Slide(path, sample.slide_id, sample.mpp) as slide:
         before = np.stack([slide.read_region(x, y, geometry.px, geometry.px, geometry.mpp) for x, y in coords[picked]])
-    after = normalize_array(before, fit.params, fit.target, fit.settings.io, fit.settings.beta)
+    after = normalize_rgb(before, fit)
     tissue = optical_density(before, fit.settings.io).max(axis=-1) >= fit.settings.beta
     return SlideColour(
         sample.slide_id,

@@ -80,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     convert.set_defaults(run=_convert_keras)
 
     normalize = commands.add_parser(
-        "normalize", help="Macenko-normalize images or folders of tiles (class sub-folders are kept) like the slides"
+        "normalize",
+        help="stain-normalize images or folders of tiles (class sub-folders are kept) like the slides (stain.method)",
     )
     normalize.add_argument(
         "inputs", type=Path, nargs="+", help="image files or folders (.tif .png .jpg, searched recursively)"
     )
     normalize.add_argument("--out", type=Path, required=True, help="output folder; the input tree is mirrored under it")
-    normalize.add_argument("--config", **{**CONFIG_FILES, "help": "its `stain` section gives the settings and target"})
+    normalize.add_argument(
+        "--config", **{**CONFIG_FILES, "help": "its `stain` section gives the method, settings and target"}
+    )
     normalize.add_argument(
         "--fit",
         choices=("per-image", "shared"),
@@ -237,7 +240,8 @@ def _tile(args: argparse.Namespace) -> int:
 def _normalize(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
     from pathwsi.stain.image_folders import normalize_files
-    from pathwsi.stain.macenko import StainSettings, load_target
+    from pathwsi.stain.macenko import StainSettings
+    from pathwsi.stain.methods import load_target
 
     config = load_config(*args.config)
     settings = StainSettings.from_config(config)

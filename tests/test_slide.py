@@ -119,7 +119,8 @@ def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monke
     monkeypatch.setattr(backends, "tiatoolbox_installed", lambda: False)
     ome = write_ome_tiff(slides.tiff_05, tmp_path / "section.ome.tif", 0.5)
     with pytest.raises(
-        SlideError, match=r"backend tiatoolbox \(tiling.backend or the sheet's backend column\) needs the tiatoolbox extra: pip install -e '\.\[tiatoolbox\]'"
+        SlideError,
+        match=r"backend tiatoolbox \(tiling.backend or the sheet's backend column\) needs the tiatoolbox extra: pip install -e '\.\[tiatoolbox\]'",
     ):
         Slide(ome, backend="tiatoolbox")
     with Slide(ome) as flat:  # auto without the extra: OpenSlide, which sees the first image only
@@ -128,7 +129,5 @@ def test_without_the_tiatoolbox_extra_the_error_names_it(slides, tmp_path, monke
     series = tmp_path / "dicom"
     series.mkdir()
     (series / "frame.dcm").write_bytes(b"not really DICOM")
-    with pytest.raises(
-        SlideError, match=r"OpenSlide cannot open it.*For OME-TIFF or DICOM-WSI slides: pip install"
-    ):
+    with pytest.raises(SlideError, match=r"OpenSlide cannot open it.*For OME-TIFF or DICOM-WSI slides: pip install"):
         Slide(series)

@@ -1,5 +1,5 @@
-"""The per-slide feature job: read each kept tile once at the tile µm/px, Macenko-normalize it once
-with the slide's fitted parameters, feed the same batch to every configured model, and write the
+"""The per-slide feature job: read each kept tile once at the tile µm/px, stain-normalize it once
+with the slide's fit (its `stain.method`), feed the same batch to every configured model, and write the
 features into a resumable Zarr store (pathwsi.features.store).
 
 DataLoader workers each open their own slide handle; tiles are read in the tile table's
@@ -42,7 +42,7 @@ from pathwsi.features.store import StoreWriter, open_writer
 from pathwsi.samples import Sample
 from pathwsi.slides.tile_record import TilesRecord, TilesRecordError
 from pathwsi.stain.macenko import StainFit
-from pathwsi.stain.torch_apply import normalize_batch
+from pathwsi.stain.torch_apply import normalize_tiles
 
 log = logging.getLogger(__name__)
 READERS = ("fast", "exact", "gpu", "auto")
@@ -140,8 +140,20 @@ def open_reader(sample: Sample, mpp: float, tile_px: int, exact: bool = False) -
 
 
 def _stain_record(record: TilesRecord, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """These keys of the stored stain record, and its `method` unless it is macenko (absent from records made
+    before `stain.method` existed): a Macenko store keeps its hash and attrs, so it still resumes."""
     stain = record.stain_json()
-    return {k: stain[k] for k in keys} if stain else None
+    if not stain:
+        return None
+    method = stain.get("method", "macenko")
+    return {k: stain[k] for k in keys} | ({"method": method} if method != "macenko" else {})
+
+
+def _backend_record(record: TilesRecord) -> dict[str, str]:
+    """{"backend": the library the slide was read with} unless it is OpenSlide (absent from stores made before
+    backends existed, which then still match and resume)."""
+    backend = (record.slide or {}).get("backend", "openslide")
+    return {"backend": backend} if backend != "openslide" else {}
 
 
 def _tile_record(record: TilesRecord) -> dict[str, Any] | None:
@@ -181,6 +193,7 @@ def store_attrs(
                 "pathwsi_version": __version__,
                 "reader": settings.reader,
                 "config_hash": settings_hash(record, models, settings.dtype, settings.reader),
+                **_backend_record(record),
             }
         )
     )
@@ -390,9 +403,7 @@ def _launch(
         batch = torch.cat([batch, batch.new_full((pad_to - size, *batch.shape[1:]), 255)])
     marks = [_mark(device)]
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    x = normalize_batch(
-        x, stain.params, stain.target, io=stain.settings.io, beta=stain.settings.beta, out_dtype=torch.uint8
-    )
+    x = normalize_tiles(x, stain)
     marks.append(_mark(device))
     features = {}
     for model in models:

@@ -174,7 +174,9 @@ def open_backend(path: Path, choice: str, label: str) -> SlideBackend:
 
 def _tiatoolbox(path: Path, label: str) -> TiatoolboxBackend:
     if not tiatoolbox_installed():
-        raise BackendError(f"slide {label}: backend tiatoolbox (tiling.backend or the sheet's backend column) needs the tiatoolbox extra: {INSTALL_TIATOOLBOX}")
+        raise BackendError(
+            f"slide {label}: backend tiatoolbox (tiling.backend or the sheet's backend column) needs the tiatoolbox extra: {INSTALL_TIATOOLBOX}"
+        )
     try:
         return TiatoolboxBackend(path)
     except Exception as err:  # tiatoolbox raises bare ValueErrors, FileNotFoundErrors, ... for files it cannot read

@@ -2,7 +2,7 @@
 
 Outputs (README "What the workflow does"): `tiles/{slide_id}.parquet` (x, y level-0 px of each kept tile's
 top-left corner, tissue_fraction), `tiles/{slide_id}.json` (geometry, µm/px and its source,
-the slide's Macenko fit or its fallback, status), `qc/{slide_id}.png` (mask and tiles) and
+the slide's stain fit by `stain.method` or its fallback, status), `qc/{slide_id}.png` (mask and tiles) and
 `qc/stain/{slide_id}.png` (sampled tiles before and after normalization). A slide that cannot
 be read finishes with status "failed" and its reason; a slide without tissue with status
 "no_tissue"; neither stops the batch.
@@ -40,7 +40,8 @@ from pathwsi.slides.slide import Slide, SlideError
 from pathwsi.slides.tile_record import LevelZeroMpp, TileCounts, TileGeometry, TilesRecord
 from pathwsi.slides.tile_request import TileRequest, TilingOutputs
 from pathwsi.slides.tissue_mask import TissueSettings, detect_tissue
-from pathwsi.stain.macenko import StainFit, StainSettings, fit_slide, load_target, normalize_array, qc_panel
+from pathwsi.stain.macenko import StainFit, StainSettings, qc_panel
+from pathwsi.stain.methods import fit_slide, load_target, normalize_rgb
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def _tile(
 
 
 def _fit_stain(slide: Slide, coords: np.ndarray, settings: TilingJobSettings, qc_path: Path) -> StainFit:
-    """Macenko fit from a seeded sample of the slide's tissue tiles; QC picture before/after."""
+    """The stain fit (`stain.method`) from a seeded sample of the slide's tissue tiles; QC picture before/after."""
     tiling, stain = settings.tiling, settings.stain
     rng = np.random.default_rng([settings.seed, zlib.crc32(slide.slide_id.encode())])
     picked = np.sort(rng.choice(len(coords), size=min(stain.sample_tiles, len(coords)), replace=False))
@@ -168,9 +169,12 @@ def _fit_stain(slide: Slide, coords: np.ndarray, settings: TilingJobSettings, qc
     fit = fit_slide(tiles, stain, load_target(stain))
     shown = tiles[: settings.qc_stain_tiles]
     if shown:
-        after = [normalize_array(tile, fit.params, fit.target, stain.io, stain.beta) for tile in shown]
+        after = [normalize_rgb(tile, fit) for tile in shown]
         status = fit.status + (f" ({fit.reason})" if fit.reason else "")
-        lines = [f"{slide.slide_id}: stain fit {status}", "top row: before normalization; bottom row: after"]
+        lines = [
+            f"{slide.slide_id}: {fit.method} stain fit {status}",
+            "top row: before normalization; bottom row: after",
+        ]
         save_png(titled(narrowed(Image.fromarray(qc_panel(shown, after))), lines), qc_path)
     else:
         save_png(

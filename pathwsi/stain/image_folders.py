@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from pathwsi.errors import PathwsiError
 from pathwsi.runtime.outputs import atomic_path
-from pathwsi.stain.macenko import StainFit, StainParams, StainSettings, fit_slide
-from pathwsi.stain.torch_apply import normalize_batch
+from pathwsi.stain.macenko import StainFit, StainModel, StainSettings
+from pathwsi.stain.methods import fit_slide
+from pathwsi.stain.torch_apply import normalize_tiles
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class ImageFolderError(PathwsiError, ValueError):
 def normalize_files(
     inputs: Sequence[Path],
     out_dir: Path,
-    target: StainParams,
+    target: StainModel,
     settings: StainSettings = DEFAULT_SETTINGS,
     fit: FitMode = "per-image",
     batch_size: int = 64,
@@ -53,7 +54,7 @@ def normalize_files(
 ) -> int:
     """Normalize every image under `inputs` (files, or folders searched recursively) to `target`.
 
-    fit="per-image": each image gets its own Macenko fit (with the fallback policy for blank or
+    fit="per-image": each image gets its own fit by `settings.method` (with the fallback policy for blank or
     implausible ones), like tile-by-tile normalizers. fit="shared": one fit from
     `settings.sample_tiles` images drawn with `seed`, applied to all (for tiles of one slide or
     one batch). Returns the number of images written.
@@ -81,7 +82,7 @@ def normalize_files(
                     if shared is not None
                     else [fit_slide([image], settings, target) for image in images]
                 )
-                outputs = _normalize_images(images, fits, settings, device)
+                outputs = _normalize_images(images, fits, device)
                 list(pool.map(_write_image, outputs, [dst for _, dst in chunk]))
                 if shared is None:
                     fits_log.writelines(
@@ -133,16 +134,14 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def _shared_fit(
-    paths: list[Path], settings: StainSettings, target: StainParams, seed: int, pool: ThreadPoolExecutor
+    paths: list[Path], settings: StainSettings, target: StainModel, seed: int, pool: ThreadPoolExecutor
 ) -> StainFit:
     """One fit from a seeded sample of `settings.sample_tiles` of the images."""
     picks = np.random.default_rng(seed).choice(len(paths), size=min(settings.sample_tiles, len(paths)), replace=False)
     return fit_slide(list(pool.map(read_rgb, [paths[i] for i in sorted(picks)])), settings, target)
 
 
-def _normalize_images(
-    images: list[np.ndarray], fits: list[StainFit], settings: StainSettings, device: str | torch.device
-) -> list[np.ndarray]:
+def _normalize_images(images: list[np.ndarray], fits: list[StainFit], device: str | torch.device) -> list[np.ndarray]:
     """Normalize images with their fits, batching those of equal size on `device`."""
     outputs: list[np.ndarray] = [np.empty(0)] * len(images)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -150,8 +149,7 @@ def _normalize_images(
         by_shape.setdefault(image.shape, []).append(index)
     for indices in by_shape.values():
         batch = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2).to(device)
-        sources = [fits[i].params for i in indices]
-        result = normalize_batch(batch, sources, fits[indices[0]].target, io=settings.io, beta=settings.beta)
+        result = normalize_tiles(batch, fits[indices[0]], sources=[fits[i].params for i in indices])
         for i, tile in zip(indices, result.permute(0, 2, 3, 1).cpu().numpy(), strict=True):
             outputs[i] = tile
     return outputs
@@ -166,7 +164,13 @@ def _write_image(rgb: np.ndarray, path: Path) -> None:
 
 
 def _fit_line(relative: Path, fit: StainFit) -> str:
-    record = {"file": relative.as_posix(), "status": fit.status, "reason": fit.reason, "params": fit.params.to_json()}
+    record = {
+        "file": relative.as_posix(),
+        "method": fit.method,
+        "status": fit.status,
+        "reason": fit.reason,
+        "params": fit.params.to_json(),
+    }
     return json.dumps(record) + "\n"
 
 

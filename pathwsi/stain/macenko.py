@@ -4,6 +4,12 @@ numpy only: the per-slide tiling job fits a slide and draws its QC picture witho
 torch. The apply math (`apply_log_affine`) is written once over an array namespace and runs
 unchanged on numpy here and on torch tensors (any device) in `pathwsi.stain.torch_apply`.
 
+This module also holds what every `stain.method` shares (pathwsi.stain.methods dispatches):
+the settings, a slide's fit record (`StainFit`), the slide fit with its fallback
+(`fit_slide_with`) and target loading (`load_target_with`). Vahadane (pathwsi.stain.vahadane)
+fits a `StainParams` too and reuses the plausibility checks and the apply here unchanged;
+Reinhard (pathwsi.stain.reinhard) fits `LabStats` instead.
+
 Conventions (those of Macenko's reference code, and of torchstain):
 - optical density OD = -ln((I + 1) / io), per channel, for 8-bit intensities I;
 - the stain matrix is 3×2 (rows R, G, B; columns hematoxylin, eosin), unit columns in OD space;
@@ -17,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -26,14 +32,17 @@ from typing import Any, Literal
 import numpy as np
 
 from pathwsi.errors import PathwsiError
+from pathwsi.stain.lab import LabStats
 
 FitStatus = Literal["fitted", "fallback"]
 FallbackPolicy = Literal["target", "reference"]
 FALLBACK_POLICIES: tuple[str, ...] = ("target", "reference")
+StainMethod = Literal["macenko", "vahadane", "reinhard"]
+METHODS: tuple[str, ...] = ("macenko", "vahadane", "reinhard")
 DEFAULT_REFERENCE = "stain_reference.json"
 
 _MIN_EIGEN_RATIO = 1e-6  # λ2/λ1 below this: the OD cloud is a line or a point, no stain plane
-_MIN_RANK_DEG = 0.1  # H and E closer than this: the stain matrix cannot be inverted
+MIN_RANK_DEG = 0.1  # H and E closer than this: the stain matrix cannot be inverted
 MAX_FIT_PIXELS = 1 << 19  # per pixel set (tissue, stained): larger sets are evenly strided down
 
 
@@ -82,10 +91,14 @@ class StainParams:
         return cls(np.asarray(data["stain_matrix"], dtype=np.float64), np.asarray(data["max_conc"], dtype=np.float64))
 
 
+StainModel = StainParams | LabStats  # what a slide is normalized from and to: stain vectors, or LAB statistics
+
+
 @dataclass(frozen=True)
 class StainSettings:
     """Every stain-normalization config key, with its default (see docs/stain.md)."""
 
+    method: StainMethod = "macenko"  # macenko | vahadane | reinhard (docs/stain.md, "Methods")
     io: float = 240.0  # background (transmitted light) intensity
     beta: float = 0.15  # OD threshold: tissue is >= beta in every channel; background < beta in all
     alpha: float = 1.0  # angle percentile for the robust extreme stain directions
@@ -99,6 +112,8 @@ class StainSettings:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0 < self.io <= 255:
             problems.append(f"io must be in (0, 255], got {self.io}")
         if self.beta <= 0:
@@ -131,20 +146,25 @@ class StainSettings:
 class StainFit:
     """A slide's stain fit as used downstream: the params to normalize with, and how they came about."""
 
-    params: StainParams  # what this slide is normalized with (the fit, or the fallback's)
-    target: StainParams  # what it is normalized to
+    params: StainModel  # what this slide is normalized with (the fit, or the fallback's)
+    target: StainModel  # what it is normalized to
     status: FitStatus
     reason: str | None  # why the fit was not used (None when fitted)
     settings: StainSettings
     n_tiles: int
     n_pixels: int
     n_od_pixels: int  # pixels with OD >= beta in every channel
-    fitted: StainParams | None = None  # the fit itself, also when it was rejected as implausible
-    angles_deg: Mapping[str, float] | None = None  # fitted H, E vs canonical; H-E separation
+    fitted: StainModel | None = None  # the fit itself, also when it was rejected as implausible
+    angles_deg: Mapping[str, float] | None = None  # fitted H, E vs canonical; H-E separation (stain vectors only)
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON record for `results/tiles/{slide_id}.json`."""
         return {
+            "method": self.method,
             "status": self.status,
             "reason": self.reason,
             "fallback": self.settings.fallback if self.status == "fallback" else None,
@@ -160,20 +180,28 @@ class StainFit:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StainFit:
-        """Inverse of `to_json` (the GPU job reads the tiling job's record with it)."""
+        """Inverse of `to_json` (the GPU job reads the tiling job's record with it); a record written before
+        `stain.method` existed reads as macenko."""
+        method = data.get("method", data["settings"].get("method", "macenko"))
+        model = model_from_json(method)
         fitted = data.get("fitted")
         return cls(
-            params=StainParams.from_json(data["params"]),
-            target=StainParams.from_json(data["target"]),
+            params=model(data["params"]),
+            target=model(data["target"]),
             status=data["status"],
             reason=data["reason"],
-            settings=StainSettings(**data["settings"]),
+            settings=StainSettings(**{**data["settings"], "method": method}),
             n_tiles=int(data["n_tiles"]),
             n_pixels=int(data["n_pixels"]),
             n_od_pixels=int(data["n_od_pixels"]),
-            fitted=StainParams.from_json(fitted) if fitted is not None else None,
+            fitted=model(fitted) if fitted is not None else None,
             angles_deg=data.get("angles_deg"),
         )
+
+
+def model_from_json(method: str) -> Callable[[Mapping[str, Any]], StainModel]:
+    """How a record of `method` stores its parameters: LAB statistics (reinhard) or stain vectors (the others)."""
+    return LabStats.from_json if method == "reinhard" else StainParams.from_json
 
 
 # -- fitting ------------------------------------------------------------------------------------
@@ -218,7 +246,7 @@ def _channels_first(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels.T)
 
 
-def _od_masks(rgb: np.ndarray, io: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+def od_masks(rgb: np.ndarray, io: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
     """Masks over channel-first uint8 RGB (3, N): OD >= beta in every channel (tissue), in any (stained).
 
     OD falls as intensity rises, so OD >= beta is intensity <= a threshold: compared on uint8.
@@ -237,25 +265,38 @@ def _fit(rgb: np.ndarray, io: float, beta: float, alpha: float, percentile: floa
     pale eosin-only stroma counts and the amount of glass in the sample does not. Each set is
     strided down to at most MAX_FIT_PIXELS (percentiles of half a million pixels are stable).
     """
-    tissue, stained = _od_masks(rgb, io, beta)
+    tissue, stained = od_masks(rgb, io, beta)
+    require_tissue(tissue, min_od_pixels, beta)
+    stain_matrix = _stain_vectors(
+        optical_density(strided(np.compress(tissue, rgb, axis=1)), io).astype(np.float64), alpha
+    )
+    return StainParams(stain_matrix, max_concentrations(rgb, stained, stain_matrix, io, percentile))
+
+
+def require_tissue(tissue: np.ndarray, min_od_pixels: int, beta: float) -> None:
+    """StainFitError unless the tissue mask holds at least `min_od_pixels` (and 3) pixels."""
     need = max(min_od_pixels, 3)
     if np.count_nonzero(tissue) < need:
         raise StainFitError(
             f"too few tissue pixels: {np.count_nonzero(tissue)} with OD >= {beta} in every channel, need {need}"
         )
-    stain_matrix = _stain_vectors(
-        optical_density(_strided(np.compress(tissue, rgb, axis=1)), io).astype(np.float64), alpha
-    )
+
+
+def max_concentrations(
+    rgb: np.ndarray, stained: np.ndarray, stain_matrix: np.ndarray, io: float, percentile: float
+) -> np.ndarray:
+    """Each stain's `percentile`-th concentration over the stained pixels of channel-first uint8 RGB (3, N),
+    unmixed by least squares with `stain_matrix` (3, 2); StainFitError when one is not positive."""
     concentrations = np.linalg.pinv(stain_matrix).astype(np.float32) @ optical_density(
-        _strided(np.compress(stained, rgb, axis=1)), io
+        strided(np.compress(stained, rgb, axis=1)), io
     )
     max_conc = np.percentile(concentrations, percentile, axis=1).astype(np.float64)
     if not np.all(max_conc > 0):
         raise StainFitError(f"non-positive maximum concentration {max_conc.round(4).tolist()}")
-    return StainParams(stain_matrix, max_conc)
+    return max_conc
 
 
-def _strided(rgb: np.ndarray) -> np.ndarray:
+def strided(rgb: np.ndarray) -> np.ndarray:
     """Every k-th pixel of (3, N), k chosen so that at most MAX_FIT_PIXELS remain."""
     return rgb[:, :: -(-rgb.shape[1] // MAX_FIT_PIXELS)] if rgb.shape[1] > MAX_FIT_PIXELS else rgb
 
@@ -278,7 +319,7 @@ def _stain_vectors(od: np.ndarray, alpha: float) -> np.ndarray:
     phi_min, phi_max = np.percentile(phi, [alpha, 100 - alpha])
     v_min, v_max = plane @ _unit_angle(phi_min), plane @ _unit_angle(phi_max)
     hematoxylin, eosin = (v_min, v_max) if v_min[0] > v_max[0] else (v_max, v_min)
-    if _angle_deg(hematoxylin, eosin) < _MIN_RANK_DEG:
+    if angle_deg(hematoxylin, eosin) < MIN_RANK_DEG:
         raise StainFitError("hematoxylin and eosin directions coincide: a single stain, no plane")
     return np.stack([hematoxylin, eosin], axis=1)
 
@@ -287,29 +328,60 @@ def _unit_angle(phi: float) -> np.ndarray:
     return np.array([math.cos(phi), math.sin(phi)])
 
 
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
     return math.degrees(math.acos(min(1.0, max(-1.0, cosine))))
 
 
+PixelFit = Callable[[np.ndarray, StainSettings], StainModel]  # channel-first uint8 RGB (3, N) -> a model
+
+
 def fit_slide(tiles: Sequence[np.ndarray] | np.ndarray, settings: StainSettings, target: StainParams) -> StainFit:
-    """Fit one stain model to a slide's sampled tissue tiles; never raises on the pixels' content.
+    """Fit one Macenko stain model to a slide's sampled tissue tiles; never raises on the pixels' content.
 
     Falls back by `settings.fallback` (and says why in `reason`) when the fit is impossible or
     implausible: too few tissue pixels, degenerate OD, or H/E vectors far from canonical H&E.
+    Any `stain.method`: `pathwsi.stain.methods.fit_slide`.
     """
+    if settings.method != "macenko":
+        raise ValueError(f"macenko.fit_slide fits Macenko, not {settings.method}: use pathwsi.stain.methods.fit_slide")
+    return fit_slide_with(fit_pixels, tiles, settings, target, default_reference())
+
+
+def fit_pixels(rgb: np.ndarray, settings: StainSettings) -> StainParams:
+    """`fit_macenko` on channel-first uint8 RGB (3, N) with the settings' parameters."""
+    return _fit(rgb, settings.io, settings.beta, settings.alpha, settings.percentile, settings.min_od_pixels)
+
+
+def fit_slide_with(
+    fit: PixelFit,
+    tiles: Sequence[np.ndarray] | np.ndarray,
+    settings: StainSettings,
+    target: StainModel,
+    reference: StainModel,
+) -> StainFit:
+    """A slide's fit by any method: `fit` on the sampled tiles' pixels, with the fallback to `target` or
+    `reference` (by `settings.fallback`) when it raises StainFitError, and for stain vectors when they are
+    implausible (`plausibility_angles`). Never raises on the pixels' content."""
     pixels = np.concatenate([_as_pixels(tile) for tile in tiles]) if len(tiles) else np.zeros((0, 3), np.uint8)
     rgb = _channels_first(pixels)
-    tissue, _ = _od_masks(rgb, settings.io, settings.beta)
-    counts = {"n_tiles": len(tiles), "n_pixels": len(pixels), "n_od_pixels": int(np.count_nonzero(tissue))}
+    tissue, _ = od_masks(rgb, settings.io, settings.beta)
+    counts: dict[str, Any] = {
+        "n_tiles": len(tiles),
+        "n_pixels": len(pixels),
+        "n_od_pixels": int(np.count_nonzero(tissue)),
+    }
+    fallback = target if settings.fallback == "target" else reference
     try:
-        fitted = _fit(rgb, settings.io, settings.beta, settings.alpha, settings.percentile, settings.min_od_pixels)
+        fitted = fit(rgb, settings)
     except StainFitError as err:
-        return _fallback(err.reason, settings, target, **counts)
+        return StainFit(fallback, target, "fallback", err.reason, settings, **counts)
+    if not isinstance(fitted, StainParams):
+        return StainFit(fitted, target, "fitted", None, settings, fitted=fitted, **counts)
     angles = plausibility_angles(fitted)
     problem = _implausible(angles, settings)
     if problem:
-        return _fallback(problem, settings, target, fitted=fitted, angles_deg=angles, **counts)
+        return StainFit(fallback, target, "fallback", problem, settings, fitted=fitted, angles_deg=angles, **counts)
     return StainFit(fitted, target, "fitted", None, settings, fitted=fitted, angles_deg=angles, **counts)
 
 
@@ -318,9 +390,9 @@ def plausibility_angles(params: StainParams) -> dict[str, float]:
     canonical = default_reference().stain_matrix
     matrix = params.stain_matrix
     return {
-        "hematoxylin": round(_angle_deg(matrix[:, 0], canonical[:, 0]), 3),
-        "eosin": round(_angle_deg(matrix[:, 1], canonical[:, 1]), 3),
-        "separation": round(_angle_deg(matrix[:, 0], matrix[:, 1]), 3),
+        "hematoxylin": round(angle_deg(matrix[:, 0], canonical[:, 0]), 3),
+        "eosin": round(angle_deg(matrix[:, 1], canonical[:, 1]), 3),
+        "separation": round(angle_deg(matrix[:, 0], matrix[:, 1]), 3),
     }
 
 
@@ -334,11 +406,6 @@ def _implausible(angles: Mapping[str, float], settings: StainSettings) -> str | 
     return None
 
 
-def _fallback(reason: str, settings: StainSettings, target: StainParams, **record: Any) -> StainFit:
-    params = target if settings.fallback == "target" else default_reference()
-    return StainFit(params, target, "fallback", reason, settings, **record)
-
-
 # -- targets ------------------------------------------------------------------------------------
 
 
@@ -350,15 +417,28 @@ def default_reference() -> StainParams:
     )
 
 
-def load_target(settings: StainSettings) -> StainParams:
-    """The normalization target: the shipped default, a params .json, or a fit of a target image.
+def load_target(settings: StainSettings) -> StainModel:
+    """The normalization target of `settings.method` (`pathwsi.stain.methods.load_target`, which builds on
+    this module; kept here for the callers that import it from here)."""
+    from pathwsi.stain.methods import load_target as load_method_target
 
-    A target image is fitted with `fit_macenko` and the same settings as the slides; an image
+    return load_method_target(settings)
+
+
+def load_target_with(
+    settings: StainSettings,
+    default: StainModel,
+    from_json: Callable[[Mapping[str, Any]], StainModel],
+    fit_image: PixelFit,
+) -> StainModel:
+    """The normalization target: `default`, a params .json (read by `from_json`), or a fit of a target image.
+
+    A target image is fitted with `fit_image` and the same settings as the slides; an image
     that cannot be fitted, or a file that cannot be read, raises StainSettingsError (a config problem, not a
     slide problem).
     """
     if settings.target == "default":
-        return default_reference()
+        return default
     path = Path(settings.target)
     if not path.is_file():
         raise StainSettingsError(
@@ -366,10 +446,10 @@ def load_target(settings: StainSettings) -> StainParams:
         )
     if path.suffix.lower() == ".json":
         try:
-            return StainParams.from_json(json.loads(path.read_text()))
+            return from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise StainSettingsError(
-                f"key 'stain.target': '{path}' is not a stain params .json ({type(err).__name__}: {err}); write it with `pathwsi normalize`'s target or give an image"
+                f"key 'stain.target': '{path}' is not a {settings.method} params .json ({type(err).__name__}: {err}); write it with `pathwsi normalize`'s target or give an image"
             ) from err
     from PIL import Image, UnidentifiedImageError
 
@@ -381,7 +461,7 @@ def load_target(settings: StainSettings) -> StainParams:
             f"key 'stain.target': cannot read '{path}' as an image ({err}); give an RGB image of H&E tissue, a params .json, or 'default'"
         ) from err
     try:
-        return fit_macenko(rgb, settings.io, settings.beta, settings.alpha, settings.percentile, settings.min_od_pixels)
+        return fit_image(_channels_first(_as_pixels(rgb)), settings)
     except StainFitError as err:
         raise StainSettingsError(f"key 'stain.target': image '{path}' cannot be fitted: {err.reason}") from err
 
