@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from stain_fixtures import LAB_B_STAINS, synth_he
 
 from pathwsi.demo.slides import SyntheticTissue, write_slide
 from pathwsi.runtime.forkserver import stop_servers
@@ -102,3 +104,15 @@ def fresh_tmp() -> Iterator[Path]:
     """A TMPDIR whose fork server one test starts itself."""
     with fork_server_dir() as folder:
         yield folder
+
+
+@pytest.fixture(scope="module")
+def target_image() -> np.ndarray:
+    """A 256-px synthetic H&E tile of the reference stains: a normalization target."""
+    return synth_he(256, seed=1)
+
+
+@pytest.fixture(scope="module")
+def source_image() -> np.ndarray:
+    """A 256-px synthetic H&E tile of another lab's stains and concentrations: a slide to normalize."""
+    return synth_he(256, stains=LAB_B_STAINS, max_conc=(1.4, 1.3), seed=2)

@@ -75,3 +75,6 @@ def synth_he(
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Column-wise cosine similarity of two 3×2 stain matrices."""
     return np.sum(unit_columns(a) * unit_columns(b), axis=0)
+
+
+LAB_B_STAINS = rotate_stains(REFERENCE_STAINS, 8.0, seed=3)  # another lab's H and E, 8° off

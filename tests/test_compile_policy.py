@@ -127,17 +127,14 @@ def test_the_padded_last_batch_gives_the_features_of_the_unpadded_one(tiled):
     np.testing.assert_allclose(padded["small"], plain["small"], rtol=1e-5, atol=1e-6)
 
 
-def test_extraction_on_the_cpu_records_that_nothing_was_compiled(tiled, tmp_path):
+def extract_small(tiled, settings: ExtractSettings, store: Path) -> dict[str, float]:
+    """Extract the tiled slide's tiles with the small test model; its timings."""
     sample, coords, fractions, meta = tiled
-    timings = extract_slide(
-        sample,
-        coords,
-        fractions,
-        meta,
-        [build_backbone(SPEC)],
-        ExtractSettings(batch_size=8, num_workers=0),
-        tmp_path / "s.zarr",
-    )
+    return extract_slide(sample, coords, fractions, meta, [build_backbone(SPEC)], settings, store)
+
+
+def test_extraction_on_the_cpu_records_that_nothing_was_compiled(tiled, tmp_path):
+    timings = extract_small(tiled, ExtractSettings(batch_size=8, num_workers=0), tmp_path / "s.zarr")
     assert timings["compiled"] == 0.0 and timings["compile"] == 0.0
 
 
@@ -145,27 +142,11 @@ def test_compile_true_on_the_cpu_gives_the_eager_features(tiled, tmp_path, monke
     """Inductor's CPU backend on a tiny model (needs a C++ compiler; about 20 s on 2 cores); the last batch is padded."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")  # the job points it at its cache
     sample, coords, fractions, meta = tiled
-    coords, fractions = coords[:21], fractions[:21]  # 8 + 8 + 5: the last batch is padded
+    first_21 = (sample, coords[:21], fractions[:21], meta)  # 8 + 8 + 5: the last batch is padded
     settings = ExtractSettings(batch_size=8, num_workers=0, compile_cache=str(tmp_path / "inductor"))
-    extract_slide(
-        sample,
-        coords,
-        fractions,
-        meta,
-        [build_backbone(SPEC)],
-        replace(settings, compile=False),
-        tmp_path / "eager.zarr",
-    )
+    extract_small(first_21, replace(settings, compile=False), tmp_path / "eager.zarr")
     started = time.perf_counter()
-    timings = extract_slide(
-        sample,
-        coords,
-        fractions,
-        meta,
-        [build_backbone(SPEC)],
-        replace(settings, compile=True),
-        tmp_path / "compiled.zarr",
-    )
+    timings = extract_small(first_21, replace(settings, compile=True), tmp_path / "compiled.zarr")
     assert timings["compiled"] == 1.0 and 0 < timings["compile"] <= time.perf_counter() - started
     assert list((tmp_path / "inductor" / compile_policy.MARKERS).glob("*.json"))
     eager, compiled = (open_store(tmp_path / f"{name}.zarr").features("small")[:] for name in ("eager", "compiled"))

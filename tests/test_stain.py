@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from stain_fixtures import REFERENCE_STAINS, cosines, rotate_stains, synth_he
+from stain_fixtures import LAB_B_STAINS, REFERENCE_STAINS, cosines, synth_he
 
 from pathwsi.stain.macenko import (
     StainFit,
@@ -29,17 +29,6 @@ from pathwsi.stain.macenko import (
 )
 
 SETTINGS = StainSettings()
-LAB_B_STAINS = rotate_stains(REFERENCE_STAINS, 8.0, seed=3)  # another lab's H and E, 8° off
-
-
-@pytest.fixture(scope="module")
-def target_image() -> np.ndarray:
-    return synth_he(256, seed=1)
-
-
-@pytest.fixture(scope="module")
-def source_image() -> np.ndarray:
-    return synth_he(256, stains=LAB_B_STAINS, max_conc=(1.4, 1.3), seed=2)
 
 
 # -- fitting ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from stain_fixtures import REFERENCE_STAINS, rotate_stains, synth_he
+from stain_fixtures import LAB_B_STAINS, REFERENCE_STAINS, synth_he
 
 from pathwsi.samples import Sample
 from pathwsi.slides.tile_record import TilesRecord
@@ -38,19 +38,8 @@ from pathwsi.stain.torch_apply import normalize_lab_batch, normalize_tiles
 from pathwsi.stain.vahadane import fit_vahadane, stain_vectors
 
 pytestmark = pytest.mark.filterwarnings("ignore:model '.*' uses UNTRAINED weights")
-LAB_B_STAINS = rotate_stains(REFERENCE_STAINS, 8.0, seed=3)  # another lab's H and E, 8° off
 REINHARD = StainSettings(method="reinhard")
 VAHADANE = StainSettings(method="vahadane")
-
-
-@pytest.fixture(scope="module")
-def target_image() -> np.ndarray:
-    return synth_he(256, seed=1)
-
-
-@pytest.fixture(scope="module")
-def source_image() -> np.ndarray:
-    return synth_he(256, stains=LAB_B_STAINS, max_conc=(1.4, 1.3), seed=2)
 
 
 def _nchw(array: np.ndarray) -> torch.Tensor:
