@@ -14,6 +14,7 @@ from typing import Any, cast
 import pandas as pd
 
 from pathwsi.runtime.outputs import write_frame, write_text
+from pathwsi.runtime.report_page import write_markdown_page
 from pathwsi.slides.tile_record import TilesRecord
 
 SLIDE_COLUMNS = [
@@ -153,8 +154,11 @@ def summary_markdown(slides: pd.DataFrame, cohorts: pd.DataFrame) -> str:
 
 
 def write_summary(samples: list[dict[str, Any]], results: Path, out_tsv: Path, out_cohorts: Path, out_md: Path) -> None:
-    """Write `summary.tsv` (per slide), `summary_cohorts.tsv` and `summary.md`."""
+    """Write `summary.tsv` (per slide), `summary_cohorts.tsv`, `summary.md` and, beside it, `summary.html` (for the
+    Snakemake report)."""
     slides, cohorts = build_summary(samples, results)
     write_frame(slides, out_tsv, sep="\t")
     write_frame(cohorts, out_cohorts, sep="\t")
-    write_text(summary_markdown(slides, cohorts), out_md)
+    markdown = summary_markdown(slides, cohorts)
+    write_text(markdown, out_md)
+    write_markdown_page(markdown, "pathwsi run summary", out_md.with_suffix(".html"))

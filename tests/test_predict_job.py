@@ -106,6 +106,7 @@ def test_planted_genes_are_recovered_and_noise_genes_are_not(cohort, tmp_path):
         "comparison.tsv",
         "repeats.tsv",
         "summary.md",
+        "summary.html",
         "expression_r_scatter.png",
         "mutation_roc.png",
         "mutation_auroc.png",

@@ -88,6 +88,7 @@ def test_written_summary_files(tmp_path):
     assert "| c1 | 3 | 1 | 2 | 1 | 40 | 1 | 0 | 1 |" in markdown
     assert "`broken` (c1): failed; slide 'broken': file is corrupt" in markdown
     assert "4.0 tiles/s" in markdown
+    assert "<td>c1</td>" in (results / "summary.html").read_text()  # the report's page of it
     assert (
         "## Slides that failed, lost tiles or were left out: 2" in markdown
         and "`good`" not in markdown

@@ -184,6 +184,8 @@ def check_report(project: Path) -> None:
         "Heatmaps: demo-luad",
         "average exactly to the",
         "Start with the",
+        "summary.html",  # results/summary.md and each cohort's prediction summary as pages
+        "tables.html",  # the tissue experiment's tables
     ]:
         assert entry in html, entry
 

@@ -18,7 +18,8 @@ with `flag` and `note` columns that flag untrained models and models
 fine-tuned from untrained weights), comparison.tsv (every
 pair of models, overall and per class: mean difference, repeats won, paired Wilcoxon
 signed-rank test), confusion_<model>.tsv (counts summed over repeats), repeats.tsv (one
-row per model × repeat), tissue_experiment.png, and summary.json (model provenance,
+row per model × repeat), tissue_experiment.png, tables.html (the accuracy, comparison and
+confusion tables as one page, for the Snakemake report), and summary.json (model provenance,
 settings, counts).
 
 Only feature extraction needs torch, and it is imported there: the cross-validation worker
@@ -41,6 +42,7 @@ from pathwsi import __version__
 from pathwsi.errors import PathwsiError
 from pathwsi.runtime.gpu_claim import GpuSettings, claimed_device
 from pathwsi.runtime.outputs import atomic_path, write_json, write_text
+from pathwsi.runtime.report_page import write_tables_page
 from pathwsi.stats import paired_test
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 OVERALL = "overall"
 FIGURE = "tissue_experiment.png"
+TABLES_PAGE = "tables.html"  # accuracy, comparison and confusion tables as one page for the Snakemake report
 
 
 class ExperimentError(PathwsiError):
@@ -149,6 +152,13 @@ def run_tissue_experiment(
     for name, counts in confusions.items():
         _write_confusion(out_dir / f"confusion_{name}.tsv", counts, tiles.classes, settings.repeats)
     plot(out_dir / FIGURE, accuracy, confusions, tiles.classes, notes)
+    tables = {"Accuracy per model and class (mean over repeats)": out_dir / "accuracy.tsv"}
+    tables["Every pair of models, paired over repeats"] = out_dir / "comparison.tsv"
+    tables |= {
+        f"Confusion, {name} (summed over {settings.repeats} repeats)": out_dir / f"confusion_{name}.tsv"
+        for name in confusions
+    }
+    write_tables_page(tables, "Tissue classification (paper experiment 1)", out_dir / TABLES_PAGE)
     summary = {
         "test_dir": str(test_dir),
         "classes": list(tiles.classes),

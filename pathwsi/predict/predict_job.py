@@ -25,6 +25,7 @@ from pathwsi.predict.heatmap_job import heatmap_link
 from pathwsi.predict.targets import load_gene_list, match, read_expression, read_mutations
 from pathwsi.predict.tile_models import SLIDE_PREDICTIONS, TILE_MODELS, HeatmapSettings, TileModels, fit_tile_models
 from pathwsi.runtime.outputs import write_frame, write_json, write_text
+from pathwsi.runtime.report_page import write_markdown_page
 
 log = logging.getLogger(__name__)
 ALL_GENES = "all"
@@ -128,6 +129,9 @@ def run_predict_job(
         write_frame(predictions, out_dir / SLIDE_PREDICTIONS, sep="\t")
         markdown = (out_dir / "summary.md").read_text()
         write_text(markdown + top_slides_markdown(predictions, tile_models.model, out_dir.name), out_dir / "summary.md")
+    if (out_dir / "summary.md").exists():
+        title = f"pathwsi: molecular prediction, cohort {out_dir.name}"
+        write_markdown_page((out_dir / "summary.md").read_text(), title, out_dir / "summary.html")
     return summary
 
 

@@ -36,6 +36,11 @@ rule tissue_experiment:
         repeats="results/tissue_experiment/repeats.tsv",
         summary="results/tissue_experiment/summary.json",
         confusion=expand("results/tissue_experiment/confusion_{model}.tsv", model=CONFIG["tissue_experiment"]["models"]),
+        tables=report(
+            "results/tissue_experiment/tables.html",
+            caption="../report/tissue_experiment.rst",
+            category="Tissue classification",
+        ),
         figure=report(
             "results/tissue_experiment/tissue_experiment.png",
             caption="../report/tissue_experiment.rst",

@@ -8,7 +8,7 @@ rule predict:
     output:
         report(
             directory("results/predict/{cohort}"),
-            patterns=["{name}.png"],
+            patterns=["{name}.png", "{name}.html"],
             caption="../report/predict.rst",
             category="Molecular prediction",
             subcategory="{cohort}",

@@ -8,6 +8,7 @@ rule summary:
         slides=report("results/summary.tsv", caption="../report/summary.rst", category="Run summary"),
         cohorts="results/summary_cohorts.tsv",
         markdown="results/summary.md",
+        page=report("results/summary.html", caption="../report/summary.rst", category="Run summary"),
     log:
         "logs/summary.log",
     conda:

@@ -1,4 +1,4 @@
-"""Snakemake entry point of rule `summary`: results/summary.tsv, summary_cohorts.tsv, summary.md."""
+"""Snakemake entry point of rule `summary`: results/summary.tsv, summary_cohorts.tsv, summary.md, summary.html."""
 
 from pathlib import Path
 
