@@ -32,6 +32,7 @@ rule all:
     default_target: True
     input:
         "results/summary.tsv",  # needs every slide's tiles and features
+        "results/summary.html",  # every output the report shows is asked for: a run made before it existed reruns
         aggregate_outputs(),
         predict_outputs(),
         tissue_experiment_outputs(),

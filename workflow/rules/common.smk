@@ -94,7 +94,7 @@ def tissue_experiment_config():
 
 def tissue_experiment_outputs():
     """Every output of rule tissue_experiment."""
-    tables = ["accuracy.tsv", "comparison.tsv", "repeats.tsv", "summary.json", "tissue_experiment.png"]
+    tables = ["accuracy.tsv", "comparison.tsv", "repeats.tsv", "summary.json", "tissue_experiment.png", "tables.html"]
     confusion = expand("confusion_{model}.tsv", model=CONFIG["tissue_experiment"]["models"])
     return [f"results/tissue_experiment/{name}" for name in tables + confusion]
 
