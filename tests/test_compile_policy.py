@@ -177,7 +177,8 @@ def test_compiled_features_match_eager_within_bf16_tolerance_on_cuda(tiled, tmp_
         np.testing.assert_allclose(compiled, eager, rtol=5e-2, atol=5e-2 * np.abs(eager).max())
 
 
-def test_the_jobs_timings_record_says_which_reader_and_whether_compiled(slides, tmp_path):
+def test_the_jobs_timings_record_says_which_reader_and_whether_compiled(slides, tmp_path, one_torch_thread):
+    """(one_torch_thread: the job sets torch's threads for the process; the fixture puts them back.)"""
     import json
 
     from pathwsi.features.feature_job import run_feature_job
