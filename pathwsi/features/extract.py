@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -152,7 +152,7 @@ def _stain_record(record: TilesRecord, keys: tuple[str, ...]) -> dict[str, Any] 
 def _backend_record(record: TilesRecord) -> dict[str, str]:
     """{"backend": the library the slide was read with} unless it is OpenSlide (absent from stores made before
     backends existed, which then still match and resume)."""
-    backend = (record.slide or {}).get("backend", "openslide")
+    backend = record.backend or "openslide"
     return {"backend": backend} if backend != "openslide" else {}
 
 
@@ -213,7 +213,7 @@ def extract_slide(
 
     The store records the reader used (`features.reader` auto or gpu resolved for this slide and device); the
     slide is opened with the backend its tiling job used."""
-    sample = replace(sample, backend=(record.slide or {}).get("backend", sample.backend))
+    sample = replace(sample, backend=record.backend or sample.backend)
     settings = replace(settings, reader=_resolve_reader(sample, record, models, settings, len(tiles)))
     writer = open_writer(
         store_path,
@@ -344,14 +344,11 @@ def _batches(
             num_workers=settings.num_workers,
         )
         decoder = DeviceDecoder(open_reader(sample, tile_mpp, tile_px, exact=True), device)
-        waited = time.perf_counter()
-        for item in compressed:
+        for item in _waited_for(compressed, timings):
             decoding = time.perf_counter()
-            timings["read"] += decoding - waited
             decoded = decoder(item)
             timings["decode"] += time.perf_counter() - decoding  # the main thread's time in the decoder
             yield decoded
-            waited = time.perf_counter()
         return
     loader = DataLoader(
         SlideTiles(sample, coords, tile_px, tile_mpp, start, exact=settings.reader == "exact"),
@@ -360,10 +357,16 @@ def _batches(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    waited = time.perf_counter()
-    for batch, reasons in loader:
-        timings["read"] += time.perf_counter() - waited
+    for batch, reasons in _waited_for(loader, timings):
         yield batch, list(reasons)
+
+
+def _waited_for(items: Iterable[Any], timings: dict[str, float]) -> Iterator[Any]:
+    """`items`, adding the seconds spent waiting for each (on the reader workers) to `timings["read"]`."""
+    waited = time.perf_counter()
+    for item in items:
+        timings["read"] += time.perf_counter() - waited
+        yield item
         waited = time.perf_counter()
 
 

@@ -205,7 +205,6 @@ def _thumbnail(record: TilesRecord, max_px: int) -> tuple[np.ndarray, float]:
     """The slide at a µm/px that fits its longest side in `max_px`, and that µm/px."""
     from pathwsi.slides.slide import Slide
 
-    backend = (record.slide or {}).get("backend", "auto")  # the library the tiling read it with
-    with Slide(record.sample.path, record.sample.slide_id, record.sample.mpp, backend) as slide:
+    with Slide(record.sample.path, record.sample.slide_id, record.sample.mpp, record.backend or "auto") as slide:
         mpp = slide.mpp.value * max(1.0, max(slide.width, slide.height) / max_px)
         return slide.read_whole(mpp), mpp

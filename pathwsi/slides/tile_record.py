@@ -69,6 +69,11 @@ class TilesRecord:
         """Tiles kept (0 when the slide could not be read)."""
         return self.counts.kept if self.counts is not None else 0
 
+    @property
+    def backend(self) -> str | None:
+        """The library the tiling job opened the slide with; None in records made before backends existed."""
+        return (self.slide or {}).get("backend")
+
     def stain_json(self) -> dict[str, Any] | None:
         """The stain fit's record as stored. A record read from its file gives the stored values unchanged (hashes
         and store attrs are made from them): re-serialising a fit can move its 6th decimal."""
