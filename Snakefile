@@ -31,14 +31,10 @@ include: "workflow/rules/summary.smk"
 rule all:
     default_target: True
     input:
-        "results/summary.tsv",  # needs every slide's tiles and features
-        "results/summary.html",  # every output the report shows is asked for: a run made before it existed reruns
-        aggregate_outputs(),
-        predict_outputs(),
-        tissue_experiment_outputs(),
+        checked(run_targets),
 
 
 rule tiles:
     """Only tile the slides (masks, grids, stain fits, QC): `snakemake --cores N tiles`."""
     input:
-        expand("results/tiles/{slide_id}.json", slide_id=sorted(SAMPLES)),
+        checked(expand("results/tiles/{slide_id}.json", slide_id=sorted(SAMPLES))),

@@ -49,6 +49,14 @@ def test_lint_is_clean(tmp_path, slides):
     assert done.returncode == 0 and "good condition" in done.stdout, done.stdout
 
 
+def test_the_shipped_workflow_lints_without_slides_or_weights_and_a_run_says_what_is_missing():
+    """The checkout as cloned: an empty sheet and no weights file. Parsing (--lint) needs neither; building jobs stops."""
+    lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert lint.returncode == 0 and "good condition" in lint.stdout, lint.stdout
+    dry = subprocess.run([*SNAKEMAKE, "-n"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert dry.returncode != 0 and "the sheet has a header but no rows" in dry.stdout, dry.stdout
+
+
 def test_dry_run_reports_every_sheet_problem_before_running(tmp_path, slides):
     project = make_project(tmp_path, slides, [("a", slides.tiff_05, "x"), ("a", tmp_path / "gone.svs", "")])
     done = snakemake(project, "-n")

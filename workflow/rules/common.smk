@@ -13,16 +13,52 @@ from pathwsi.stain.macenko import StainSettings, load_target
 
 try:
     CONFIG = validate_config(config)
+except PathwsiError as err:
+    raise WorkflowError(f"pathwsi: the run cannot start.\n{err}") from None
+
+# Problems of the sheet and of the files the config names stop the run when its jobs are built (`checked`), so
+# that parsing alone (--lint) needs neither slides nor weights.
+SAMPLES = {}
+STARTUP_PROBLEM = None
+try:
     SAMPLES = {sample.slide_id: sample for sample in load_samples(CONFIG["samples"])}
     for warning in check_cross_references(CONFIG, list(SAMPLES.values())):
         logger.warning(f"pathwsi: {warning}")
     load_target(StainSettings.from_config(CONFIG))
 except PathwsiError as err:
-    raise WorkflowError(f"pathwsi: the run cannot start.\n{err}") from None
+    STARTUP_PROBLEM = f"pathwsi: the run cannot start.\n{err}"
+
+
+def checked(targets):
+    """An input function for a target rule: `targets` (a list, or a function of nothing), or the problem that
+    stops the run."""
+
+    def inputs(wildcards):
+        stop_on_startup_problem()
+        return targets() if callable(targets) else targets
+
+    return inputs
+
+
+def stop_on_startup_problem():
+    if STARTUP_PROBLEM:
+        raise WorkflowError(STARTUP_PROBLEM)
+
+
+def run_targets():
+    """What `snakemake` builds by default."""
+    return [
+        "results/summary.tsv",  # needs every slide's tiles and features
+        "results/summary.html",  # every output the report shows is asked for: a run made before it existed reruns
+        *aggregate_outputs(),
+        *predict_outputs(),
+        *tissue_experiment_outputs(),
+    ]
 
 
 def slide_path(wildcards):
-    """The slide file of one sample-sheet row."""
+    """The slide file of one sample-sheet row (every per-slide job asks: a file asked for by name stops too)."""
+    stop_on_startup_problem()
     return SAMPLES[wildcards.slide_id].path
 
 
