@@ -271,7 +271,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _tissue_experiment(args: argparse.Namespace) -> int:
     from pathwsi.config import load_config
-    from pathwsi.finetune.tissue_experiment import run_tissue_experiment_from_config
+    from pathwsi.finetune.tissue_experiment import run_tissue_experiment_from_config, write_experiment_page
 
     run_tissue_experiment_from_config(
         load_config(*args.config),
@@ -281,6 +281,7 @@ def _tissue_experiment(args: argparse.Namespace) -> int:
         device=args.device,
         jobs=args.jobs,
     )
+    write_experiment_page(args.out)
     print(f"tables and figure in {args.out}")
     return 0
 

@@ -16,8 +16,9 @@ SHARED = {
     "pathwsi.errors",
     "pathwsi.config",
     "pathwsi.samples",
+    "pathwsi.rerun_params",
     "pathwsi.stats",
-}  # version, errors, config, sheet, statistics
+}  # version, errors, config, sheet, what of them the rules' params hold, statistics
 
 
 def room(module: str) -> str:

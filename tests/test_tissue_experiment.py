@@ -21,6 +21,7 @@ from pathwsi.finetune.tissue_experiment import (
     repeated_splits,
     run_tissue_experiment,
     run_tissue_experiment_from_config,
+    write_experiment_page,
 )
 from pathwsi.finetune.train import FinetuneSettings, StepSettings, finetune
 from pathwsi.stats import paired_test
@@ -115,7 +116,7 @@ def test_experiment_writes_tables_and_figure_and_flags_untrained_models(tmp_path
     corner = "true\\predicted (summed over 3 repeats)"  # says that the counts pool the repeats
     assert sum(int(v) for row in counts for k, v in row.items() if k != corner) == 3 * 4 * len(CLASSES)
     assert (tmp_path / "tissue_experiment.png").read_bytes()[:4] == b"\x89PNG"
-    page = (tmp_path / "tables.html").read_text()  # the tables as one page for the report
+    page = write_experiment_page(tmp_path).read_text()  # the tables as one page for the report
     assert "Every pair of models, paired over repeats" in page and page.count("<table") == 2 + len(summary["models"])
     assert summary["models"]["a"]["untrained"] is True and summary["tiles"]["ADI"] == 4
     with pytest.raises(ExperimentError, match="fewer than tissue_experiment.folds"):

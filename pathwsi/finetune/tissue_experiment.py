@@ -18,9 +18,9 @@ with `flag` and `note` columns that flag untrained models and models
 fine-tuned from untrained weights), comparison.tsv (every
 pair of models, overall and per class: mean difference, repeats won, paired Wilcoxon
 signed-rank test), confusion_<model>.tsv (counts summed over repeats), repeats.tsv (one
-row per model × repeat), tissue_experiment.png, tables.html (the accuracy, comparison and
-confusion tables as one page, for the Snakemake report), and summary.json (model provenance,
-settings, counts).
+row per model × repeat), tissue_experiment.png, and summary.json (model provenance,
+settings, counts); `write_experiment_page` then adds tables.html (the accuracy, comparison and
+confusion tables as one page, for the Snakemake report).
 
 Only feature extraction needs torch, and it is imported there: the cross-validation worker
 processes import this module and should not pay for torch (seconds each).
@@ -28,6 +28,7 @@ processes import this module and should not pay for torch (seconds each).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -152,13 +153,6 @@ def run_tissue_experiment(
     for name, counts in confusions.items():
         _write_confusion(out_dir / f"confusion_{name}.tsv", counts, tiles.classes, settings.repeats)
     plot(out_dir / FIGURE, accuracy, confusions, tiles.classes, notes)
-    tables = {"Accuracy per model and class (mean over repeats)": out_dir / "accuracy.tsv"}
-    tables["Every pair of models, paired over repeats"] = out_dir / "comparison.tsv"
-    tables |= {
-        f"Confusion, {name} (summed over {settings.repeats} repeats)": out_dir / f"confusion_{name}.tsv"
-        for name in confusions
-    }
-    write_tables_page(tables, "Tissue classification (paper experiment 1)", out_dir / TABLES_PAGE)
     summary = {
         "test_dir": str(test_dir),
         "classes": list(tiles.classes),
@@ -182,6 +176,22 @@ def run_tissue_experiment(
     }
     write_json(summary, out_dir / "summary.json")
     return summary
+
+
+def write_experiment_page(out_dir: Path) -> Path:
+    """tables.html: the accuracy, comparison and confusion tables that a run wrote in `out_dir`, as one page for the
+    Snakemake report. Its own step (rule tissue_experiment_page), so that a run made before the page existed keeps
+    its experiment."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    repeats = summary["settings"]["repeats"]
+    tables = {"Accuracy per model and class (mean over repeats)": out_dir / "accuracy.tsv"}
+    tables["Every pair of models, paired over repeats"] = out_dir / "comparison.tsv"
+    tables |= {
+        f"Confusion, {name} (summed over {repeats} repeats)": out_dir / f"confusion_{name}.tsv"
+        for name in summary["models"]
+    }
+    write_tables_page(tables, "Tissue classification (paper experiment 1)", out_dir / TABLES_PAGE)
+    return out_dir / TABLES_PAGE
 
 
 def extract_features(

@@ -1,6 +1,5 @@
 """Config and sample-sheet validation, and the input functions shared by the workflow."""
 
-from dataclasses import asdict
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -8,6 +7,7 @@ from snakemake.logging import logger
 
 from pathwsi.config import FTX_WEIGHTS, check_cross_references, validate_config
 from pathwsi.errors import PathwsiError
+from pathwsi.rerun_params import sample_params, settings_params
 from pathwsi.samples import load_samples
 from pathwsi.stain.macenko import StainSettings, load_target
 
@@ -63,15 +63,15 @@ def slide_path(wildcards):
 
 
 def slide_record(wildcards):
-    """The sheet row without `site` (only the predictors use it); as params, editing the row reruns that slide."""
-    return {k: v for k, v in asdict(SAMPLES[wildcards.slide_id]).items() if k != "site"}
+    """The sheet row as params (pathwsi.rerun_params): editing the row reruns that slide's jobs."""
+    return sample_params(SAMPLES[wildcards.slide_id])
 
 
 def tiling_settings():
-    """The config sections that shape a slide's tiles (changing one reruns the tiling).
+    """The config sections that shape a slide's tiles (changing one reruns the tiling; pathwsi.rerun_params).
 
     Not `qc`: picture sizes shape no tile, so the tile job reads them from the config itself."""
-    return {key: CONFIG[key] for key in ("seed", "tiling", "tissue", "stain")}
+    return settings_params(CONFIG, ("seed", "tiling", "tissue", "stain"))
 
 
 def stain_target_file(wildcards):

@@ -11,8 +11,9 @@ from pathwsi.slides.tile_request import TileRequest, TilingOutputs
 config = validate_config(snakemake.config)
 request = TileRequest(
     sample=Sample(**snakemake.params.sample),
-    # qc (picture sizes) says how the pictures look, not what the tiles are: changing it reruns nothing
-    config={**snakemake.params.settings, "qc": config["qc"]},
+    # the params hold the sections that shape the tiles, less settings at their earlier defaults (rerun_params); qc
+    # (picture sizes) says how the pictures look, not what the tiles are: changing it reruns nothing
+    config={key: config[key] for key in ("seed", "tiling", "tissue", "stain", "qc")},
     outputs=TilingOutputs(*(Path(snakemake.output[key]) for key in ("tiles", "meta", "qc", "stain_qc"))),
     log=Path(snakemake.log[0]),
 )
