@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from pathwsi.demo.labelled_tiles import write_tile_set
 from pathwsi.features.backbones import ModelSpec, WeightsError, build_backbone
+from pathwsi.finetune.curves import plot_run_curves
 from pathwsi.finetune.tilesets import AugmentSettings, FinetuneError, augment, scan_tile_folder, stratified_split
 from pathwsi.finetune.train import (
     CHECKPOINT,
@@ -123,7 +124,7 @@ def test_only_the_head_and_the_unfrozen_blocks_train(base):
     assert model.net.bn4.training and not model.net.bn3.training
 
 
-def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base):
+def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base, tmp_path):
     folder, summary = tuned
     work = folder / "work"
     assert not (work / CHECKPOINT).exists() and (work / "head.safetensors").is_file()
@@ -153,6 +154,11 @@ def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base):
     assert [line.split("\t")[:2] for line in lines[1:]] == [["1", "1"], ["2", "1"], ["2", "2"]]
     curves = Image.open(work / "curves.png")
     assert curves.format == "PNG" and curves.width > 600 and summary["curves"] == str(work / "curves.png")
+    plot_run_curves(work, tmp_path / "redrawn.png")  # rule finetune_curves: the figure from the files alone
+    redrawn = np.asarray(Image.open(tmp_path / "redrawn.png"))
+    assert redrawn.shape == np.asarray(curves).shape
+    moved = (redrawn != np.asarray(curves)).any(axis=-1).mean()  # metrics.tsv holds 6 significant digits
+    assert moved < 0.002, moved
 
 
 def test_each_epoch_is_one_line_on_stderr_and_in_the_log(tiles, tmp_path, capfd):

@@ -120,6 +120,10 @@ def test_the_record_reads_back_through_its_class_and_refuses_another_schema(tmp_
     record = TilesRecord.load(out.meta)
     assert record.to_json() == json.loads(out.meta.read_text()) and record.tile.level0_px == meta["tile"]["level0_px"]
     assert record.stain.status == meta["stain"]["status"] and record.counts.kept == meta["counts"]["kept"]
+    assert record.backend == "openslide"
+    before_backends = {**meta, "slide": {k: v for k, v in meta["slide"].items() if k != "backend"}}
+    out.meta.write_text(json.dumps(before_backends))  # a record of a release without backends: OpenSlide read it
+    assert TilesRecord.load(out.meta).backend == "openslide"
     out.meta.write_text(json.dumps({**meta, "schema": "pathwsi.tiles/0"}))
     with pytest.raises(TilesRecordError, match=rf"{out.meta}: schema 'pathwsi.tiles/0'.*rerun"):
         TilesRecord.load(out.meta)

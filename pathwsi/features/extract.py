@@ -152,8 +152,7 @@ def _stain_record(record: TilesRecord, keys: tuple[str, ...]) -> dict[str, Any] 
 def _backend_record(record: TilesRecord) -> dict[str, str]:
     """{"backend": the library the slide was read with} unless it is OpenSlide (absent from stores made before
     backends existed, which then still match and resume)."""
-    backend = record.backend or "openslide"
-    return {"backend": backend} if backend != "openslide" else {}
+    return {"backend": record.backend} if record.backend not in ("openslide", None) else {}
 
 
 def _tile_record(record: TilesRecord) -> dict[str, Any] | None:

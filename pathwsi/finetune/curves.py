@@ -6,6 +6,8 @@ training (solid) and validation (dashed), a vertical line where step 2 starts.
 
 from __future__ import annotations
 
+import csv
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,20 @@ from typing import Any
 from pathwsi.runtime.outputs import atomic_path
 
 STEP_NAMES = {1: "step 1: new head, frozen base", 2: "step 2: top of the base unfrozen"}
+
+
+def untrained_note(base: str) -> str:
+    """The figure's warning when the fine-tuned base has untrained weights (the demo, the tests)."""
+    return f"base '{base}' has UNTRAINED weights: these curves show the training running, not ImageNet fine-tuning"
+
+
+def plot_run_curves(workdir: Path, path: Path) -> None:
+    """The curves of the run in `workdir`, from its metrics.tsv and summary.json, at `path` (rule finetune_curves:
+    a run made before fine-tuning drew its own curves gets them without training again)."""
+    with (workdir / "metrics.tsv").open(newline="") as handle:
+        rows = [{k: float(v) if k not in ("step", "epoch") else int(v) for k, v in row.items()} for row in csv.DictReader(handle, delimiter="\t")]  # fmt: skip
+    base = json.loads((workdir / "summary.json").read_text())["base"]
+    plot_curves(path, rows, [untrained_note(base["name"])] if base.get("untrained") else [])
 
 
 def plot_curves(path: Path, rows: Sequence[dict[str, Any]], warnings: Sequence[str] = ()) -> None:

@@ -54,7 +54,7 @@ from pathwsi.features.backbones import (
     save_weights,
     specs_from_config,
 )
-from pathwsi.finetune.curves import plot_curves
+from pathwsi.finetune.curves import plot_curves, untrained_note
 from pathwsi.finetune.tilesets import (
     AugmentSettings,
     FinetuneError,
@@ -348,7 +348,7 @@ def finetune(
         model.to(device).to(memory_format=torch.channels_last)
         fingerprint = _fingerprint(settings, backbone, train, val)
         state = _resume(workdir, fingerprint, model, restart, device)
-        notes = _untrained_note(spec)
+        notes = [untrained_note(spec.name)] if spec.untrained else []
         _write_progress(workdir, state.progress.rows, tiles.classes, notes)  # as of the checkpoint
         runner = _Runner(backbone, model, settings, train, val, device, progress, on_batch)
 
@@ -615,15 +615,6 @@ def _write_progress(workdir: Path, rows: list[dict[str, Any]], classes: tuple[st
     """metrics.tsv and curves.png of the rows so far (`notes`: warnings above the figure)."""
     _write_metrics(workdir / METRICS, rows, classes)
     plot_curves(workdir / CURVES, rows, notes)
-
-
-def _untrained_note(spec: ModelSpec) -> list[str]:
-    """The figure's warning when the base has untrained weights (the demo, the tests)."""
-    if not spec.untrained:
-        return []
-    return [
-        f"base '{spec.name}' has UNTRAINED weights: these curves show the training running, not ImageNet fine-tuning"
-    ]
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]], classes: tuple[str, ...]) -> None:

@@ -71,8 +71,10 @@ class TilesRecord:
 
     @property
     def backend(self) -> str | None:
-        """The library the tiling job opened the slide with; None in records made before backends existed."""
-        return (self.slide or {}).get("backend")
+        """The library the tiling job opened the slide with: "openslide" in records made before backends existed
+        (OpenSlide read every slide then; `auto` could now pick another library for the same file, e.g. an OME-TIFF);
+        None when the slide never opened."""
+        return self.slide.get("backend", "openslide") if self.slide else None
 
     def stain_json(self) -> dict[str, Any] | None:
         """The stain fit's record as stored. A record read from its file gives the stored values unchanged (hashes

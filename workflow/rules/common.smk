@@ -53,6 +53,7 @@ def run_targets():
         *aggregate_outputs(),
         *predict_outputs(),
         *tissue_experiment_outputs(),
+        *(["results/finetune/curves.png"] if FTX_WEIGHTS in model_weight_files() else []),
     ]
 
 

@@ -9,7 +9,6 @@ rule finetune:
         weights=FTX_WEIGHTS,
         head="results/finetune/head.safetensors",
         metrics=report("results/finetune/metrics.tsv", caption="../report/finetune.rst", category="Fine-tuning"),
-        curves=report("results/finetune/curves.png", caption="../report/finetune_curves.rst", category="Fine-tuning"),
         summary="results/finetune/summary.json",
     log:
         "logs/finetune.log",
@@ -24,6 +23,26 @@ rule finetune:
         config=finetune_config(),
     script:
         "../scripts/finetune.py"
+
+
+rule finetune_curves:
+    """The fine-tuning curves for the report, from metrics.tsv. The job draws them after every epoch too; this rule
+    gives a run made before that its figure without training again (a new FTX would rebuild every store)."""
+    input:
+        metrics="results/finetune/metrics.tsv",
+        summary="results/finetune/summary.json",
+    output:
+        curves=report("results/finetune/curves.png", caption="../report/finetune_curves.rst", category="Fine-tuning"),
+    log:
+        "logs/finetune_curves.log",
+    conda:
+        "../../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/finetune_curves.py"
 
 
 rule tissue_experiment:
