@@ -183,7 +183,7 @@ def test_empty_slide_gives_a_valid_empty_store(tiled, tmp_path):
 CHILD = """
 import json, sys, time, numpy as np, torch, warnings
 warnings.simplefilter("ignore")
-torch.set_num_threads(1)  # as the parent (one_torch_thread): a conv's sums are bit-identical only at equal thread counts
+torch.set_num_threads(1)  # as the parent (one_torch_thread): at another count a conv's sums can differ in the last bit
 from pathlib import Path
 from pathwsi.samples import Sample
 from pathwsi.features.extract import ExtractSettings, extract_slide

@@ -154,7 +154,9 @@ def test_outputs_load_as_the_ftx_model_with_provenance(tuned, base, tmp_path):
     assert [line.split("\t")[:2] for line in lines[1:]] == [["1", "1"], ["2", "1"], ["2", "2"]]
     curves = Image.open(work / "curves.png")
     assert curves.format == "PNG" and curves.width > 600 and summary["curves"] == str(work / "curves.png")
-    plot_run_curves(work, tmp_path / "redrawn.png")  # rule finetune_curves: the figure from the files alone
+    plot_run_curves(
+        work / "metrics.tsv", work / "summary.json", tmp_path / "redrawn.png"
+    )  # rule finetune_curves: the figure from the files alone
     redrawn = np.asarray(Image.open(tmp_path / "redrawn.png"))
     assert redrawn.shape == np.asarray(curves).shape
     moved = (redrawn != np.asarray(curves)).any(axis=-1).mean()  # metrics.tsv holds 6 significant digits

@@ -22,12 +22,12 @@ def untrained_note(base: str) -> str:
     return f"base '{base}' has UNTRAINED weights: these curves show the training running, not ImageNet fine-tuning"
 
 
-def plot_run_curves(workdir: Path, path: Path) -> None:
-    """The curves of the run in `workdir`, from its metrics.tsv and summary.json, at `path` (rule finetune_curves:
-    a run made before fine-tuning drew its own curves gets them without training again)."""
-    with (workdir / "metrics.tsv").open(newline="") as handle:
+def plot_run_curves(metrics: Path, summary: Path, path: Path) -> None:
+    """The curves of a finished run, from its metrics.tsv and summary.json, at `path` (rule finetune_curves: a run
+    made before fine-tuning drew its own curves gets them without training again)."""
+    with metrics.open(newline="") as handle:
         rows = [{k: float(v) if k not in ("step", "epoch") else int(v) for k, v in row.items()} for row in csv.DictReader(handle, delimiter="\t")]  # fmt: skip
-    base = json.loads((workdir / "summary.json").read_text())["base"]
+    base = json.loads(summary.read_text())["base"]
     plot_curves(path, rows, [untrained_note(base["name"])] if base.get("untrained") else [])
 
 

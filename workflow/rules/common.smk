@@ -49,7 +49,7 @@ def run_targets():
     """What `snakemake` builds by default."""
     return [
         "results/summary.tsv",  # needs every slide's tiles and features
-        "results/summary.html",  # every output the report shows is asked for: a run made before it existed reruns
+        "results/summary.html",  # every output the report shows is asked for (an older run gets it from its own rule)
         *aggregate_outputs(),
         *predict_outputs(),
         *tissue_experiment_outputs(),

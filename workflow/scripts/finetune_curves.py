@@ -6,4 +6,4 @@ from pathwsi.finetune.curves import plot_run_curves
 from pathwsi.runtime.logs import job_log
 
 with job_log(snakemake.log[0]):
-    plot_run_curves(Path(snakemake.input.metrics).parent, Path(snakemake.output.curves))
+    plot_run_curves(*(Path(snakemake.input[key]) for key in ("metrics", "summary")), Path(snakemake.output.curves))
